@@ -1,0 +1,139 @@
+"""Every check zero runs, each in its own virtual environment.
+
+    nox                      the default sessions: lint, types, tests (each package alone), integration
+    nox -s tests             each package installed alone, with only its declared dependencies
+    nox -s "tests(package='zero-comm')"
+    nox -s integration       all packages together: parity and end-to-end runs
+    nox -s kernels           zero-kernels' Triton kernels under TRITON_INTERPRET=1
+    nox -s demo              train a small GPT on several CPU ranks
+    nox -s bench             the benchmarks, each against its baseline in the same run
+
+torch is pinned by ``constraints.txt`` (the local CPU build) for every session.
+Packages are discovered, not listed: any ``packages/*/pyproject.toml`` or
+``kernels/pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+import tomllib
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = str(ROOT / "constraints.txt")
+
+nox.options.sessions = ["lint", "types", "tests", "integration"]
+nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "virtualenv"
+
+
+def _discover() -> dict[str, Path]:
+    dirs = sorted(ROOT.glob("packages/*/pyproject.toml")) + sorted(ROOT.glob("kernels/pyproject.toml"))
+    packages = {}
+    for pyproject in dirs:
+        name = tomllib.loads(pyproject.read_text())["project"]["name"]
+        packages[name] = pyproject.parent
+    return packages
+
+
+PACKAGES = _discover()
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _local_closure(name: str) -> list[Path]:
+    """The package's own directory after those of the local packages it depends on, in install order."""
+    order: list[Path] = []
+
+    def visit(n: str) -> None:
+        path = PACKAGES[n]
+        deps = tomllib.loads((path / "pyproject.toml").read_text())["project"].get("dependencies", [])
+        for dep in deps:
+            dep_name = _requirement_name(dep)
+            if dep_name in PACKAGES and PACKAGES[dep_name] not in order:
+                visit(dep_name)
+        if path not in order:
+            order.append(path)
+
+    visit(name)
+    return order
+
+
+def _install(session: nox.Session, *packages: str, extras: str = "test") -> None:
+    """Install ``packages`` (non-editable, so tests see what a user would) and their local deps."""
+    paths: list[Path] = []
+    for name in packages:
+        for path in _local_closure(name):
+            if path not in paths:
+                paths.append(path)
+    targets = [f"{p}[{extras}]" if p in (PACKAGES[n] for n in packages) and extras else str(p) for p in paths]
+    session.install("-c", CONSTRAINTS, *targets)
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    # pytest exits 5 when it collects nothing; nox counts any non-zero exit as a failure.
+    session.run("pytest", "-p", "no:cacheprovider", *args, *session.posargs)
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """One package installed alone, with only its declared dependencies, runs its own tests."""
+    _install(session, package)
+    tests_dir = PACKAGES[package] / "tests"
+    session.chdir(tests_dir)  # never import the source tree: test what was installed
+    _pytest(session, str(tests_dir), "--rootdir", str(PACKAGES[package]))
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Every package together: parity with plain PyTorch and end-to-end runs."""
+    _install(session, *PACKAGES)
+    session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout")
+    _pytest(session, str(ROOT / "integration-tests"), "--rootdir", str(ROOT / "integration-tests"))
+
+
+@nox.session
+def kernels(session: nox.Session) -> None:
+    """zero-kernels' Triton kernels run on CPU tensors in the interpreter, against their references."""
+    if "zero-kernels" not in PACKAGES:
+        session.error("kernels/ (the zero-kernels package) does not exist yet")
+    _install(session, "zero-kernels")
+    session.env.update({"TRITON_INTERPRET": "1", "ZERO_KERNELS": "triton"})
+    _pytest(session, str(PACKAGES["zero-kernels"] / "tests"), "-m", "triton")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", str(ROOT))
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy over every package's sources."""
+    _install(session, *PACKAGES, extras="")
+    session.install("-c", CONSTRAINTS, "mypy==2.4.1")
+    for path in PACKAGES.values():
+        session.run("mypy", str(path / "src"))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Train a small GPT data-parallel on 2 CPU ranks (torchrun), printing losses and the comm ledger."""
+    _install(session, *PACKAGES, extras="")
+    session.run("torchrun", "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_gpt.py"),
+                *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks, each as a ratio to a baseline measured in the same run; results land in benchmarks/results."""
+    _install(session, *PACKAGES, extras="")
+    session.install("-c", CONSTRAINTS, "matplotlib")
+    session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})

@@ -1,0 +1,49 @@
+"""zero-comm: collectives, groups, bucketing and a comm ledger over torch.distributed.
+
+The lowest layer of zero. Everything above it talks to other ranks through a
+:class:`Communicator`, so every byte moved is booked in a :class:`CommLedger`.
+"""
+
+from ._bucket import FlatBucket, all_reduce_coalesced, broadcast_coalesced, make_buckets
+from ._communicator import (
+    P2P,
+    CommError,
+    Communicator,
+    Handle,
+    ProcessGroupCommunicator,
+    ReduceOp,
+    shard_range,
+)
+from ._launch import LaunchEnv, default_timeout, detect_launch_env, expand_slurm_nodelist, init_distributed
+from ._ledger import COLLECTIVE_KINDS, CommLedger, LedgerEntry, bus_factor, default_ledger
+from ._topology import Coordinate, Mesh, ParallelDims, build_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COLLECTIVE_KINDS",
+    "P2P",
+    "CommError",
+    "CommLedger",
+    "Communicator",
+    "Coordinate",
+    "FlatBucket",
+    "Handle",
+    "LaunchEnv",
+    "LedgerEntry",
+    "Mesh",
+    "ParallelDims",
+    "ProcessGroupCommunicator",
+    "ReduceOp",
+    "all_reduce_coalesced",
+    "broadcast_coalesced",
+    "build_mesh",
+    "bus_factor",
+    "default_ledger",
+    "default_timeout",
+    "detect_launch_env",
+    "expand_slurm_nodelist",
+    "init_distributed",
+    "make_buckets",
+    "shard_range",
+]
