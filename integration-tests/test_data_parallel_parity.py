@@ -18,7 +18,7 @@ import torch
 from zero_comm.testing import WORLD_SIZES, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_gpt  # noqa: E402
+import train_gpt
 
 STEPS, BATCH = 12, 8
 

@@ -118,6 +118,7 @@ def check_broadcast_and_p2p() -> int:
     with pytest.raises(ValueError, match="outside group"):
         comm.send(torch.zeros(1), n)
     comm.barrier()
+    comm.barrier(async_op=True).wait()
     return checks
 
 

@@ -129,10 +129,12 @@ class Communicator(Protocol):
     def send(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Any: ...
     def recv(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Any: ...
     def batch_p2p(self, ops: Sequence[P2P]) -> Handle[None]: ...
-    def barrier(self) -> None: ...
+    def barrier(self, *, async_op: bool = False) -> Any: ...
 
 
 def _flat_view(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    if tensor.dim() == 1 and tensor.is_contiguous():
+        return tensor  # already flat: creating a view costs a microsecond on every call
     if not tensor.is_contiguous():
         raise ValueError(f"{what} needs a contiguous tensor; got strides {tuple(tensor.stride())} "
                          f"for shape {tuple(tensor.shape)} (call .contiguous() first)")
@@ -209,16 +211,16 @@ class ProcessGroupCommunicator:
                         f"(rank {self._rank} of {self._world_size}, backend {self.backend}); "
                         "a peer rank has probably raised, exited or been killed -- read its error")
 
-    def _issue(self, kind: str, tensor: torch.Tensor, payload_bytes: int, launch: Callable[[], Any],
+    def _issue(self, kind: str, tensor: torch.Tensor, payload_bytes: int, launch: Callable[[bool], Any],
                finish: Callable[[], T], async_op: bool) -> Handle[T] | T:
         self._ledger.book(kind, self._name, payload_bytes, self._world_size)
-        describe = self._describe(kind, tensor)
         try:
-            works = launch()
+            works = launch(async_op)
+            if not async_op:  # the common case, kept lean: torch's blocking call, no handle
+                return finish()
         except (RuntimeError, dist.DistError) as exc:
-            raise CommError(f"{describe()} failed: {exc}") from exc
-        handle = Handle(works if isinstance(works, list) else [works], finish, describe)
-        return handle if async_op else handle.wait()
+            raise CommError(f"{self._describe(kind, tensor)()} failed: {exc}") from exc
+        return Handle(works if isinstance(works, list) else [works], finish, self._describe(kind, tensor))
 
     # -- collectives ----------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", *,
@@ -233,7 +235,7 @@ class ProcessGroupCommunicator:
             return tensor
 
         return self._issue("all_reduce", flat, _nbytes(flat),
-                           lambda: dist.all_reduce(flat, torch_op, group=self._group, async_op=True),
+                           lambda a: dist.all_reduce(flat, torch_op, group=self._group, async_op=a),
                            finish, async_op)
 
     def reduce_scatter(self, flat: torch.Tensor, op: ReduceOp = "sum", *, out: torch.Tensor | None = None,
@@ -254,25 +256,25 @@ class ProcessGroupCommunicator:
         native = "reduce_scatter" not in self.fallbacks
         reduced = padded
 
-        def launch() -> Any:
+        def launch(async_op: bool) -> Any:
             nonlocal native, reduced
             if native:
                 try:
-                    return _reduce_scatter_flat(shard, padded, torch_op, group=self._group, async_op=True)
+                    return _reduce_scatter_flat(shard, padded, torch_op, group=self._group, async_op=async_op)
                 except (RuntimeError, NotImplementedError) as exc:
                     if not _unsupported(exc):
                         raise
                     self.fallbacks.add("reduce_scatter")
                     native = False
             reduced = padded.clone() if padded is data else padded  # never reduce the caller's input
-            return dist.all_reduce(reduced, torch_op, group=self._group, async_op=True)
+            return dist.all_reduce(reduced, torch_op, group=self._group, async_op=async_op)
 
         def finish() -> torch.Tensor:
             if not native:
                 shard.copy_(reduced[self._rank * chunk:(self._rank + 1) * chunk])
             if op == "avg":
                 shard.div_(n)
-            return shard[: stop - start]
+            return shard if stop - start == chunk else shard[: stop - start]
 
         return self._issue("reduce_scatter", data, _nbytes(padded), launch, finish, async_op)
 
@@ -298,43 +300,43 @@ class ProcessGroupCommunicator:
         full = _check_out(out, chunk * n, data, "all_gather")
         native = "all_gather" not in self.fallbacks
 
-        def launch() -> Any:
+        def launch(async_op: bool) -> Any:
             nonlocal native
             if native:
                 try:
-                    return _all_gather_flat(full, padded_shard, group=self._group, async_op=True)
+                    return _all_gather_flat(full, padded_shard, group=self._group, async_op=async_op)
                 except (RuntimeError, NotImplementedError) as exc:
                     if not _unsupported(exc):
                         raise
                     self.fallbacks.add("all_gather")
                     native = False
             return dist.all_gather(list(full.chunk(n)) if chunk else [full] * n, padded_shard,
-                                   group=self._group, async_op=True)
+                                   group=self._group, async_op=async_op)
 
         return self._issue("all_gather", data, chunk * n * data.element_size(), launch,
-                           lambda: full[:numel], async_op)
+                           (lambda: full) if numel == chunk * n else (lambda: full[:numel]), async_op)
 
     def broadcast(self, tensor: torch.Tensor, src: int, *,
                   async_op: bool = False) -> Handle[torch.Tensor] | torch.Tensor:
         """Copy ``tensor`` from group rank ``src`` to every rank, in place."""
         self._check_peer(src, "broadcast source")
         return self._issue("broadcast", tensor, _nbytes(tensor),
-                           lambda: dist.broadcast(tensor, self.global_rank(src), group=self._group,
-                                                  async_op=True),
+                           lambda a: dist.broadcast(tensor, self.global_rank(src), group=self._group,
+                                                   async_op=a),
                            lambda: tensor, async_op)
 
     def send(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Handle[None] | None:
         """Send ``tensor`` to group rank ``dst``."""
         self._check_peer(dst, "send destination")
         return self._issue("send", tensor, _nbytes(tensor),
-                           lambda: dist.isend(tensor, self.global_rank(dst), group=self._group),
+                           lambda a: _p2p(dist.isend, dist.send, a, tensor, self.global_rank(dst), self._group),
                            lambda: None, async_op)
 
     def recv(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Handle[torch.Tensor] | torch.Tensor:
         """Receive into ``tensor`` from group rank ``src``."""
         self._check_peer(src, "recv source")
         return self._issue("recv", tensor, _nbytes(tensor),
-                           lambda: dist.irecv(tensor, self.global_rank(src), group=self._group),
+                           lambda a: _p2p(dist.irecv, dist.recv, a, tensor, self.global_rank(src), self._group),
                            lambda: tensor, async_op)
 
     def batch_p2p(self, ops: Sequence[P2P]) -> Handle[None]:
@@ -356,14 +358,10 @@ class ProcessGroupCommunicator:
             raise CommError(f"{describe()} failed: {exc}") from exc
         return Handle(works, lambda: None, describe)
 
-    def barrier(self) -> None:
-        """Block until every rank of the group reaches this point."""
-        self._ledger.book("barrier", self._name, 0, self._world_size)
-        try:
-            dist.barrier(group=self._group)
-        except (RuntimeError, dist.DistError) as exc:
-            raise CommError(f"barrier on group '{self._name}' (rank {self._rank} of {self._world_size}) "
-                            f"failed: {exc}; a peer rank has probably failed") from exc
+    def barrier(self, *, async_op: bool = False) -> Handle[None] | None:
+        """Block until every rank of the group reaches this point (or return a handle that does)."""
+        return self._issue("barrier", torch.empty(0), 0,
+                           lambda a: dist.barrier(group=self._group, async_op=a), lambda: None, async_op)
 
     def _check_peer(self, peer: int, what: str) -> None:
         if not 0 <= peer < self._world_size:
@@ -385,6 +383,11 @@ def _reduce_op(op: str, dtype: torch.dtype) -> Any:
         raise ValueError(f"unknown reduce op {op!r}; expected one of sum, avg, max, min, product") from None
 
 
+def _p2p(async_fn: Callable, sync_fn: Callable, async_op: bool, tensor: torch.Tensor, peer: int,
+         group: dist.ProcessGroup | None) -> Any:
+    return async_fn(tensor, peer, group=group) if async_op else sync_fn(tensor, peer, group=group)
+
+
 def _pad(flat: torch.Tensor, numel: int) -> torch.Tensor:
     if flat.numel() == numel:
         return flat
@@ -399,7 +402,7 @@ def _check_out(out: torch.Tensor | None, numel: int, like: torch.Tensor, kind: s
     if out.numel() != numel or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
         raise ValueError(f"{kind}: out must be a contiguous {like.dtype} tensor of {numel} elements on "
                          f"{like.device}; got {out.numel()} x {out.dtype} on {out.device}")
-    return out.view(-1)
+    return out if out.dim() == 1 else out.view(-1)
 
 
 def _unsupported(exc: BaseException) -> bool:

@@ -76,21 +76,24 @@ class CommLedger:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[tuple[str, str], LedgerEntry] = {}
+        self._entries: dict[tuple[str, str], list] = {}  # [calls, payload_bytes, bus_bytes]
 
     def book(self, kind: str, group: str, payload_bytes: int, world_size: int) -> None:
         """Record one call of ``kind`` on ``group`` moving ``payload_bytes``."""
-        entry = LedgerEntry(1, int(payload_bytes), payload_bytes * bus_factor(kind, world_size))
+        bus = payload_bytes * bus_factor(kind, world_size)  # on every call: this is the hot path
         with self._lock:
-            key = (kind, group)
-            self._entries[key] = self._entries.get(key, LedgerEntry()) + entry
+            totals = self._entries.get((kind, group))
+            if totals is None:
+                self._entries[(kind, group)] = [1, payload_bytes, bus]
+            else:
+                totals[0] += 1
+                totals[1] += payload_bytes
+                totals[2] += bus
 
     def entry(self, kind: str, group: str | None = None) -> LedgerEntry:
         """Totals for one kind, on one group or (``group=None``) summed over groups."""
-        with self._lock:
-            items = list(self._entries.items())
         total = LedgerEntry()
-        for (k, g), e in items:
+        for (k, g), e in self.snapshot().items():
             if k == kind and (group is None or g == group):
                 total = total + e
         return total
@@ -98,7 +101,7 @@ class CommLedger:
     def snapshot(self) -> dict[tuple[str, str], LedgerEntry]:
         """A copy of every (kind, group) total booked so far."""
         with self._lock:
-            return dict(self._entries)
+            return {key: LedgerEntry(*totals) for key, totals in self._entries.items()}
 
     def reset(self) -> None:
         with self._lock:
@@ -121,7 +124,7 @@ class CommLedger:
                 diff = LedgerEntry(e.calls - b.calls, e.payload_bytes - b.payload_bytes,
                                    e.bus_bytes - b.bus_bytes)
                 if diff.calls:
-                    delta._entries[key] = diff
+                    delta._entries[key] = [diff.calls, diff.payload_bytes, diff.bus_bytes]
 
     def summary(self) -> str:
         """A small table, one line per (kind, group), for logs."""
