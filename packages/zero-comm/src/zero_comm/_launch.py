@@ -14,6 +14,7 @@ Supported launchers, in the order they are recognised:
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from collections.abc import Mapping
@@ -191,4 +192,12 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | float |
         raise CommError(f"init_distributed ({launch.launcher} launch, rank {launch.rank} of "
                         f"{launch.world_size}, master {launch.master_addr}:{launch.master_port}, "
                         f"backend {backend}) failed: {exc}") from exc
+    # Tear the world down in order at exit: left to interpreter shutdown, the backend's
+    # threads can be destroyed while still joinable, and the process aborts (SIGABRT).
+    atexit.register(_destroy_at_exit)
     return ProcessGroupCommunicator(None, name="world", ledger=ledger)
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
