@@ -1,6 +1,6 @@
 """Every check zero runs, each in its own virtual environment.
 
-    nox                      the default sessions: lint, types, tests (each package alone), integration
+    nox                      the default sessions: lint, types, tests (each package alone), kernels, integration
     nox -s tests             each package installed alone, with only its declared dependencies
     nox -s "tests(package='zero-comm')"
     nox -s integration       all packages together: parity and end-to-end runs
@@ -24,7 +24,7 @@ import tomllib
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
 
-nox.options.sessions = ["lint", "types", "tests", "integration"]
+nox.options.sessions = ["lint", "types", "tests", "kernels", "integration"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "virtualenv"
 

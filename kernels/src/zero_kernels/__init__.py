@@ -1,0 +1,26 @@
+"""zero-kernels: fused ops as Triton kernels for CUDA tensors and torch references elsewhere.
+
+Every public function dispatches on its inputs (see :func:`use_triton`):
+CUDA tensors run the Triton kernel, other devices the vectorised torch
+reference; ``ZERO_KERNELS=reference|triton`` forces a path.
+"""
+
+from ._adam import adam_step
+from ._dispatch import use_triton
+from ._grad_norm import global_grad_norm, grad_norm_sq
+from ._lion import lion_step
+from ._quant import dequantize_int8, quantize_int8
+from ._sgd import sgd_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "adam_step",
+    "dequantize_int8",
+    "global_grad_norm",
+    "grad_norm_sq",
+    "lion_step",
+    "quantize_int8",
+    "sgd_step",
+    "use_triton",
+]

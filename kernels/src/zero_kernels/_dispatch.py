@@ -1,0 +1,104 @@
+"""Which implementation runs: the Triton kernel or the torch reference.
+
+CUDA tensors go to Triton (when triton imports); every other device goes to the
+torch reference. ``ZERO_KERNELS=reference`` or ``ZERO_KERNELS=triton`` forces a
+path; forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1`` (the interpreter
+runs kernels on CPU tensors, which is how CI checks them without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["interpreting", "triton_available", "use_triton"]
+
+_CHOICES = ("reference", "triton", "auto")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run on ``tensors``."""
+    choice = os.environ.get("ZERO_KERNELS", "auto").lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"ZERO_KERNELS={choice!r}; expected one of {', '.join(_CHOICES)}")
+    if choice == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("ZERO_KERNELS=triton but triton is not installed")
+        if not on_cuda and not interpreting():
+            raise RuntimeError("ZERO_KERNELS=triton on non-CUDA tensors needs TRITON_INTERPRET=1")
+        return True
+    return on_cuda and triton_available()
+
+
+def check_contiguous(**tensors: torch.Tensor | None) -> None:
+    """Kernels index memory as if stride were 1: refuse anything else by name."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())}); call .contiguous()")
+
+
+def block_size(n: int, cap: int = 1024) -> int:
+    import triton
+
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def as_tensor_lists(n_expected: int | None = None, **groups: torch.Tensor | list[torch.Tensor] | None
+                    ) -> dict[str, list[torch.Tensor] | None]:
+    """Normalise each argument to a list of tensors and check that they line up element by element."""
+    out: dict[str, list[torch.Tensor] | None] = {}
+    length = n_expected
+    for name, value in groups.items():
+        if value is None:
+            out[name] = None
+            continue
+        items = [value] if isinstance(value, torch.Tensor) else list(value)
+        if length is None:
+            length = len(items)
+        elif len(items) != length:
+            raise ValueError(f"{name} has {len(items)} tensors, expected {length}")
+        out[name] = items
+    first = next((v for v in out.values() if v is not None), [])
+    for name, items in out.items():
+        if items is None:
+            continue
+        for i, (t, ref) in enumerate(zip(items, first, strict=True)):
+            if t.numel() != ref.numel():
+                raise ValueError(f"{name}[{i}] has {t.numel()} elements, expected {ref.numel()}")
+            if t.device != ref.device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, expected {ref.device}")
+    return out
+
+
+def require_fp32(**lists: list[torch.Tensor] | None) -> None:
+    """Master weights and optimizer state are fp32; say which one is not."""
+    for name, items in lists.items():
+        for i, t in enumerate(items or []):
+            if t.dtype != torch.float32:
+                raise ValueError(f"{name}[{i}] must be fp32 (master weights and optimizer state), got {t.dtype}")
+
+
+def grid_1d(n: int) -> tuple[int, int]:
+    """(number of programs, block) for an elementwise kernel over ``n`` elements."""
+    import triton
+
+    block = block_size(n)
+    return triton.cdiv(n, block), block

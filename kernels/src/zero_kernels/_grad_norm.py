@@ -1,0 +1,59 @@
+"""Global gradient norm in one pass, with an inf/NaN flag.
+
+What fp16 loss scaling (skip the step on overflow) and global-norm clipping both
+need, computed from one read of every gradient: the fp32 sum of squares across a
+list of tensors of any floating dtype, and whether any element was inf or NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_contiguous, grid_1d, use_triton
+
+__all__ = ["global_grad_norm", "grad_norm_sq"]
+
+
+def grad_norm_sq(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of squares, found_nonfinite)`` over all ``tensors``, as 0-d fp32 and bool tensors.
+
+    The flag is computed from the elements, not from the sum, so a large but
+    finite gradient whose square overflows fp32 is not mistaken for an overflow.
+    """
+    if not tensors:
+        raise ValueError("grad_norm_sq needs at least one tensor")
+    device = tensors[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"tensors[{i}] must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+        if t.numel() == 0:
+            continue
+        if use_triton(t):
+            s, bad = _partial_triton(t)
+        else:
+            x = t.detach().float()
+            s, bad = x.square().sum(), ~torch.isfinite(x).all()
+        total += s
+        nonfinite |= bad
+    return total, nonfinite
+
+
+def global_grad_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L2 norm, found_nonfinite)`` over all ``tensors``."""
+    total, nonfinite = grad_norm_sq(tensors)
+    return total.sqrt(), nonfinite
+
+
+def _partial_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ._triton_reduce import sumsq_kernel
+
+    check_contiguous(tensor=t)
+    programs, block = grid_1d(t.numel())
+    sums = torch.empty(programs, dtype=torch.float32, device=t.device)
+    bad = torch.empty(programs, dtype=torch.int32, device=t.device)
+    sumsq_kernel[(programs,)](t, sums, bad, t.numel(), BLOCK=block)
+    return sums.sum(), bad.sum() > 0
