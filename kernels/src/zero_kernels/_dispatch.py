@@ -76,7 +76,8 @@ def as_tensor_lists(n_expected: int | None = None, **groups: torch.Tensor | list
         elif len(items) != length:
             raise ValueError(f"{name} has {len(items)} tensors, expected {length}")
         out[name] = items
-    first = next((v for v in out.values() if v is not None), [])
+    present = [v for v in out.values() if v is not None]
+    first = present[0] if present else []
     for name, items in out.items():
         if items is None:
             continue
