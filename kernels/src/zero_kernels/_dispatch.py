@@ -78,10 +78,8 @@ def as_tensor_lists(n_expected: int | None = None, **groups: torch.Tensor | list
         out[name] = items
     present = [v for v in out.values() if v is not None]
     first = present[0] if present else []
-    for name, items in out.items():
-        if items is None:
-            continue
-        for i, (t, ref) in enumerate(zip(items, first, strict=True)):
+    for name, tensors in out.items():
+        for i, (t, ref) in enumerate(zip(tensors or [], first)):
             if t.numel() != ref.numel():
                 raise ValueError(f"{name}[{i}] has {t.numel()} elements, expected {ref.numel()}")
             if t.device != ref.device:
