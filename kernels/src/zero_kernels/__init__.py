@@ -9,6 +9,7 @@ from ._adam import adam_step
 from ._dispatch import use_triton
 from ._grad_norm import global_grad_norm, grad_norm_sq
 from ._lion import lion_step
+from ._norms import layer_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
 from ._sgd import sgd_step
 
@@ -19,8 +20,10 @@ __all__ = [
     "dequantize_int8",
     "global_grad_norm",
     "grad_norm_sq",
+    "layer_norm",
     "lion_step",
     "quantize_int8",
+    "rms_norm",
     "sgd_step",
     "use_triton",
 ]
