@@ -11,12 +11,14 @@ from ._grad_norm import global_grad_norm, grad_norm_sq
 from ._lion import lion_step
 from ._norms import layer_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
+from ._rope import apply_rotary, rotary_tables
 from ._sgd import sgd_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "adam_step",
+    "apply_rotary",
     "dequantize_int8",
     "global_grad_norm",
     "grad_norm_sq",
@@ -24,6 +26,7 @@ __all__ = [
     "lion_step",
     "quantize_int8",
     "rms_norm",
+    "rotary_tables",
     "sgd_step",
     "use_triton",
 ]

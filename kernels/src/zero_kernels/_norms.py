@@ -31,7 +31,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 class _Norm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, is_rms):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, is_rms):
         n = x.shape[-1]
         if weight.shape != (n,) or (bias is not None and bias.shape != (n,)):
             raise ValueError(f"weight{'/bias' if bias is not None else ''} must have shape ({n},) "
@@ -46,7 +46,7 @@ class _Norm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         rows, weight, mean, rstd = ctx.saved_tensors
         dy = dy.reshape(rows.shape).contiguous()
         if use_triton(rows, dy):
