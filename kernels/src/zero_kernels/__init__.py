@@ -8,7 +8,9 @@ reference; ``ZERO_KERNELS=reference|triton`` forces a path.
 from ._adam import adam_step
 from ._dispatch import use_triton
 from ._grad_norm import global_grad_norm, grad_norm_sq
+from ._linear_ce import fused_linear_cross_entropy
 from ._lion import lion_step
+from ._memory import peak_memory
 from ._norms import layer_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
 from ._rope import apply_rotary, rotary_tables
@@ -20,10 +22,12 @@ __all__ = [
     "adam_step",
     "apply_rotary",
     "dequantize_int8",
+    "fused_linear_cross_entropy",
     "global_grad_norm",
     "grad_norm_sq",
     "layer_norm",
     "lion_step",
+    "peak_memory",
     "quantize_int8",
     "rms_norm",
     "rotary_tables",
