@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --steps 200
 
+Runs on CPU with Gloo, or on one GPU per rank with NCCL when CUDA is present.
 Every rank builds the same model, takes its slice of each global batch, and
 averages gradients with one bucketed all-reduce per step; rank 0 prints the loss
 and, at the end, what the comm ledger saw. The task is synthetic (continue an
@@ -79,7 +80,7 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))
@@ -104,8 +105,9 @@ def train(steps: int = 200, batch_size: int = 16, lr: float = 3e-3, seed: int = 
     comm = zero_comm.init_distributed()
     if batch_size % comm.world_size:
         raise ValueError(f"batch size {batch_size} must divide evenly over {comm.world_size} ranks")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if comm.backend == "nccl" else "cpu")
     torch.manual_seed(seed)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     params = list(model.parameters())
     zero_comm.broadcast_coalesced(comm, [p.data for p in params], src=0)  # every rank starts equal
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -114,7 +116,7 @@ def train(steps: int = 200, batch_size: int = 16, lr: float = 3e-3, seed: int = 
     losses, started = [], time.perf_counter()
     for step in range(steps):
         x, y = global_batch(step, batch_size, cfg, seed)
-        loss = model(x[mine], y[mine])
+        loss = model(x[mine].to(device), y[mine].to(device))
         loss.backward()
         zero_comm.all_reduce_coalesced(comm, [p.grad for p in params], "avg")
         optimizer.step()
@@ -135,7 +137,8 @@ def main() -> None:
     comm = zero_comm.init_distributed()
     n_params = sum(p.numel() for p in GPT(GPTConfig()).parameters())
     if comm.rank == 0:
-        print(f"GPT with {n_params / 1e3:.0f}k parameters, data-parallel on {comm.world_size} ranks "
+        where = "GPU" if comm.backend == "nccl" else "CPU"
+        print(f"GPT with {n_params / 1e3:.0f}k parameters, data-parallel on {comm.world_size} {where} ranks "
               f"({comm.backend}), global batch {args.batch_size}", flush=True)
     losses, _ = train(args.steps, args.batch_size, args.lr)
     if comm.rank == 0:

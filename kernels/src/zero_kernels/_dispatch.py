@@ -101,3 +101,14 @@ def grid_1d(n: int) -> tuple[int, int]:
 
     block = block_size(n)
     return triton.cdiv(n, block), block
+
+
+def warps_for(block: int) -> int:
+    """Warps per program for a row-wise kernel whose row block has ``block`` elements."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4

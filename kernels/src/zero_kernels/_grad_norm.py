@@ -35,8 +35,7 @@ def grad_norm_sq(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         if use_triton(t):
             s, bad = _partial_triton(t)
         else:
-            x = t.detach().float()
-            s, bad = x.square().sum(), ~torch.isfinite(x).all()
+            s, bad = _partial_reference(t.detach())
         total += s
         nonfinite |= bad
     return total, nonfinite
@@ -46,6 +45,14 @@ def global_grad_norm(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     """``(L2 norm, found_nonfinite)`` over all ``tensors``."""
     total, nonfinite = grad_norm_sq(tensors)
     return total.sqrt(), nonfinite
+
+
+def _partial_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = torch.linalg.vector_norm(t, 2, dtype=torch.float32)
+    if bool(torch.isfinite(norm)):  # the reference runs off-GPU, where this check costs no sync
+        return norm.square(), torch.zeros((), dtype=torch.bool, device=t.device)
+    # an infinite norm is either an inf/NaN element or finite values whose squares overflow
+    return norm.square(), ~torch.isfinite(t).all()
 
 
 def _partial_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

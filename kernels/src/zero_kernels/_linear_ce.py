@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import use_triton, warps_for
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -105,8 +105,9 @@ def _loss_and_grad_in_place(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 
         losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         if logits.shape[0]:
+            block = min(4096, triton.next_power_of_2(logits.shape[1]))
             ce_grad_kernel[(logits.shape[0],)](logits, labels.contiguous(), losses, logits.shape[1], ignore_index,
-                                               scale, BLOCK=min(4096, triton.next_power_of_2(logits.shape[1])))
+                                               scale, BLOCK=block, num_warps=warps_for(block))
         return losses.sum()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)

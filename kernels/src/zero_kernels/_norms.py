@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import use_triton, warps_for
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -105,8 +105,9 @@ def _forward_triton(rows, weight, bias, eps, is_rms):
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     if m:
+        block = _block(n)
         norm_forward_kernel[(m,)](rows, w, b, y, mean, rstd, n, eps, IS_RMS=is_rms, HAS_BIAS=bias is not None,
-                                  BLOCK=_block(n))
+                                  BLOCK=block, num_warps=warps_for(block))
     return y, mean, rstd
 
 
@@ -122,7 +123,8 @@ def _backward_triton(dy, rows, weight, mean, rstd, is_rms, has_bias):
     db_part = torch.empty(programs, n, dtype=torch.float32, device=rows.device) if has_bias else dw_part
     if m:
         norm_backward_kernel[(programs,)](dy, rows, weight.contiguous(), mean, rstd, dx, dw_part, db_part, m, n,
-                                          per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, BLOCK=_block(n))
+                                          per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, BLOCK=_block(n),
+                                          num_warps=warps_for(_block(n)))
     else:
         dw_part.zero_()
     dw = dw_part.sum(0).to(weight.dtype)

@@ -17,7 +17,7 @@ def norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, 
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     if IS_RMS:
-        mean = 0.0
+        mean = tl.sum(x, axis=0) * 0.0  # a tensor, like LayerNorm's, so both store the same way
         xc = x
     else:
         mean = tl.sum(x, axis=0) / n_cols

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check the project has, in one unattended run: well under 8 minutes on an H100/H200.
+#   1. zero-kernels' tests with the Triton path on CUDA, against their references and float64
+#   2. a training run on CUDA (the demo GPT over NCCL, one rank) whose loss must halve
+#   3. the kernel benchmark table (benchmarks/kernels.py)
+# Runs from the source tree (PYTHONPATH), as on the lent GPU machine, which has torch, triton
+# and pytest installed and no network. Results go to $OUT (default benchmarks/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/packages/zero-comm/src:$PWD/kernels/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+failed=()
+step() {
+    local name=$1 limit=$2; shift 2
+    echo; echo "== $name"
+    local start=$SECONDS
+    if timeout "$limit" "$@"; then echo "-- ok: $name ($((SECONDS - start))s)"
+    else echo "!! FAILED: $name ($((SECONDS - start))s)"; failed+=("$name"); fi
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
+
+step "kernels: Triton on CUDA vs references" 240 python3 -m pytest -q -p no:cacheprovider kernels/tests
+step "training on CUDA: demo GPT, NCCL" 120 torchrun --standalone --nproc-per-node 1 examples/train_gpt.py --steps 200
+step "kernel benchmark table" 180 python3 benchmarks/kernels.py --out "$OUT"
+
+echo
+if [ ${#failed[@]} -eq 0 ]; then echo "gpu_check: all passed"; else echo "gpu_check: FAILED: ${failed[*]}"; exit 1; fi
