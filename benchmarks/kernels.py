@@ -62,7 +62,7 @@ def _compile(fn: Callable, enabled: bool) -> Callable | None:
         compiled = torch.compile(fn)
         compiled()
         return compiled
-    except Exception as exc:  # noqa: BLE001 -- torch.compile may be unavailable; report, don't fail
+    except Exception as exc:  # torch.compile may be unavailable here: report it, do not fail
         print(f"  torch.compile unavailable here: {type(exc).__name__}: {str(exc)[:100]}")
         return None
 
@@ -88,7 +88,6 @@ def main() -> int:
     copy_bw = 2 * n_copy * 4 / t
     print(f"device {device} ({torch.cuda.get_device_name(device) if gpu else platform.processor() or 'cpu'}): "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
-    del src, dst
 
     def row(op: str, t_zero: float, t_eager: float, nbytes: float | None, t_compiled: float | None = None,
             **extra: object) -> None:
@@ -115,14 +114,12 @@ def main() -> int:
         t_fused = bench(fused.step, device)
     row("adamw", t_zero, t_eager, 28 * n, params=n, torch_fused_ms=t_fused * 1e3 if t_fused else None)
     row("adamw+bf16 copy", t_low, t_eager, 30 * n, params=n)
-    del p, g, m, v, low, ref, opt
 
     # -- global grad norm with inf flag ---------------------------------------------------
     grads = [torch.randn(s, device=device) for s in ([2**24] * 4 if big else [2**20] * 4)]
     t_zero = bench(lambda: zk.global_grad_norm(grads), device)
     t_eager = bench(lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), device)
     row("grad_norm", t_zero, t_eager, sum(x.numel() for x in grads) * 4)
-    del grads
 
     # -- norms, forward + backward ---------------------------------------------------------
     m_rows, hidden = (16384, 4096) if big else (2048, 1024)
@@ -141,7 +138,6 @@ def main() -> int:
         compiled = _compile(theirs, compile_ok)
         row(name, bench(ours, device), bench(theirs, device), io_bytes,
             bench(compiled, device) if compiled else None, shape=[m_rows, hidden], dtype=str(dtype))
-    del x, w, b, dy
 
     # -- rotary embedding, forward + backward ------------------------------------------
     bsz, seq, heads, head_dim = (8, 2048, 32, 128) if big else (2, 256, 8, 64)
@@ -158,7 +154,6 @@ def main() -> int:
     compiled = _compile(eager_rope, compile_ok)
     row("rope fwd+bwd", bench(lambda: zk.apply_rotary(q, cos, sin).backward(dq), device), bench(eager_rope, device),
         4 * q.numel() * q.element_size(), bench(compiled, device) if compiled else None)
-    del q, dq
 
     # -- blockwise int8 quantisation -----------------------------------------------------------
     xq = torch.randn((64 if big else 4) * 2**20, device=device)
@@ -170,7 +165,6 @@ def main() -> int:
         (rows_ / scale).round().clamp(-127, 127).to(torch.int8)
 
     row("quantize_int8", t_zero, bench(eager_quant, device), xq.numel() * 5)
-    del xq
 
     # -- fused linear + cross-entropy: memory is the point ---------------------------------
     tokens, hidden, vocab = (8192, 4096, 50257) if big else (2048, 64, 50257)
