@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import zero_kernels as zk
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _case(n, hidden, vocab, dtype, seed=0, ignore_some=True):

@@ -102,6 +102,22 @@ def test_sgd_matches_float64(path, n, nesterov, first_step):
     _close(buf, B, "momentum buffer")
 
 
+@pytest.mark.parametrize("lowp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rule", ["adam", "lion", "sgd"])
+def test_low_precision_weight_copy_is_the_new_weight(path, rule, lowp):
+    """The bf16/fp16 copy written in the same pass is the updated fp32 weight, rounded."""
+    p, g, m, v = _inputs(1025, torch.float16, path)
+    out = torch.empty(1025, dtype=lowp, device=path)
+    if rule == "adam":
+        zk.adam_step(p, g, m, v, lr=1e-2, step=1, lowp_out=out)
+    elif rule == "lion":
+        zk.lion_step(p, g, m, lr=1e-2, lowp_out=out)
+    else:
+        zk.sgd_step(p, g, m, lr=1e-2, first_step=False, lowp_out=out)
+    step = 2**-7 if lowp == torch.bfloat16 else 2**-10  # one step of the format's mantissa
+    assert torch.allclose(out.float().cpu(), p.cpu(), rtol=step, atol=0)
+
+
 def test_bad_inputs_are_named():
     p, g, m, v = _inputs(10, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] must be fp32"):

@@ -31,9 +31,10 @@ def test_large_finite_gradient_is_not_called_an_overflow(path):
 
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 4099])
 @pytest.mark.parametrize("block", [64, 256])
-def test_int8_round_trip_error_is_within_half_a_step(path, n, block):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int8_round_trip_error_is_within_half_a_step(path, n, block, dtype):
     g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, generator=g) * torch.logspace(-2, 2, n)).to(path)
+    x = (torch.randn(n, generator=g) * torch.logspace(-2, 2, n)).to(dtype).to(path)
     q, scales = zk.quantize_int8(x, block)
     assert q.dtype == torch.int8 and q.numel() == n and scales.numel() == -(-n // block)
     xd = x.double().cpu()

@@ -19,12 +19,16 @@ _CHOICES = ("reference", "triton", "auto")
 
 
 @functools.cache
-def triton_available() -> bool:
+def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as exc:  # not installed, or (in interpreter mode) numpy missing
+        return str(exc)
+    return None
+
+
+def triton_available() -> bool:
+    return _triton_import_error() is None
 
 
 def interpreting() -> bool:
@@ -41,7 +45,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     if choice == "triton":
         if not triton_available():
-            raise RuntimeError("ZERO_KERNELS=triton but triton is not installed")
+            raise RuntimeError(f"ZERO_KERNELS=triton but triton cannot be imported: {_triton_import_error()}")
         if not on_cuda and not interpreting():
             raise RuntimeError("ZERO_KERNELS=triton on non-CUDA tensors needs TRITON_INTERPRET=1")
         return True
