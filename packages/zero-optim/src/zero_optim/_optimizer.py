@@ -1,0 +1,391 @@
+"""ZeroOptimizer: data-parallel training whose optimizer state is partitioned (ZeRO stages 0-2).
+
+Stage 0 is plain data parallelism: gradients are all-reduced and every rank keeps
+the whole fp32 master copy and optimizer state. Stage 1 partitions the master
+weights and optimizer state: each rank reduce-scatters the gradients, updates its
+shard and all-gathers the new weights. Stage 2 also partitions gradients: each
+bucket is reduce-scattered to its owners from a hook as soon as its last
+gradient is ready, overlapping the rest of backward, so no rank holds them all.
+
+Model parameters become views into one flat buffer per parameter group (in the
+training dtype), so the all-gather after a step writes the new weights in place.
+Loss scaling, the overflow check and global-norm clipping are done once here, for
+every stage, and reach the update rule as one gradient scale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+import zero_kernels as zk
+from zero_comm import Communicator, Handle
+
+from ._layout import Bucket, GroupLayout, build_layout
+from ._rules import UpdateRule, check_hyperparameters
+from ._scaler import DynamicLossScaler, LossScaleConfig
+from ._store import DeviceStore, StateStore
+
+__all__ = ["ZeroConfig", "ZeroOptimizer"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroConfig:
+    """How the optimizer partitions, communicates and scales.
+
+    Args:
+        stage: 0 (replicated), 1 (optimizer state partitioned) or 2 (gradients too).
+        precision: the dtype of model weights and gradients; master weights are fp32.
+        bucket_numel: elements per communication bucket: bigger buckets mean fewer,
+            more efficient collectives and, in stage 2, more memory in flight.
+        align: every bucket is padded to a multiple of ``world_size * align``.
+        accumulation_steps: micro-steps per optimizer step; ``backward`` divides the
+            loss by it.
+        clip_grad_norm: clip the global gradient norm (over all partitions) to this.
+        loss_scale: fp16 dynamic loss scaling (ignored for fp32 and bf16).
+        overlap_comm: stage 2 launches each bucket's reduce-scatter from the backward
+            hook and waits at the end of backward; off, it waits at once.
+    """
+
+    stage: int = 0
+    precision: Precision = "fp32"
+    bucket_numel: int = 1 << 24
+    align: int = 64
+    accumulation_steps: int = 1
+    clip_grad_norm: float | None = None
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    overlap_comm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"ZeroConfig.stage must be 0, 1 or 2 (stage 3 is a separate optimizer), "
+                             f"got {self.stage}")
+        if self.precision not in _DTYPES:
+            raise ValueError(f"ZeroConfig.precision must be one of {', '.join(_DTYPES)}, got {self.precision!r}")
+        for name in ("bucket_numel", "align", "accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"ZeroConfig.clip_grad_norm must be positive, got {self.clip_grad_norm}")
+
+
+@dataclass
+class _Group:
+    hparams: dict[str, Any]
+    layout: GroupLayout
+    flat: torch.Tensor  # the model's weights, training dtype, padded layout
+    master_key: str
+    state_keys: dict[str, str]
+    flat_grad: torch.Tensor | None = None  # stages 0-1: the whole gradient, laid out like ``flat``
+    grad_shard: torch.Tensor | None = None  # stage 2: only this rank's part
+    staging: dict[int, torch.Tensor] = field(default_factory=dict)  # stage 2: buckets being filled
+    filled: dict[int, int] = field(default_factory=dict)
+    ready: set[int] = field(default_factory=set)  # stage 2: complete, waiting for their turn
+    next_bucket: int = 0  # stage 2: buckets are reduced in index order, the same on every rank
+
+
+class ZeroOptimizer:
+    """Partition the optimizer of a data-parallel model over ``comm``'s ranks.
+
+    Usage, per optimizer step::
+
+        for micro_batch in micro_batches:          # config.accumulation_steps of them
+            opt.backward(model(micro_batch))
+        opt.step()                                  # False if the step was skipped (overflow)
+
+    ``params`` is an iterable of parameters or of torch-style group dicts
+    (``{"params": [...], "weight_decay": 0.0}``); parameters that do not require
+    grad are left out. ``comm`` is the data-parallel group.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], rule: UpdateRule, *,
+                 comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None):
+        self.config = config or ZeroConfig()
+        self.rule, self.comm = rule, comm
+        self.store: StateStore = store if store is not None else DeviceStore()
+        self.dtype = _DTYPES[self.config.precision]
+        self.scaler = DynamicLossScaler(self.config.loss_scale) if self.config.precision == "fp16" else None
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.micro_steps = 0
+        self.last_grad_norm: float | None = None
+        self._pending: list[tuple[_Group, Bucket, Handle, torch.Tensor]] = []
+        self._hooks: list[Any] = []
+        shard_world = 1 if self.config.stage == 0 else comm.world_size
+        self._shard_rank = 0 if self.config.stage == 0 else comm.rank
+        self.groups: list[_Group] = []
+        for g, (group_params, hparams) in enumerate(self._split_groups(params)):
+            self.groups.append(self._build_group(g, group_params, hparams, shard_world))
+        if not self.groups:
+            raise ValueError("ZeroOptimizer got no parameters that require grad")
+        for group in self.groups:
+            for p in group.layout.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group, p)))
+
+    # -- construction ------------------------------------------------------------------
+    def _split_groups(self, params: Iterable[Any]) -> list[tuple[list[torch.nn.Parameter], dict[str, Any]]]:
+        items = list(params)
+        dict_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+        out, seen, device = [], set(), None
+        for i, group in enumerate(dict_groups):
+            check_hyperparameters(self.rule, group, f"parameter group {i}")
+            trainable = [p for p in group["params"] if p.requires_grad]
+            for p in trainable:
+                if id(p) in seen:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in more than one group")
+                seen.add(id(p))
+                if device is None:
+                    device = p.device
+                elif p.device != device:
+                    raise ValueError(f"parameters are on mixed devices ({device} and {p.device}); "
+                                     "a ZeroOptimizer needs all of its parameters on one device")
+            if trainable:
+                hparams = {**self.rule.defaults, **{k: v for k, v in group.items() if k != "params"}}
+                out.append((trainable, hparams))
+        return out
+
+    def _build_group(self, g: int, params: list[torch.nn.Parameter], hparams: dict[str, Any],
+                     shard_world: int) -> _Group:
+        layout = build_layout(params, shard_world, self.config.bucket_numel, self.config.align)
+        device = params[0].device
+        flat = torch.zeros(layout.total, dtype=self.dtype, device=device)
+        for bucket in layout.buckets:
+            for p, off in zip(bucket.params, bucket.offsets, strict=True):
+                view = flat[bucket.base + off:bucket.base + off + p.numel()].view(p.shape)
+                view.copy_(p.detach())
+                p.data = view  # the model now reads its weights from the flat buffer
+        if self.comm.world_size > 1:
+            self.comm.broadcast(flat, 0)  # every rank starts from rank 0's weights
+        master = self._own_chunks(layout, flat).float()
+        master_key = f"group{g}.master"
+        self.store.create(master_key, master)
+        state_keys = {}
+        for name in self.rule.state_names:
+            state_keys[name] = f"group{g}.{name}"
+            self.store.create(state_keys[name], torch.zeros_like(master))
+        group = _Group(hparams, layout, flat, master_key, state_keys)
+        if self.config.stage < 2:
+            group.flat_grad = torch.zeros_like(flat)
+        else:
+            group.grad_shard = torch.zeros(layout.shard_numel, dtype=self.dtype, device=device)
+        return group
+
+    def _own(self, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of ``bucket`` inside a buffer laid out like the flat weights."""
+        r = self._shard_rank
+        return bucket.region(flat)[r * bucket.chunk:(r + 1) * bucket.chunk]
+
+    def _own_chunks(self, layout: GroupLayout, flat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._own(b, flat) for b in layout.buckets])
+
+    def _grad_chunk(self, group: _Group, bucket: Bucket) -> torch.Tensor:
+        """The reduced gradient of this rank's chunk of ``bucket`` (after ``_reduce_gradients``)."""
+        if group.grad_shard is not None:
+            return bucket.chunk_of(group.grad_shard)
+        assert group.flat_grad is not None
+        return self._own(bucket, group.flat_grad)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Each group's hyper-parameters, mutable (as LR schedulers expect)."""
+        return [g.hparams for g in self.groups]
+
+    # -- backward ------------------------------------------------------------------------
+    def _make_hook(self, group: _Group, p: torch.nn.Parameter):
+        b_index, offset = group.layout.where[id(p)]
+        bucket = group.layout.buckets[b_index]
+
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            param.grad = None  # the flat buffers own gradients from here on
+            if grad is None:
+                return
+            if group.flat_grad is not None:
+                start = bucket.base + offset
+                group.flat_grad[start:start + param.numel()].view(param.shape).add_(grad)
+                return
+            staging = group.staging.get(b_index)
+            if staging is None:
+                staging = group.staging[b_index] = torch.zeros(bucket.padded, dtype=self.dtype, device=grad.device)
+                group.filled[b_index] = 0
+            staging[offset:offset + param.numel()].view(param.shape).copy_(grad)
+            group.filled[b_index] += param.numel()
+            if group.filled[b_index] == bucket.numel:
+                group.ready.add(b_index)
+                self._launch_ready(group, flush=False)
+
+        return hook
+
+    def _launch_ready(self, group: _Group, flush: bool) -> None:
+        """Reduce-scatter complete buckets in index order (collectives must match across ranks);
+        at the end of backward (``flush``) the rest go too, a missing gradient counting as zero."""
+        while group.next_bucket < len(group.layout.buckets):
+            b_index = group.next_bucket
+            if not flush and b_index not in group.ready:
+                return
+            self._reduce_scatter_bucket(group, b_index)
+            group.next_bucket += 1
+
+    def _reduce_scatter_bucket(self, group: _Group, b_index: int) -> None:
+        bucket = group.layout.buckets[b_index]
+        group.ready.discard(b_index)
+        group.filled.pop(b_index, None)
+        staging = group.staging.pop(b_index, None)
+        if staging is None:  # no parameter of this bucket got a gradient in this micro-step
+            staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
+        out = torch.empty(bucket.chunk, dtype=self.dtype, device=staging.device)
+        handle = self.comm.reduce_scatter(staging, "avg", out=out, async_op=True)
+        self._pending.append((group, bucket, handle, out))
+        if not self.config.overlap_comm:
+            self._drain()
+
+    def _drain(self) -> None:
+        for group, bucket, handle, out in self._pending:
+            handle.wait()
+            assert group.grad_shard is not None
+            bucket.chunk_of(group.grad_shard).add_(out)
+        self._pending.clear()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation)."""
+        scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
+        (loss * scale).backward()
+        self.micro_steps += 1
+        if self.config.stage == 2:
+            for group in self.groups:
+                self._launch_ready(group, flush=True)
+                group.next_bucket = 0
+            self._drain()
+
+    # -- step ------------------------------------------------------------------------------
+    def _reduce_gradients(self) -> None:
+        """Stage 0: all-reduce every bucket. Stage 1: reduce-scatter every bucket and keep this
+        rank's chunk in place in the gradient buffer. Stage 2: already done during backward."""
+        if self.config.stage == 2:
+            return
+        pending: list[tuple[Handle, torch.Tensor | None, torch.Tensor | None]] = []
+        for group in self.groups:
+            assert group.flat_grad is not None
+            for bucket in group.layout.buckets:
+                region = bucket.region(group.flat_grad)
+                if self.config.stage == 0:
+                    pending.append((self.comm.all_reduce(region, "avg", async_op=True), None, None))
+                else:
+                    reduced = torch.empty(bucket.chunk, dtype=self.dtype, device=region.device)
+                    handle = self.comm.reduce_scatter(region, "avg", out=reduced, async_op=True)
+                    pending.append((handle, reduced, self._own(bucket, group.flat_grad)))
+        for handle, result, own in pending:
+            handle.wait()
+            if own is not None and result is not None:
+                own.copy_(result)
+
+    def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
+        sumsq, nonfinite = zk.grad_norm_sq(grads)
+        if self.config.stage >= 1 and self.comm.world_size > 1:  # each rank saw only its shard
+            both = torch.stack([sumsq, nonfinite.float()])
+            self.comm.all_reduce(both)
+            sumsq, nonfinite = both[0], both[1] > 0
+        return math.sqrt(max(float(sumsq), 0.0)), bool(nonfinite)
+
+    def step(self) -> bool:
+        """Reduce gradients, check for overflow, clip, update, share the new weights.
+
+        Returns False when the step was skipped because a gradient held inf or NaN on
+        some rank (all ranks skip together; fp16 also lowers its loss scale).
+        """
+        self._reduce_gradients()
+        grads = [self._grad_chunk(g, b) for g in self.groups for b in g.layout.buckets]
+        scaled_norm, overflow = self._global_norm(grads)
+        loss_scale = self.scaler.scale if self.scaler else 1.0
+        if overflow:
+            self.skipped_steps += 1
+            if self.scaler:
+                self.scaler.update(True)
+            else:
+                warnings.warn("a gradient held inf or NaN: the step was skipped on every rank", stacklevel=2)
+            self.zero_grad()
+            return False
+        self.last_grad_norm = scaled_norm / loss_scale
+        clip = 1.0
+        if self.config.clip_grad_norm is not None:
+            clip = min(1.0, self.config.clip_grad_norm / (self.last_grad_norm + 1e-6))
+        self.step_count += 1
+        handles = []
+        for group in self.groups:
+            master = self.store.get(group.master_key)
+            state = {name: self.store.get(key) for name, key in group.state_keys.items()}
+            for bucket in group.layout.buckets:  # one fused pass per bucket chunk, new weights in place
+                own = self._own(bucket, group.flat)
+                self.rule.update(bucket.chunk_of(master), self._grad_chunk(group, bucket),
+                                 {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
+                                 hparams=group.hparams, grad_scale=clip / loss_scale, lowp_out=own)
+                if self.config.stage >= 1:
+                    handles.append(self.comm.all_gather(own, out=bucket.region(group.flat), async_op=True))
+            self.store.put(group.master_key, master)
+            for name, key in group.state_keys.items():
+                self.store.put(key, state[name])
+        for h in handles:
+            h.wait()
+        if self.scaler:
+            self.scaler.update(False)
+        self.zero_grad()
+        return True
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated gradients (``step`` does this itself)."""
+        for group in self.groups:
+            if group.flat_grad is not None:
+                group.flat_grad.zero_()
+            if group.grad_shard is not None:
+                group.grad_shard.zero_()
+        self.micro_steps = 0
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
+        return {
+            "stage": self.config.stage, "world_size": self.comm.world_size, "rank": self.comm.rank,
+            "step": self.step_count, "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "hparams": [dict(g.hparams) for g in self.groups],
+            "shards": [{"master": self.store.get(g.master_key).clone(),
+                        **{n: self.store.get(k).clone() for n, k in g.state_keys.items()}} for g in self.groups],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a shard saved by the same rank of the same layout; resharding is zero-ckpt's job."""
+        if state["stage"] != self.config.stage or state["world_size"] != self.comm.world_size:
+            raise ValueError(f"sharded optimizer state was saved with stage {state['stage']} on "
+                             f"{state['world_size']} ranks; this optimizer is stage {self.config.stage} on "
+                             f"{self.comm.world_size} ranks (reshard it with zero-ckpt)")
+        if state["rank"] != self.comm.rank:
+            raise ValueError(f"this shard belongs to rank {state['rank']}, not rank {self.comm.rank}")
+        if len(state["shards"]) != len(self.groups):
+            raise ValueError(f"state has {len(state['shards'])} parameter groups; this optimizer has "
+                             f"{len(self.groups)}")
+        for g, (group, shard) in enumerate(zip(self.groups, state["shards"], strict=True)):
+            for name, key in [("master", group.master_key), *group.state_keys.items()]:
+                mine = self.store.get(key)
+                if shard[name].shape != mine.shape:
+                    raise ValueError(f"group {g} {name}: saved shard has {shard[name].numel()} elements, "
+                                     f"this layout {mine.numel()} (bucket or alignment settings differ)")
+                self.store.put(key, shard[name].to(mine.device))
+            group.hparams.update(state["hparams"][g])
+            master = self.store.get(group.master_key)
+            for bucket in group.layout.buckets:
+                self._own(bucket, group.flat).copy_(bucket.chunk_of(master))
+        self.step_count, self.skipped_steps = state["step"], state["skipped_steps"]
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.config.stage >= 1:
+            for group in self.groups:
+                for bucket in group.layout.buckets:
+                    self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat))

@@ -1,0 +1,118 @@
+"""Update rules: how one flat fp32 shard moves, given its gradient and its state.
+
+A rule is small and pure in spirit (optax's ``update``): it owns no tensors, it is
+told the shard, its gradient, its state tensors and the group's hyper-parameters,
+and it updates them in place through zero-kernels' fused ops (Triton on CUDA, the
+torch reference elsewhere). Loss scaling and clipping reach it as one number,
+``grad_scale``, folded into the same pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+import zero_kernels as zk
+
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "UpdateRule", "check_hyperparameters"]
+
+
+@runtime_checkable
+class UpdateRule(Protocol):
+    """One optimizer's maths over a flat fp32 shard."""
+
+    name: str
+    defaults: Mapping[str, Any]
+    state_names: tuple[str, ...]
+
+    def update(self, master: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, step: int,
+               hparams: Mapping[str, Any], grad_scale: float, lowp_out: torch.Tensor | None) -> None: ...
+
+
+def check_hyperparameters(rule: UpdateRule, given: Mapping[str, Any], where: str) -> None:
+    """Refuse hyper-parameters the rule does not know, naming the nearest one it does."""
+    for key in given:
+        if key in ("params", "name") or key in rule.defaults:
+            continue
+        near = difflib.get_close_matches(key, list(rule.defaults), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; {rule.name} takes {', '.join(rule.defaults)}"
+        raise ValueError(f"{where}: {rule.name} has no hyper-parameter {key!r}{hint}")
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), torch.optim.AdamW's maths."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    name: str = field(default="AdamW", init=False)
+    state_names: tuple[str, ...] = field(default=("exp_avg", "exp_avg_sq"), init=False)
+    decoupled: bool = field(default=True, init=False)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def update(self, master, grad, state, *, step, hparams, grad_scale, lowp_out):
+        b1, b2 = hparams["betas"]
+        zk.adam_step(master, grad, state["exp_avg"], state["exp_avg_sq"], lr=hparams["lr"], beta1=b1, beta2=b2,
+                     eps=hparams["eps"], weight_decay=hparams["weight_decay"], step=step,
+                     decoupled=self.decoupled, grad_scale=grad_scale, lowp_out=lowp_out)
+
+
+@dataclass(frozen=True)
+class Adam(AdamW):
+    """Adam with L2 weight decay added to the gradient (torch.optim.Adam's maths)."""
+
+    weight_decay: float = 0.0
+    name: str = field(default="Adam", init=False)
+    decoupled: bool = field(default=False, init=False)
+
+
+@dataclass(frozen=True)
+class Lion:
+    """Lion (Chen et al., 2023): the sign of an interpolated momentum."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    name: str = field(default="Lion", init=False)
+    state_names: tuple[str, ...] = field(default=("exp_avg",), init=False)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "weight_decay": self.weight_decay}
+
+    def update(self, master, grad, state, *, step, hparams, grad_scale, lowp_out):
+        b1, b2 = hparams["betas"]
+        zk.lion_step(master, grad, state["exp_avg"], lr=hparams["lr"], beta1=b1, beta2=b2,
+                     weight_decay=hparams["weight_decay"], grad_scale=grad_scale, lowp_out=lowp_out)
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with momentum, torch.optim.SGD's maths."""
+
+    lr: float = 1e-2
+    momentum: float = 0.9
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    name: str = field(default="SGD", init=False)
+    state_names: tuple[str, ...] = field(default=("momentum_buffer",), init=False)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "weight_decay": self.weight_decay, "nesterov": self.nesterov}
+
+    def update(self, master, grad, state, *, step, hparams, grad_scale, lowp_out):
+        zk.sgd_step(master, grad, state["momentum_buffer"], lr=hparams["lr"], momentum=hparams["momentum"],
+                    dampening=hparams["dampening"], weight_decay=hparams["weight_decay"],
+                    nesterov=hparams["nesterov"], first_step=step == 1, grad_scale=grad_scale, lowp_out=lowp_out)

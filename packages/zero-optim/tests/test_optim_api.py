@@ -1,0 +1,139 @@
+"""Parameter groups, frozen and unused parameters, other rules, state round trips, and bad input."""
+
+import pytest
+import torch
+import zero_models
+from torch import nn
+
+import zero_comm
+from zero_comm.testing import run_ranks
+from zero_optim import SGD, AdamW, Lion, ZeroConfig, ZeroOptimizer, build_layout
+
+
+def test_layout_balances_shards_and_keeps_parameters_whole():
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 300, 7, 5000, 3)]
+    layout = build_layout(params, world_size=4, bucket_numel=400, align=8)
+    assert [len(b.params) for b in layout.buckets] == [2, 1, 2]  # reverse order, whole params
+    for b in layout.buckets:
+        assert b.padded % (4 * 8) == 0 and b.padded >= b.numel and b.chunk * 4 == b.padded
+    assert layout.shard_numel == sum(b.chunk for b in layout.buckets)
+    assert sorted(map(id, layout.params)) == sorted(map(id, params))
+
+
+def groups_frozen_and_unused() -> dict:
+    comm = zero_comm.init_distributed()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    unused = nn.Linear(8, 8)  # never called: gets no gradient
+    model[0].bias.requires_grad_(False)  # frozen
+    decay = [model[0].weight, model[2].weight, unused.weight]
+    no_decay = [model[1].weight, model[1].bias, model[2].bias, unused.bias, model[0].bias]
+    frozen_before = model[0].bias.detach().clone()
+    unused_before = unused.weight.detach().clone()
+    opt = ZeroOptimizer([{"params": decay, "weight_decay": 0.5}, {"params": no_decay, "weight_decay": 0.0}],
+                        AdamW(lr=0.1), comm=comm, config=ZeroConfig(stage=2, bucket_numel=50))
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        opt.backward(model(x).square().mean())
+        assert opt.step()
+    assert torch.equal(model[0].bias, frozen_before), "frozen parameters are left alone"
+    # an unused parameter gets zero gradient: only decoupled weight decay moves it
+    assert torch.allclose(unused.weight, unused_before * (1 - 0.1 * 0.5) ** 3, rtol=1e-6)
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["lr"] == 0.1
+    return {"ok": True}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_groups_frozen_and_unused_parameters(world_size):
+    assert all(r["ok"] for r in run_ranks(groups_frozen_and_unused, world_size))
+
+
+def other_rules(rule_name: str) -> list[float]:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    rule = {"lion": Lion(lr=1e-3), "sgd": SGD(lr=0.05, momentum=0.9)}[rule_name]
+    opt = ZeroOptimizer(model.parameters(), rule, comm=comm, config=ZeroConfig(stage=1, bucket_numel=3000))
+    per = 8 // comm.world_size
+    losses = []
+    for step in range(10):
+        x, y = zero_models.batch("mlp", step, 8)
+        loss = model(x[comm.rank * per:(comm.rank + 1) * per], y[comm.rank * per:(comm.rank + 1) * per])
+        opt.backward(loss)
+        opt.step()
+        losses.append(comm.all_reduce(loss.detach(), "avg").item())
+    return losses
+
+
+@pytest.mark.parametrize("rule_name", ["lion", "sgd"])
+def test_lion_and_sgd_match_their_torch_loops(rule_name):
+    torch.manual_seed(0)
+    model = zero_models.make_model("mlp")
+    if rule_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:  # torch has no Lion: the same update written out
+        opt = None
+        exp_avg = [torch.zeros_like(p) for p in model.parameters()]
+    want = []
+    for step in range(10):
+        x, y = zero_models.batch("mlp", step, 8)
+        loss = model(x, y)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        else:
+            with torch.no_grad():
+                for p, m in zip(model.parameters(), exp_avg):
+                    p.add_(torch.sign(0.9 * m + 0.1 * p.grad), alpha=-1e-3)
+                    m.mul_(0.99).add_(p.grad, alpha=0.01)
+                    p.grad = None
+        want.append(loss.item())
+    got = run_ranks(other_rules, 2, rule_name)[0]
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) <= 1e-5
+
+
+def state_round_trip() -> bool:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    opt = ZeroOptimizer(model.parameters(), AdamW(lr=1e-2), comm=comm, config=ZeroConfig(stage=2, bucket_numel=3000))
+    for step in range(2):
+        x, y = zero_models.batch("mlp", step, 8)
+        opt.backward(model(x, y))
+        opt.step()
+    saved = opt.state_dict()
+    weights = [p.detach().clone() for p in model.parameters()]
+    x, y = zero_models.batch("mlp", 5, 8)
+    opt.backward(model(x, y))
+    opt.step()
+    opt.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())), "weights restored"
+    assert opt.step_count == 2
+    mismatched = dict(saved, world_size=saved["world_size"] + 1)
+    with pytest.raises(ValueError, match=r"saved with stage 2 on \d ranks; this optimizer is stage 2 on"):
+        opt.load_state_dict(mismatched)
+    return True
+
+
+def test_sharded_state_round_trip_and_world_size_mismatch():
+    assert all(run_ranks(state_round_trip, 2))
+
+
+def bad_input() -> None:
+    comm = zero_comm.init_distributed()
+    with pytest.raises(ValueError, match="did you mean 'weight_decay'"):
+        ZeroOptimizer([{"params": [nn.Parameter(torch.zeros(3))], "weight_decy": 0.1}], AdamW(), comm=comm)
+    with pytest.raises(ValueError, match="has no hyper-parameter 'momentum'"):
+        ZeroOptimizer([{"params": [nn.Parameter(torch.zeros(3))], "momentum": 0.9}], Lion(), comm=comm)
+    meta = nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="mixed devices"):
+        ZeroOptimizer([nn.Parameter(torch.zeros(3)), meta], AdamW(), comm=comm)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        ZeroOptimizer([nn.Parameter(torch.zeros(3), requires_grad=False)], AdamW(), comm=comm)
+    with pytest.raises(ValueError, match="stage must be 0, 1 or 2"):
+        ZeroConfig(stage=3)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ZeroConfig(precision="fp8")
+
+
+def test_bad_input_is_named():
+    run_ranks(bad_input, 1)
