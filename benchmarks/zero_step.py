@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import zero_comm
@@ -30,7 +28,7 @@ from zero_comm.testing import run_ranks
 from zero_optim import AdamW, ZeroConfig, ZeroOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_gpt import GPT, GPTConfig  # noqa: E402
+from train_gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=8192, block_size=64, n_layer=10, n_head=6, n_embd=384)
 WAYS = ("ddp", "zero-0", "zero-1", "zero-2")
@@ -66,7 +64,7 @@ def measure(rounds: int, steps: int, micro: int) -> dict:
         trainers[way] = step
     params = sum(p.numel() for p in GPT(CONFIG).parameters())
     times: dict[str, list[float]] = {way: [] for way in WAYS}
-    for way, step in trainers.items():  # warm up every way once
+    for step in trainers.values():  # warm up every way once
         step(*_batch(0, comm.rank, micro))
     for r in range(rounds):
         order = WAYS if r % 2 == 0 else WAYS[::-1]

@@ -13,7 +13,8 @@ from zero_optim import SGD, AdamW, Lion, ZeroConfig, ZeroOptimizer, build_layout
 def test_layout_balances_shards_and_keeps_parameters_whole():
     params = [nn.Parameter(torch.zeros(n)) for n in (10, 300, 7, 5000, 3)]
     layout = build_layout(params, world_size=4, bucket_numel=400, align=8)
-    assert [len(b.params) for b in layout.buckets] == [2, 1, 2]  # reverse order, whole params
+    # reverse order, whole params; the 5000-element one gets a bucket of its own
+    assert [[p.numel() for p in b.params] for b in layout.buckets] == [[3], [5000], [7, 300, 10]]
     for b in layout.buckets:
         assert b.padded % (4 * 8) == 0 and b.padded >= b.numel and b.chunk * 4 == b.padded
     assert layout.shard_numel == sum(b.chunk for b in layout.buckets)
