@@ -52,12 +52,29 @@ def adam_step(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
         if use_triton(ps[i], gs[i]):
             _adam_triton(*args)
         else:
-            _adam_reference(*args)
+            _adam_reference(*args, step=step)
 
 
 def _adam_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
                     lr: float, beta1: float, beta2: float, eps: float, wd: float, bc1: float, bc2_sqrt: float,
-                    grad_scale: float, decoupled: bool) -> None:
+                    grad_scale: float, decoupled: bool, *, step: int) -> None:
+    """On CPU, torch's own fused Adam kernel (one pass, vectorised); elsewhere, the formulas."""
+    fused = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
+    if fused is not None and p.device.type == "cpu" and p.is_contiguous() and g.is_contiguous():
+        g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+        # torch's kernel divides the gradient by its grad_scale: hand it the reciprocal of ours
+        fused([p], [g32], [m], [v], [], [torch.tensor(float(step))], lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+              grad_scale=None if grad_scale == 1.0 else torch.tensor(1.0 / grad_scale), found_inf=None)
+        if out is not None:
+            out.copy_(p.view_as(out))
+        return
+    _adam_formulas(p, g, m, v, out, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt, grad_scale, decoupled)
+
+
+def _adam_formulas(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+                   lr: float, beta1: float, beta2: float, eps: float, wd: float, bc1: float, bc2_sqrt: float,
+                   grad_scale: float, decoupled: bool) -> None:
     g = g.to(torch.float32)
     if grad_scale != 1.0:
         g = g * grad_scale

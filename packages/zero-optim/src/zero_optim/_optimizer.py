@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,7 +117,9 @@ class ZeroOptimizer:
         self.skipped_steps = 0
         self.micro_steps = 0
         self.last_grad_norm: float | None = None
-        self._pending: list[tuple[_Group, Bucket, Handle, torch.Tensor]] = []
+        self._pending: list[tuple[Handle, Callable[[], object] | None]] = []
+        self._boundary = False  # inside the backward of the last micro-step before a step
+        self._reduced = False  # that backward has launched every bucket's reduction
         self._hooks: list[Any] = []
         shard_world = 1 if self.config.stage == 0 else comm.world_size
         self._shard_rank = 0 if self.config.stage == 0 else comm.rank
@@ -208,84 +210,98 @@ class ZeroOptimizer:
             param.grad = None  # the flat buffers own gradients from here on
             if grad is None:
                 return
-            if group.flat_grad is not None:
+            if group.flat_grad is not None:  # stages 0-1: accumulate in place
                 start = bucket.base + offset
                 group.flat_grad[start:start + param.numel()].view(param.shape).add_(grad)
-                return
-            staging = group.staging.get(b_index)
-            if staging is None:
-                staging = group.staging[b_index] = torch.zeros(bucket.padded, dtype=self.dtype, device=grad.device)
-                group.filled[b_index] = 0
-            staging[offset:offset + param.numel()].view(param.shape).copy_(grad)
-            group.filled[b_index] += param.numel()
-            if group.filled[b_index] == bucket.numel:
-                group.ready.add(b_index)
-                self._launch_ready(group, flush=False)
+            else:  # stage 2: stage the bucket, to be reduce-scattered and dropped
+                staging = group.staging.get(b_index)
+                if staging is None:
+                    staging = torch.zeros(bucket.padded, dtype=self.dtype, device=grad.device)
+                    group.staging[b_index] = staging
+                staging[offset:offset + param.numel()].view(param.shape).copy_(grad)
+            if self._boundary:
+                group.filled[b_index] = group.filled.get(b_index, 0) + param.numel()
+                if group.filled[b_index] == bucket.numel:
+                    group.ready.add(b_index)
+                    self._launch_ready(group, flush=False)
 
         return hook
 
     def _launch_ready(self, group: _Group, flush: bool) -> None:
-        """Reduce-scatter complete buckets in index order (collectives must match across ranks);
-        at the end of backward (``flush``) the rest go too, a missing gradient counting as zero."""
+        """Launch the reduction of complete buckets, in index order (collectives must match across
+        ranks); with ``flush`` the rest go too, a gradient that never came counting as zero."""
         while group.next_bucket < len(group.layout.buckets):
             b_index = group.next_bucket
             if not flush and b_index not in group.ready:
                 return
-            self._reduce_scatter_bucket(group, b_index)
+            group.ready.discard(b_index)
+            group.filled.pop(b_index, None)
+            self._launch_bucket(group, group.layout.buckets[b_index], group.staging.pop(b_index, None))
             group.next_bucket += 1
 
-    def _reduce_scatter_bucket(self, group: _Group, b_index: int) -> None:
-        bucket = group.layout.buckets[b_index]
-        group.ready.discard(b_index)
-        group.filled.pop(b_index, None)
-        staging = group.staging.pop(b_index, None)
-        if staging is None:  # no parameter of this bucket got a gradient in this micro-step
-            staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
-        out = torch.empty(bucket.chunk, dtype=self.dtype, device=staging.device)
-        handle = self.comm.reduce_scatter(staging, "avg", out=out, async_op=True)
-        self._pending.append((group, bucket, handle, out))
+    def _launch_bucket(self, group: _Group, bucket: Bucket, staging: torch.Tensor | None) -> None:
+        """Stage 0: all-reduce the bucket. Stage 1: reduce-scatter it, keeping this rank's chunk in
+        place. Stage 2: reduce-scatter the staged bucket and add the chunk to the gradient shard."""
+        if self.config.stage == 0:
+            assert group.flat_grad is not None
+            handle = self.comm.all_reduce(bucket.region(group.flat_grad), "avg", async_op=True)
+            self._pending.append((handle, None))
+        elif self.config.stage == 1:
+            assert group.flat_grad is not None
+            own = self._own(bucket, group.flat_grad)
+            reduced = torch.empty_like(own)
+            handle = self.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True)
+            self._pending.append((handle, lambda: own.copy_(reduced)))
+        else:
+            assert group.grad_shard is not None
+            if staging is None:  # no parameter of this bucket got a gradient in this micro-step
+                staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
+            chunk = bucket.chunk_of(group.grad_shard)
+            reduced = torch.empty_like(chunk)
+            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
+            self._pending.append((handle, lambda: chunk.add_(reduced)))
         if not self.config.overlap_comm:
             self._drain()
 
     def _drain(self) -> None:
-        for group, bucket, handle, out in self._pending:
+        for handle, finish in self._pending:
             handle.wait()
-            assert group.grad_shard is not None
-            bucket.chunk_of(group.grad_shard).add_(out)
+            if finish is not None:
+                finish()
         self._pending.clear()
 
+    def _flush(self) -> None:
+        for group in self.groups:
+            self._launch_ready(group, flush=True)
+            group.next_bucket = 0
+        self._reduced = True
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation)."""
+        """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation).
+
+        On the last micro-step before an optimizer step (every micro-step in stage 2)
+        each bucket's reduction starts from the backward hook of its last gradient,
+        overlapping the rest of backward, as DDP does.
+        """
         scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
-        (loss * scale).backward()
+        self._boundary = self.config.stage == 2 or (self.micro_steps + 1) % self.config.accumulation_steps == 0
+        try:
+            (loss * scale).backward()
+        finally:
+            self._boundary = False
         self.micro_steps += 1
+        if self.config.stage == 2 or self.micro_steps % self.config.accumulation_steps == 0:
+            self._flush()
         if self.config.stage == 2:
-            for group in self.groups:
-                self._launch_ready(group, flush=True)
-                group.next_bucket = 0
-            self._drain()
+            self._drain()  # the staged buckets are freed; the next micro-step may stage again
 
     # -- step ------------------------------------------------------------------------------
     def _reduce_gradients(self) -> None:
-        """Stage 0: all-reduce every bucket. Stage 1: reduce-scatter every bucket and keep this
-        rank's chunk in place in the gradient buffer. Stage 2: already done during backward."""
-        if self.config.stage == 2:
-            return
-        pending: list[tuple[Handle, torch.Tensor | None, torch.Tensor | None]] = []
-        for group in self.groups:
-            assert group.flat_grad is not None
-            for bucket in group.layout.buckets:
-                region = bucket.region(group.flat_grad)
-                if self.config.stage == 0:
-                    pending.append((self.comm.all_reduce(region, "avg", async_op=True), None, None))
-                else:
-                    reduced = torch.empty(bucket.chunk, dtype=self.dtype, device=region.device)
-                    handle = self.comm.reduce_scatter(region, "avg", out=reduced, async_op=True)
-                    pending.append((handle, reduced, self._own(bucket, group.flat_grad)))
-        for handle, result, own in pending:
-            handle.wait()
-            if own is not None and result is not None:
-                own.copy_(result)
+        """Finish the gradient reduction (launching it now if no boundary backward did)."""
+        if not self._reduced:
+            self._flush()
+        self._drain()
+        self._reduced = False
 
     def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
         sumsq, nonfinite = zk.grad_norm_sq(grads)
@@ -341,7 +357,13 @@ class ZeroOptimizer:
 
     def zero_grad(self) -> None:
         """Clear the accumulated gradients (``step`` does this itself)."""
+        self._drain()
+        self._reduced = False
         for group in self.groups:
+            group.staging.clear()
+            group.filled.clear()
+            group.ready.clear()
+            group.next_bucket = 0
             if group.flat_grad is not None:
                 group.flat_grad.zero_()
             if group.grad_shard is not None:
