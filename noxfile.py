@@ -140,3 +140,4 @@ def bench(session: nox.Session) -> None:
     session.install("-c", CONSTRAINTS, "matplotlib")
     session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run("python", str(ROOT / "benchmarks" / "kernels.py"), "--quick")
+    session.run("python", str(ROOT / "benchmarks" / "zero_step.py"), env={"OMP_NUM_THREADS": "1"})

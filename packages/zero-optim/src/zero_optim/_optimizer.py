@@ -257,9 +257,13 @@ class ZeroOptimizer:
             if staging is None:  # no parameter of this bucket got a gradient in this micro-step
                 staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
             chunk = bucket.chunk_of(group.grad_shard)
-            reduced = torch.empty_like(chunk)
-            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
-            self._pending.append((handle, lambda: chunk.add_(reduced)))
+            if self.micro_steps == 0:  # the first micro-step since zero_grad: reduce straight into the shard
+                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True)
+                self._pending.append((handle, None))
+            else:
+                reduced = torch.empty_like(chunk)
+                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
+                self._pending.append((handle, lambda: chunk.add_(reduced)))
         if not self.config.overlap_comm:
             self._drain()
 
@@ -289,11 +293,11 @@ class ZeroOptimizer:
             (loss * scale).backward()
         finally:
             self._boundary = False
-        self.micro_steps += 1
-        if self.config.stage == 2 or self.micro_steps % self.config.accumulation_steps == 0:
+        if self.config.stage == 2 or (self.micro_steps + 1) % self.config.accumulation_steps == 0:
             self._flush()
         if self.config.stage == 2:
             self._drain()  # the staged buckets are freed; the next micro-step may stage again
+        self.micro_steps += 1
 
     # -- step ------------------------------------------------------------------------------
     def _reduce_gradients(self) -> None:
