@@ -138,3 +138,38 @@ def bad_input() -> None:
 
 def test_bad_input_is_named():
     run_ranks(bad_input, 1)
+
+
+def sharded_view(stage: int) -> dict:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    names = {p: n for n, p in model.named_parameters()}
+    opt = ZeroOptimizer(model.parameters(), AdamW(lr=1e-2), comm=comm, names=names,
+                        config=ZeroConfig(stage=stage, bucket_numel=1500, align=8))
+    x, y = zero_models.batch("mlp", 0, 8)
+    opt.backward(model(x, y))
+    opt.step()
+    view = opt.sharded_state()
+    return {"pieces": {k: [(p.start, p.stop, p.data.clone()) for p in v.pieces] for k, v in view.items()},
+            "shapes": {k: v.global_shape for k, v in view.items()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_view_covers_every_tensor_exactly_once(stage, world_size):
+    ranks = run_ranks(sharded_view, world_size, stage)
+    weights = ranks[0]["weights"]
+    for name, w in weights.items():
+        for state in ("master", "exp_avg", "exp_avg_sq"):
+            key = f"{state}/{name}"
+            flat = torch.full((w.numel(),), float("nan"))
+            covered = torch.zeros(w.numel(), dtype=torch.int64)
+            for r in ranks:
+                assert r["shapes"].get(key, w.shape) == w.shape
+                for start, stop, data in r["pieces"].get(key, []):
+                    flat[start:stop] = data
+                    covered[start:stop] += 1
+            assert covered.eq(1).all(), f"{key}: every element on exactly one rank"
+            if state == "master":  # fp32 training: the master copy is the model's weight
+                assert torch.equal(flat.view(w.shape), w), key

@@ -9,6 +9,7 @@ from ._layout import Bucket, GroupLayout, build_layout
 from ._optimizer import ZeroConfig, ZeroOptimizer
 from ._rules import SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig
+from ._sharded import ShardedTensor, ShardPiece
 from ._store import DeviceStore, StateStore
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "GroupLayout",
     "Lion",
     "LossScaleConfig",
+    "ShardPiece",
+    "ShardedTensor",
     "StateStore",
     "UpdateRule",
     "ZeroConfig",

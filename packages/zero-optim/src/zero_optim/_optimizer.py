@@ -29,6 +29,7 @@ from zero_comm import Communicator, Handle
 from ._layout import Bucket, GroupLayout, build_layout
 from ._rules import UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig
+from ._sharded import ShardedTensor, ShardPiece
 from ._store import DeviceStore, StateStore
 
 __all__ = ["ZeroConfig", "ZeroOptimizer"]
@@ -107,7 +108,8 @@ class ZeroOptimizer:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], rule: UpdateRule, *,
-                 comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None):
+                 comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None,
+                 names: Mapping[torch.nn.Parameter, str] | None = None):
         self.config = config or ZeroConfig()
         self.rule, self.comm = rule, comm
         self.store: StateStore = store if store is not None else DeviceStore()
@@ -131,6 +133,8 @@ class ZeroOptimizer:
         for group in self.groups:
             for p in group.layout.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group, p)))
+        ordered = [p for group in self.groups for p in reversed(group.layout.params)]
+        self.names = {id(p): (names or {}).get(p, f"param{i}") for i, p in enumerate(ordered)}
 
     # -- construction ------------------------------------------------------------------
     def _split_groups(self, params: Iterable[Any]) -> list[tuple[list[torch.nn.Parameter], dict[str, Any]]]:
@@ -375,6 +379,31 @@ class ZeroOptimizer:
         self.micro_steps = 0
 
     # -- state ------------------------------------------------------------------------------
+    def sharded_state(self) -> dict[str, ShardedTensor]:
+        """This rank's pieces of every master weight and rule state, by ``"<state>/<name>"``.
+
+        The pieces are views of the live state: a checkpoint writer copies them out.
+        Names come from ``names=`` (e.g. ``{p: n for n, p in model.named_parameters()}``),
+        else ``param<i>`` in group order.
+        """
+        out: dict[str, ShardedTensor] = {}
+        r = self._shard_rank
+        for group in self.groups:
+            tensors = {"master": self.store.get(group.master_key),
+                       **{n: self.store.get(k) for n, k in group.state_keys.items()}}
+            for bucket in group.layout.buckets:
+                lo, hi = r * bucket.chunk, (r + 1) * bucket.chunk  # this rank's span, bucket coordinates
+                for p, off in zip(bucket.params, bucket.offsets, strict=True):
+                    start, stop = max(off, lo), min(off + p.numel(), hi)
+                    if start >= stop:
+                        continue
+                    at = bucket.shard_offset + start - lo
+                    for state_name, t in tensors.items():
+                        key = f"{state_name}/{self.names[id(p)]}"
+                        entry = out.setdefault(key, ShardedTensor(tuple(p.shape), t.dtype, []))
+                        entry.pieces.append(ShardPiece(start - off, stop - off, t[at:at + stop - start]))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
         return {
