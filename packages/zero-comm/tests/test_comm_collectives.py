@@ -142,9 +142,30 @@ def check_async_handles() -> bool:
     return True
 
 
+def check_into_caller_buffers() -> bool:
+    """Evenly sized collectives into the caller's buffers (the bucketed-training path)."""
+    comm = zero_comm.init_distributed()
+    n, r = comm.world_size, comm.rank
+    for dtype in (torch.float32, torch.bfloat16):
+        full = rank_input(r, 64 * n, dtype)
+        total = all_inputs(n, 64 * n, dtype).sum(0)
+        for op, want in (("sum", total), ("avg", total / n)):
+            out = torch.empty(64, dtype=dtype)
+            with comm.ledger.measure() as booked:
+                got = comm.reduce_scatter(full, op, out=out)
+            assert got.data_ptr() == out.data_ptr()
+            assert torch.equal(got, want[r * 64:(r + 1) * 64].to(dtype)), (dtype, op)
+            assert booked.entry("reduce_scatter").payload_bytes == full.numel() * full.element_size()
+        gathered = torch.empty(64 * n, dtype=dtype)
+        got = comm.all_gather(rank_input(r, 64, dtype), out=gathered)
+        assert got.data_ptr() == gathered.data_ptr()
+        assert torch.equal(got, torch.cat([rank_input(q, 64, dtype) for q in range(n)]))
+    return True
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("check", [check_all_reduce, check_reduce_scatter, check_all_gather,
-                                   check_broadcast_and_p2p, check_async_handles],
+                                   check_broadcast_and_p2p, check_async_handles, check_into_caller_buffers],
                          ids=lambda f: f.__name__.removeprefix("check_"))
 def test_collective(check, world_size):
     results = run_ranks(check, world_size)

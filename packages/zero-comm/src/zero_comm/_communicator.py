@@ -222,6 +222,18 @@ class ProcessGroupCommunicator:
             raise CommError(f"{self._describe(kind, tensor)()} failed: {exc}") from exc
         return Handle(works if isinstance(works, list) else [works], finish, self._describe(kind, tensor))
 
+    def _even_call(self, kind: str, tensor: torch.Tensor, call: Callable[[], Any], payload_bytes: int) -> bool:
+        """Run a blocking, evenly sized collective; False if the backend lacks it (use the general path)."""
+        try:
+            call()
+        except (RuntimeError, NotImplementedError) as exc:
+            if _unsupported(exc):
+                self.fallbacks.add(kind)
+                return False
+            raise CommError(f"{self._describe(kind, tensor)()} failed: {exc}") from exc
+        self._ledger.book(kind, self._name, payload_bytes, self._world_size)
+        return True
+
     # -- collectives ----------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", *,
                    async_op: bool = False) -> Handle[torch.Tensor] | torch.Tensor:
@@ -246,6 +258,14 @@ class ProcessGroupCommunicator:
         tensor. ``out``, if given, must hold ``ceil(numel / world_size)`` elements;
         the returned shard is a view of it.
         """
+        n = self._world_size
+        if (not async_op and op in ("sum", "avg") and out is not None and out.numel() * n == flat.numel()
+                and out.dim() == 1 and flat.dim() == 1 and out.dtype == flat.dtype and flat.is_floating_point()
+                and out.is_contiguous() and flat.is_contiguous() and "reduce_scatter" not in self.fallbacks
+                and self._even_call("reduce_scatter", flat,
+                                    lambda: _reduce_scatter_flat(out, flat, dist.ReduceOp.SUM, group=self._group),
+                                    flat.numel() * flat.element_size())):
+            return out.div_(n) if op == "avg" else out  # the hot path: see all_gather
         data = _flat_view(flat, "reduce_scatter")
         torch_op = _reduce_op(op, data.dtype)
         n, numel = self._world_size, data.numel()
@@ -287,8 +307,16 @@ class ProcessGroupCommunicator:
         must hold ``ceil(numel / world_size) * world_size`` elements; the returned
         tensor is a view of it.
         """
-        data = _flat_view(shard, "all_gather")
         n = self._world_size
+        # The hot path of bucketed training (even sizes, the caller's buffer, blocking): no padding,
+        # no handle, nothing allocated; a backend that lacks the op falls through to the general path.
+        if (not async_op and out is not None and out.numel() == shard.numel() * n and numel in (None, out.numel())
+                and out.dim() == 1 and shard.dim() == 1 and out.dtype == shard.dtype
+                and out.is_contiguous() and shard.is_contiguous() and "all_gather" not in self.fallbacks
+                and self._even_call("all_gather", shard, lambda: _all_gather_flat(out, shard, group=self._group),
+                                    out.numel() * out.element_size())):
+            return out
+        data = _flat_view(shard, "all_gather")
         if numel is None:
             numel = data.numel() * n
         start, stop = shard_range(numel, self._rank, n)
