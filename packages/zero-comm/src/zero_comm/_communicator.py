@@ -240,6 +240,13 @@ class ProcessGroupCommunicator:
         """Reduce ``tensor`` in place across the group; returns it (or a handle)."""
         flat = _flat_view(tensor, "all_reduce")
         torch_op = _reduce_op(op, tensor.dtype)
+        if not async_op:  # the hot path: torch's blocking call and nothing else
+            try:
+                dist.all_reduce(flat, torch_op, group=self._group)
+            except (RuntimeError, dist.DistError) as exc:
+                raise CommError(f"{self._describe('all_reduce', flat)()} failed: {exc}") from exc
+            self._ledger.book("all_reduce", self._name, _nbytes(flat), self._world_size)
+            return tensor.div_(self._world_size) if op == "avg" else tensor
 
         def finish() -> torch.Tensor:
             if op == "avg":
