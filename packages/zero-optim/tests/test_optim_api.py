@@ -173,3 +173,48 @@ def test_sharded_view_covers_every_tensor_exactly_once(stage, world_size):
             assert covered.eq(1).all(), f"{key}: every element on exactly one rank"
             if state == "master":  # fp32 training: the master copy is the model's weight
                 assert torch.equal(flat.view(w.shape), w), key
+
+
+def misuse() -> None:
+    comm = zero_comm.init_distributed()
+    p = [nn.Parameter(torch.zeros(3))]
+    for bad, message in [({"lr": -1.0}, r"lr=-1.0 must be a finite number >= 0"),
+                         ({"betas": (1.5, 0.9)}, r"betas=\(1.5, 0.9\) must be a pair"),
+                         ({"betas": 0.9}, r"betas=0.9 must be a pair"),
+                         ({"lr": "1e-3"}, r"lr='1e-3' must be a finite number")]:
+        with pytest.raises(ValueError, match=message):
+            ZeroOptimizer([{"params": p, **bad}], AdamW(), comm=comm)
+    with pytest.raises(ValueError, match="has no 'params' entry"):
+        ZeroOptimizer([{"weight_decay": 0.0}], AdamW(), comm=comm)
+    with pytest.raises(TypeError, match=r"AdamW\(lr=...\), not the class"):
+        ZeroOptimizer(p, AdamW, comm=comm)
+    with pytest.raises(TypeError, match="comm must be a zero_comm Communicator"):
+        ZeroOptimizer(p, AdamW(), comm=None)
+    for kwargs, message in [(dict(stage="2"), r"stage must be an integer, got '2'"),
+                            (dict(accumulation_steps=2.5), "accumulation_steps must be an integer, got 2.5"),
+                            (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite positive"),
+                            (dict(loss_scale={"initial_scale_powr": 8}), "initial_scale_powr")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            ZeroConfig(**kwargs)
+    assert ZeroConfig(loss_scale={"initial_scale_power": 8}).loss_scale.initial_scale_power == 8
+    # named_parameters() works and names the sharded view
+    model = nn.Linear(4, 2)
+    opt = ZeroOptimizer(model.named_parameters(), AdamW(), comm=comm, config=ZeroConfig(stage=1))
+    assert {k.split("/")[1] for k in opt.sharded_state()} <= {"weight", "bias"}
+    # a model moved or cast after the optimizer was built is detached: refused at step
+    model.double()
+    model(torch.randn(1, 4, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"moved or cast .* after the ZeroOptimizer was built"):
+        opt.step()
+    # state of another model, or of another rule, is refused by name
+    a = ZeroOptimizer(nn.Linear(4, 2).parameters(), AdamW(), comm=comm, config=ZeroConfig(stage=1))
+    b = ZeroOptimizer(nn.Linear(5, 2).parameters(), AdamW(), comm=comm, config=ZeroConfig(stage=1))
+    with pytest.raises(ValueError, match="saved for parameters of shapes"):
+        b.load_state_dict(a.state_dict())
+    c = ZeroOptimizer(nn.Linear(4, 2).parameters(), SGD(), comm=comm, config=ZeroConfig(stage=1))
+    with pytest.raises(ValueError, match="saved by AdamW; this optimizer runs SGD"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_misuse_gets_named_errors():
+    run_ranks(misuse, 2)

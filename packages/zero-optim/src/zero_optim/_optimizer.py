@@ -66,16 +66,26 @@ class ZeroConfig:
     overlap_comm: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("stage", "bucket_numel", "align", "accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"ZeroConfig.{name} must be an integer, got {value!r}")
         if self.stage not in (0, 1, 2):
             raise ValueError(f"ZeroConfig.stage must be 0, 1 or 2 (stage 3 is a separate optimizer), "
-                             f"got {self.stage}")
+                             f"got {self.stage!r}")
         if self.precision not in _DTYPES:
             raise ValueError(f"ZeroConfig.precision must be one of {', '.join(_DTYPES)}, got {self.precision!r}")
         for name in ("bucket_numel", "align", "accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError(f"ZeroConfig.clip_grad_norm must be positive, got {self.clip_grad_norm}")
+                raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        clip = self.clip_grad_norm
+        if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"ZeroConfig.clip_grad_norm must be a finite positive number, got {clip!r}")
+        if isinstance(self.loss_scale, Mapping):  # the fp16 block of a config file
+            object.__setattr__(self, "loss_scale", LossScaleConfig(**self.loss_scale))
+        if not isinstance(self.loss_scale, LossScaleConfig):
+            raise ValueError(f"ZeroConfig.loss_scale must be a LossScaleConfig or a dict of its fields, "
+                             f"got {self.loss_scale!r}")
 
 
 @dataclass
@@ -102,14 +112,26 @@ class ZeroOptimizer:
             opt.backward(model(micro_batch))
         opt.step()                                  # False if the step was skipped (overflow)
 
-    ``params`` is an iterable of parameters or of torch-style group dicts
+    ``params`` is an iterable of parameters, of ``(name, parameter)`` pairs
+    (``model.named_parameters()``), or of torch-style group dicts
     (``{"params": [...], "weight_decay": 0.0}``); parameters that do not require
     grad are left out. ``comm`` is the data-parallel group.
+
+    Build it after the model is on its device: the parameters become views into the
+    optimizer's flat buffer, in the training dtype (``config.precision``: a bf16 or
+    fp16 model takes inputs of that dtype). Moving or casting the model afterwards
+    detaches it from the optimizer, which ``step`` detects and refuses.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], rule: UpdateRule, *,
                  comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None,
                  names: Mapping[torch.nn.Parameter, str] | None = None):
+        if isinstance(rule, type):
+            raise TypeError(f"rule must be an update rule instance, e.g. {rule.__name__}(lr=...), not the class")
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must satisfy zero_optim.UpdateRule (AdamW(), Adam(), Lion(), SGD()), got {rule!r}")
+        if not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a zero_comm Communicator (e.g. zero_comm.init_distributed()), got {comm!r}")
         self.config = config or ZeroConfig()
         self.rule, self.comm = rule, comm
         self.store: StateStore = store if store is not None else DeviceStore()
@@ -123,6 +145,7 @@ class ZeroOptimizer:
         self._boundary = False  # inside the backward of the last micro-step before a step
         self._reduced = False  # that backward has launched every bucket's reduction
         self._hooks: list[Any] = []
+        self._given_names: Mapping[torch.nn.Parameter, str] = {}
         shard_world = 1 if self.config.stage == 0 else comm.world_size
         self._shard_rank = 0 if self.config.stage == 0 else comm.rank
         self.groups: list[_Group] = []
@@ -134,16 +157,28 @@ class ZeroOptimizer:
             for p in group.layout.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group, p)))
         ordered = [p for group in self.groups for p in reversed(group.layout.params)]
-        self.names = {id(p): (names or {}).get(p, f"param{i}") for i, p in enumerate(ordered)}
+        names = names if names is not None else self._given_names
+        self.names = {id(p): names.get(p, f"param{i}") for i, p in enumerate(ordered)}
+        # where each parameter's storage must stay: the flat buffer (see _check_params_in_place)
+        self._expected_ptrs = [(p, p.data_ptr()) for p in ordered]
 
     # -- construction ------------------------------------------------------------------
     def _split_groups(self, params: Iterable[Any]) -> list[tuple[list[torch.nn.Parameter], dict[str, Any]]]:
         items = list(params)
+        if items and isinstance(items[0], tuple):  # model.named_parameters(): take the names too
+            self._given_names = {p: n for n, p in items}
+            items = [p for _, p in items]
         dict_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
         out, seen, device = [], set(), None
         for i, group in enumerate(dict_groups):
+            if "params" not in group:
+                raise ValueError(f"parameter group {i} has no 'params' entry (keys: {sorted(group)})")
             check_hyperparameters(self.rule, group, f"parameter group {i}")
-            trainable = [p for p in group["params"] if p.requires_grad]
+            group_params = list(group["params"])
+            for p in group_params:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"parameter group {i} holds a {type(p).__name__}, not a parameter")
+            trainable = [p for p in group_params if p.requires_grad]
             for p in trainable:
                 if id(p) in seen:
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in more than one group")
@@ -201,7 +236,10 @@ class ZeroOptimizer:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """Each group's hyper-parameters, mutable (as LR schedulers expect)."""
+        """Each group's hyper-parameters, mutable: set ``param_groups[i]["lr"]`` to schedule the LR.
+
+        (torch.optim.lr_scheduler classes insist on a torch.optim.Optimizer; zero-all's engine
+        drives schedules for a ZeroOptimizer.)"""
         return [g.hparams for g in self.groups]
 
     # -- backward ------------------------------------------------------------------------
@@ -325,6 +363,7 @@ class ZeroOptimizer:
         Returns False when the step was skipped because a gradient held inf or NaN on
         some rank (all ranks skip together; fp16 also lowers its loss scale).
         """
+        self._check_params_in_place()
         self._reduce_gradients()
         grads = [self._grad_chunk(g, b) for g in self.groups for b in g.layout.buckets]
         scaled_norm, overflow = self._global_norm(grads)
@@ -362,6 +401,14 @@ class ZeroOptimizer:
             self.scaler.update(False)
         self.zero_grad()
         return True
+
+    def _check_params_in_place(self) -> None:
+        for p, ptr in self._expected_ptrs:
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"parameter {self.names[id(p)]!r} no longer lives in the optimizer's flat buffer: the model "
+                    "was moved or cast (.to(), .float(), .half(), load_state_dict(assign=True)) after the "
+                    "ZeroOptimizer was built. Move and cast the model first, then build the optimizer.")
 
     def zero_grad(self) -> None:
         """Clear the accumulated gradients (``step`` does this itself)."""
@@ -411,6 +458,8 @@ class ZeroOptimizer:
             "step": self.step_count, "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "hparams": [dict(g.hparams) for g in self.groups],
+            "rule": self.rule.name,
+            "layout": [[tuple(p.shape) for p in g.layout.params] for g in self.groups],
             "shards": [{"master": self.store.get(g.master_key).clone(),
                         **{n: self.store.get(k).clone() for n, k in g.state_keys.items()}} for g in self.groups],
         }
@@ -423,6 +472,12 @@ class ZeroOptimizer:
                              f"{self.comm.world_size} ranks (reshard it with zero-ckpt)")
         if state["rank"] != self.comm.rank:
             raise ValueError(f"this shard belongs to rank {state['rank']}, not rank {self.comm.rank}")
+        if state.get("rule", self.rule.name) != self.rule.name:
+            raise ValueError(f"optimizer state was saved by {state['rule']}; this optimizer runs {self.rule.name}")
+        mine_layout = [[tuple(p.shape) for p in g.layout.params] for g in self.groups]
+        if "layout" in state and [[tuple(s) for s in g] for g in state["layout"]] != mine_layout:
+            raise ValueError(f"optimizer state was saved for parameters of shapes {state['layout']}; this "
+                             f"optimizer has {mine_layout} (a different model or parameter grouping)")
         if len(state["shards"]) != len(self.groups):
             raise ValueError(f"state has {len(state['shards'])} parameter groups; this optimizer has "
                              f"{len(self.groups)}")

@@ -10,7 +10,8 @@ torch reference elsewhere). Loss scaling and clipping reach it as one number,
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,14 +34,35 @@ class UpdateRule(Protocol):
                hparams: Mapping[str, Any], grad_scale: float, lowp_out: torch.Tensor | None) -> None: ...
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "eps": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+              "a pair of numbers in [0, 1)"),
+    "momentum": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "dampening": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "nesterov": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
 def check_hyperparameters(rule: UpdateRule, given: Mapping[str, Any], where: str) -> None:
-    """Refuse hyper-parameters the rule does not know, naming the nearest one it does."""
+    """Refuse hyper-parameters the rule does not know (naming the nearest one it does) and values
+    out of range."""
     for key in given:
         if key in ("params", "name") or key in rule.defaults:
             continue
         near = difflib.get_close_matches(key, list(rule.defaults), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else f"; {rule.name} takes {', '.join(rule.defaults)}"
         raise ValueError(f"{where}: {rule.name} has no hyper-parameter {key!r}{hint}")
+    for key, value in {**rule.defaults, **{k: v for k, v in given.items() if k in rule.defaults}}.items():
+        valid, expected = _VALID.get(key, (lambda v: True, ""))
+        if not valid(value):
+            raise ValueError(f"{where}: {rule.name} {key}={value!r} must be {expected}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ class LossScaleConfig:
     static_scale: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("initial_scale_power", "window", "hysteresis"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"LossScaleConfig.{name} must be an integer, got {value!r}")
         if self.window < 1 or self.hysteresis < 1 or self.min_scale <= 0:
             raise ValueError(f"loss scaling needs window >= 1, hysteresis >= 1 and min_scale > 0; got {self}")
 
