@@ -7,7 +7,7 @@ lives is a :class:`StateStore` (device memory by default).
 
 from ._layout import Bucket, GroupLayout, build_layout
 from ._optimizer import ZeroConfig, ZeroOptimizer
-from ._rules import SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
+from ._rules import LAMB, SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig
 from ._sharded import ShardedTensor, ShardPiece
 from ._store import DeviceStore, StateStore
@@ -15,6 +15,7 @@ from ._store import DeviceStore, StateStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "LAMB",
     "SGD",
     "Adam",
     "AdamW",

@@ -381,6 +381,9 @@ class ZeroOptimizer:
         if self.config.clip_grad_norm is not None:
             clip = min(1.0, self.config.clip_grad_norm / (self.last_grad_norm + 1e-6))
         self.step_count += 1
+        if getattr(self.rule, "needs_parameter_norms", False):
+            self._trust_ratio_step(clip / loss_scale)
+            return True
         handles = []
         for group in self.groups:
             master = self.store.get(group.master_key)
@@ -401,6 +404,57 @@ class ZeroOptimizer:
             self.scaler.update(False)
         self.zero_grad()
         return True
+
+    def _segments(self, bucket: Bucket) -> list[tuple[torch.nn.Parameter, int, int, int]]:
+        """``(parameter, start in the parameter, start in this rank's chunk, length)`` for every
+        parameter that this rank's chunk of ``bucket`` holds part of."""
+        lo, hi = self._shard_rank * bucket.chunk, (self._shard_rank + 1) * bucket.chunk
+        out = []
+        for p, off in zip(bucket.params, bucket.offsets, strict=True):
+            start, stop = max(off, lo), min(off + p.numel(), hi)
+            if start < stop:
+                out.append((p, start - off, start - lo, stop - start))
+        return out
+
+    def _trust_ratio_step(self, grad_scale: float) -> None:
+        """Rules whose step depends on whole-parameter norms (LAMB): directions on every chunk,
+        one all-reduce of per-parameter sums of squares, then the scaled updates."""
+        rule: Any = self.rule
+        params = [p for g in self.groups for p in g.layout.params]
+        index = {id(p): k for k, p in enumerate(params)}
+        sums = torch.zeros(2, len(params), dtype=torch.float64, device=self.groups[0].flat.device)
+        work = []
+        for group in self.groups:
+            master = self.store.get(group.master_key)
+            state = {name: self.store.get(key) for name, key in group.state_keys.items()}
+            for bucket in group.layout.buckets:
+                weights = bucket.chunk_of(master)
+                u = rule.direction(weights, self._grad_chunk(group, bucket),
+                                   {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
+                                   hparams=group.hparams, grad_scale=grad_scale)
+                segments = self._segments(bucket)
+                for p, _, at, n in segments:
+                    sums[0, index[id(p)]] += weights[at:at + n].double().square().sum()
+                    sums[1, index[id(p)]] += u[at:at + n].double().square().sum()
+                work.append((group, bucket, weights, u, segments))
+        if self.config.stage >= 1 and self.comm.world_size > 1:
+            self.comm.all_reduce(sums)
+        norms = sums.sqrt().float()
+        handles = []
+        for group, bucket, weights, u, segments in work:
+            ratio = torch.ones_like(u)
+            for p, _, at, n in segments:
+                k = index[id(p)]
+                ratio[at:at + n] = rule.trust(norms[0, k], norms[1, k], group.hparams)
+            own = self._own(bucket, group.flat)
+            rule.apply(weights, u, ratio, hparams=group.hparams, lowp_out=own)
+            if self.config.stage >= 1:
+                handles.append(self.comm.all_gather(own, out=bucket.region(group.flat), async_op=True))
+        for h in handles:
+            h.wait()
+        if self.scaler:
+            self.scaler.update(False)
+        self.zero_grad()
 
     def _check_params_in_place(self) -> None:
         for p, ptr in self._expected_ptrs:
@@ -434,21 +488,16 @@ class ZeroOptimizer:
         else ``param<i>`` in group order.
         """
         out: dict[str, ShardedTensor] = {}
-        r = self._shard_rank
         for group in self.groups:
             tensors = {"master": self.store.get(group.master_key),
                        **{n: self.store.get(k) for n, k in group.state_keys.items()}}
             for bucket in group.layout.buckets:
-                lo, hi = r * bucket.chunk, (r + 1) * bucket.chunk  # this rank's span, bucket coordinates
-                for p, off in zip(bucket.params, bucket.offsets, strict=True):
-                    start, stop = max(off, lo), min(off + p.numel(), hi)
-                    if start >= stop:
-                        continue
-                    at = bucket.shard_offset + start - lo
+                for p, start, at, n in self._segments(bucket):
                     for state_name, t in tensors.items():
                         key = f"{state_name}/{self.names[id(p)]}"
                         entry = out.setdefault(key, ShardedTensor(tuple(p.shape), t.dtype, []))
-                        entry.pieces.append(ShardPiece(start - off, stop - off, t[at:at + stop - start]))
+                        piece = bucket.chunk_of(t)[at:at + n]
+                        entry.pieces.append(ShardPiece(start, start + n, piece))
         return out
 
     def state_dict(self) -> dict[str, Any]:

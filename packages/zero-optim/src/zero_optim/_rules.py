@@ -19,7 +19,7 @@ import torch
 
 import zero_kernels as zk
 
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "UpdateRule", "check_hyperparameters"]
+__all__ = ["LAMB", "SGD", "Adam", "AdamW", "Lion", "UpdateRule", "check_hyperparameters"]
 
 
 @runtime_checkable
@@ -47,6 +47,8 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "dampening": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "nesterov": (lambda v: isinstance(v, bool), "True or False"),
+    "min_trust": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "max_trust": (lambda v: _number(v) and v > 0, "a finite number > 0"),
 }
 
 
@@ -138,3 +140,58 @@ class SGD:
         zk.sgd_step(master, grad, state["momentum_buffer"], lr=hparams["lr"], momentum=hparams["momentum"],
                     dampening=hparams["dampening"], weight_decay=hparams["weight_decay"],
                     nesterov=hparams["nesterov"], first_step=step == 1, grad_scale=grad_scale, lowp_out=lowp_out)
+
+
+@dataclass(frozen=True)
+class LAMB:
+    """LAMB (You et al., 2020): Adam's direction, scaled per parameter by a trust ratio.
+
+    For each parameter tensor ``w`` with Adam direction ``u = m̂ / (sqrt(v̂) + eps) + weight_decay * w``,
+    the step is ``lr * clamp(||w|| / ||u||, min_trust, max_trust) * u`` (a ratio of 1 where either
+    norm is 0). The norms are of whole parameters, which a shard may hold only part of, so the
+    optimizer runs LAMB in two phases: ``direction`` on every chunk, then one all-reduce of the
+    per-parameter sums of squares, then ``apply`` with each element's ratio.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    min_trust: float = 0.01
+    max_trust: float = 10.0
+    name: str = field(default="LAMB", init=False)
+    state_names: tuple[str, ...] = field(default=("exp_avg", "exp_avg_sq"), init=False)
+    needs_parameter_norms: bool = field(default=True, init=False)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "min_trust": self.min_trust, "max_trust": self.max_trust}
+
+    def direction(self, master: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, step: int,
+                  hparams: Mapping[str, Any], grad_scale: float) -> torch.Tensor:
+        """Advance the moments in place; return the update direction ``u`` (a new fp32 tensor)."""
+        b1, b2 = hparams["betas"]
+        g = grad.to(torch.float32) * grad_scale
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        u = (m / (1.0 - b1**step)).div_((v / (1.0 - b2**step)).sqrt_().add_(hparams["eps"]))
+        return u.add_(master, alpha=hparams["weight_decay"]) if hparams["weight_decay"] else u
+
+    def trust(self, weight_norm: torch.Tensor, update_norm: torch.Tensor,
+              hparams: Mapping[str, Any]) -> torch.Tensor:
+        ratio = (weight_norm / update_norm).clamp_(hparams["min_trust"], hparams["max_trust"])
+        return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+
+    def apply(self, master: torch.Tensor, u: torch.Tensor, trust: torch.Tensor, *, hparams: Mapping[str, Any],
+              lowp_out: torch.Tensor | None) -> None:
+        master.addcmul_(trust, u, value=-hparams["lr"])
+        if lowp_out is not None:
+            lowp_out.copy_(master)
+
+    def update(self, master, grad, state, *, step, hparams, grad_scale, lowp_out):
+        """The whole of ``master`` as one parameter (what the two phases reduce to for one tensor)."""
+        u = self.direction(master, grad, state, step=step, hparams=hparams, grad_scale=grad_scale)
+        ratio = self.trust(master.norm(), u.norm(), hparams)
+        self.apply(master, u, ratio.expand_as(u), hparams=hparams, lowp_out=lowp_out)
