@@ -382,28 +382,42 @@ class ZeroOptimizer:
             clip = min(1.0, self.config.clip_grad_norm / (self.last_grad_norm + 1e-6))
         self.step_count += 1
         if getattr(self.rule, "needs_parameter_norms", False):
-            self._trust_ratio_step(clip / loss_scale)
-            return True
-        handles = []
-        for group in self.groups:
-            master = self.store.get(group.master_key)
-            state = {name: self.store.get(key) for name, key in group.state_keys.items()}
-            for bucket in group.layout.buckets:  # one fused pass per bucket chunk, new weights in place
-                own = self._own(bucket, group.flat)
-                self.rule.update(bucket.chunk_of(master), self._grad_chunk(group, bucket),
-                                 {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
-                                 hparams=group.hparams, grad_scale=clip / loss_scale, lowp_out=own)
-                if self.config.stage >= 1:
-                    handles.append(self.comm.all_gather(own, out=bucket.region(group.flat), async_op=True))
-            self.store.put(group.master_key, master)
-            for name, key in group.state_keys.items():
-                self.store.put(key, state[name])
+            handles = self._trust_ratio_update(clip / loss_scale)
+        else:
+            handles = self._update(clip / loss_scale)
         for h in handles:
             h.wait()
         if self.scaler:
             self.scaler.update(False)
         self.zero_grad()
         return True
+
+    def _group_state(self, group: _Group) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.store.get(group.master_key), {n: self.store.get(k) for n, k in group.state_keys.items()}
+
+    def _store_back(self, group: _Group, master: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        self.store.put(group.master_key, master)
+        for name, key in group.state_keys.items():
+            self.store.put(key, state[name])
+
+    def _publish(self, group: _Group, bucket: Bucket) -> list[Handle]:
+        """Stages 1-2: all-gather this rank's new weights of ``bucket`` into every rank's model."""
+        if self.config.stage == 0:
+            return []
+        return [self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat), async_op=True)]
+
+    def _update(self, grad_scale: float) -> list[Handle]:
+        """One fused pass per bucket chunk, writing the new weights in place; returns the all-gathers."""
+        handles = []
+        for group in self.groups:
+            master, state = self._group_state(group)
+            for bucket in group.layout.buckets:
+                self.rule.update(bucket.chunk_of(master), self._grad_chunk(group, bucket),
+                                 {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
+                                 hparams=group.hparams, grad_scale=grad_scale, lowp_out=self._own(bucket, group.flat))
+                handles += self._publish(group, bucket)
+            self._store_back(group, master, state)
+        return handles
 
     def _segments(self, bucket: Bucket) -> list[tuple[torch.nn.Parameter, int, int, int]]:
         """``(parameter, start in the parameter, start in this rank's chunk, length)`` for every
@@ -416,17 +430,17 @@ class ZeroOptimizer:
                 out.append((p, start - off, start - lo, stop - start))
         return out
 
-    def _trust_ratio_step(self, grad_scale: float) -> None:
+    def _trust_ratio_update(self, grad_scale: float) -> list[Handle]:
         """Rules whose step depends on whole-parameter norms (LAMB): directions on every chunk,
         one all-reduce of per-parameter sums of squares, then the scaled updates."""
         rule: Any = self.rule
         params = [p for g in self.groups for p in g.layout.params]
         index = {id(p): k for k, p in enumerate(params)}
         sums = torch.zeros(2, len(params), dtype=torch.float64, device=self.groups[0].flat.device)
-        work = []
+        work, fetched = [], []
         for group in self.groups:
-            master = self.store.get(group.master_key)
-            state = {name: self.store.get(key) for name, key in group.state_keys.items()}
+            master, state = self._group_state(group)
+            fetched.append((group, master, state))
             for bucket in group.layout.buckets:
                 weights = bucket.chunk_of(master)
                 u = rule.direction(weights, self._grad_chunk(group, bucket),
@@ -446,15 +460,11 @@ class ZeroOptimizer:
             for p, _, at, n in segments:
                 k = index[id(p)]
                 ratio[at:at + n] = rule.trust(norms[0, k], norms[1, k], group.hparams)
-            own = self._own(bucket, group.flat)
-            rule.apply(weights, u, ratio, hparams=group.hparams, lowp_out=own)
-            if self.config.stage >= 1:
-                handles.append(self.comm.all_gather(own, out=bucket.region(group.flat), async_op=True))
-        for h in handles:
-            h.wait()
-        if self.scaler:
-            self.scaler.update(False)
-        self.zero_grad()
+            rule.apply(weights, u, ratio, hparams=group.hparams, lowp_out=self._own(bucket, group.flat))
+            handles += self._publish(group, bucket)
+        for group, master, state in fetched:
+            self._store_back(group, master, state)
+        return handles
 
     def _check_params_in_place(self) -> None:
         for p, ptr in self._expected_ptrs:
