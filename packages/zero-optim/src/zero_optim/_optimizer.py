@@ -16,26 +16,23 @@ every stage, and reach the update rule as one gradient scale.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-import zero_kernels as zk
 from zero_comm import Communicator, Handle
 
+from ._base import DTYPES, Piece, Segment, ShardedOptimizer
 from ._layout import Bucket, GroupLayout, build_layout
 from ._rules import UpdateRule, check_hyperparameters
-from ._scaler import DynamicLossScaler, LossScaleConfig
-from ._sharded import ShardedTensor, ShardPiece
-from ._store import DeviceStore, StateStore
+from ._scaler import LossScaleConfig
+from ._store import StateStore
 
 __all__ = ["ZeroConfig", "ZeroOptimizer"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +70,8 @@ class ZeroConfig:
         if self.stage not in (0, 1, 2):
             raise ValueError(f"ZeroConfig.stage must be 0, 1 or 2 (stage 3 is a separate optimizer), "
                              f"got {self.stage!r}")
-        if self.precision not in _DTYPES:
-            raise ValueError(f"ZeroConfig.precision must be one of {', '.join(_DTYPES)}, got {self.precision!r}")
+        if self.precision not in DTYPES:
+            raise ValueError(f"ZeroConfig.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         for name in ("bucket_numel", "align", "accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -102,8 +99,12 @@ class _Group:
     ready: set[int] = field(default_factory=set)  # stage 2: complete, waiting for their turn
     next_bucket: int = 0  # stage 2: buckets are reduced in index order, the same on every rank
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.layout.params]
 
-class ZeroOptimizer:
+
+class ZeroOptimizer(ShardedOptimizer):
     """Partition the optimizer of a data-parallel model over ``comm``'s ranks.
 
     Usage, per optimizer step::
@@ -126,21 +127,12 @@ class ZeroOptimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], rule: UpdateRule, *,
                  comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None,
                  names: Mapping[torch.nn.Parameter, str] | None = None):
-        if isinstance(rule, type):
-            raise TypeError(f"rule must be an update rule instance, e.g. {rule.__name__}(lr=...), not the class")
-        if not isinstance(rule, UpdateRule):
-            raise TypeError(f"rule must satisfy zero_optim.UpdateRule (AdamW(), Adam(), Lion(), SGD()), got {rule!r}")
-        if not isinstance(comm, Communicator):
-            raise TypeError(f"comm must be a zero_comm Communicator (e.g. zero_comm.init_distributed()), got {comm!r}")
-        self.config = config or ZeroConfig()
-        self.rule, self.comm = rule, comm
-        self.store: StateStore = store if store is not None else DeviceStore()
-        self.dtype = _DTYPES[self.config.precision]
-        self.scaler = DynamicLossScaler(self.config.loss_scale) if self.config.precision == "fp16" else None
-        self.step_count = 0
-        self.skipped_steps = 0
-        self.micro_steps = 0
-        self.last_grad_norm: float | None = None
+        self.config = config = config or ZeroConfig()
+        if config.stage == 3:
+            raise ValueError("stage 3 partitions the model's parameters, not just its optimizer: build "
+                             "zero_optim.ZeroStage3(model, rule, comm=..., config=...) from the module")
+        super().__init__(rule, comm, config.precision, config.loss_scale, config.clip_grad_norm, store)
+        self.stage, self.sharded = config.stage, config.stage >= 1
         self._pending: list[tuple[Handle, Callable[[], object] | None]] = []
         self._boundary = False  # inside the backward of the last micro-step before a step
         self._reduced = False  # that backward has launched every bucket's reduction
@@ -153,6 +145,7 @@ class ZeroOptimizer:
             self.groups.append(self._build_group(g, group_params, hparams, shard_world))
         if not self.groups:
             raise ValueError("ZeroOptimizer got no parameters that require grad")
+        self.hparams = [g.hparams for g in self.groups]
         for group in self.groups:
             for p in group.layout.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group, p)))
@@ -233,14 +226,6 @@ class ZeroOptimizer:
             return bucket.chunk_of(group.grad_shard)
         assert group.flat_grad is not None
         return self._own(bucket, group.flat_grad)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Each group's hyper-parameters, mutable: set ``param_groups[i]["lr"]`` to schedule the LR.
-
-        (torch.optim.lr_scheduler classes insist on a torch.optim.Optimizer; zero-all's engine
-        drives schedules for a ZeroOptimizer.)"""
-        return [g.hparams for g in self.groups]
 
     # -- backward ------------------------------------------------------------------------
     def _make_hook(self, group: _Group, p: torch.nn.Parameter):
@@ -349,77 +334,29 @@ class ZeroOptimizer:
         self._drain()
         self._reduced = False
 
-    def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
-        sumsq, nonfinite = zk.grad_norm_sq(grads)
-        if self.config.stage >= 1 and self.comm.world_size > 1:  # each rank saw only its shard
-            both = torch.stack([sumsq, nonfinite.float()])
-            self.comm.all_reduce(both)
-            sumsq, nonfinite = both[0], both[1] > 0
-        return math.sqrt(max(float(sumsq), 0.0)), bool(nonfinite)
-
-    def step(self) -> bool:
-        """Reduce gradients, check for overflow, clip, update, share the new weights.
-
-        Returns False when the step was skipped because a gradient held inf or NaN on
-        some rank (all ranks skip together; fp16 also lowers its loss scale).
-        """
+    # -- step --------------------------------------------------------------------------------
+    def _prepare_step(self) -> list[torch.Tensor]:
         self._check_params_in_place()
         self._reduce_gradients()
-        grads = [self._grad_chunk(g, b) for g in self.groups for b in g.layout.buckets]
-        scaled_norm, overflow = self._global_norm(grads)
-        loss_scale = self.scaler.scale if self.scaler else 1.0
-        if overflow:
-            self.skipped_steps += 1
-            if self.scaler:
-                self.scaler.update(True)
-            else:
-                warnings.warn("a gradient held inf or NaN: the step was skipped on every rank", stacklevel=2)
-            self.zero_grad()
-            return False
-        self.last_grad_norm = scaled_norm / loss_scale
-        clip = 1.0
-        if self.config.clip_grad_norm is not None:
-            clip = min(1.0, self.config.clip_grad_norm / (self.last_grad_norm + 1e-6))
-        self.step_count += 1
-        if getattr(self.rule, "needs_parameter_norms", False):
-            handles = self._trust_ratio_update(clip / loss_scale)
-        else:
-            handles = self._update(clip / loss_scale)
-        for h in handles:
-            h.wait()
-        if self.scaler:
-            self.scaler.update(False)
-        self.zero_grad()
-        return True
+        return [self._grad_chunk(g, b) for g in self.groups for b in g.layout.buckets]
 
-    def _group_state(self, group: _Group) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.store.get(group.master_key), {n: self.store.get(k) for n, k in group.state_keys.items()}
+    def _owners(self) -> list[_Group]:
+        return self.groups
 
-    def _store_back(self, group: _Group, master: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        self.store.put(group.master_key, master)
-        for name, key in group.state_keys.items():
-            self.store.put(key, state[name])
+    def _pieces(self, group: _Group, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
+        return [Piece(group.hparams, bucket.chunk_of(master), self._grad_chunk(group, bucket),
+                      {name: bucket.chunk_of(t) for name, t in state.items()}, self._own(bucket, group.flat),
+                      self._segments(bucket), self._publisher(group, bucket))
+                for bucket in group.layout.buckets]
 
-    def _publish(self, group: _Group, bucket: Bucket) -> list[Handle]:
+    def _publisher(self, group: _Group, bucket: Bucket) -> Callable[[], list[Handle]] | None:
         """Stages 1-2: all-gather this rank's new weights of ``bucket`` into every rank's model."""
         if self.config.stage == 0:
-            return []
-        return [self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat), async_op=True)]
+            return None
+        return lambda: [self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat),
+                                             async_op=True)]
 
-    def _update(self, grad_scale: float) -> list[Handle]:
-        """One fused pass per bucket chunk, writing the new weights in place; returns the all-gathers."""
-        handles = []
-        for group in self.groups:
-            master, state = self._group_state(group)
-            for bucket in group.layout.buckets:
-                self.rule.update(bucket.chunk_of(master), self._grad_chunk(group, bucket),
-                                 {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
-                                 hparams=group.hparams, grad_scale=grad_scale, lowp_out=self._own(bucket, group.flat))
-                handles += self._publish(group, bucket)
-            self._store_back(group, master, state)
-        return handles
-
-    def _segments(self, bucket: Bucket) -> list[tuple[torch.nn.Parameter, int, int, int]]:
+    def _segments(self, bucket: Bucket) -> list[Segment]:
         """``(parameter, start in the parameter, start in this rank's chunk, length)`` for every
         parameter that this rank's chunk of ``bucket`` holds part of."""
         lo, hi = self._shard_rank * bucket.chunk, (self._shard_rank + 1) * bucket.chunk
@@ -430,41 +367,21 @@ class ZeroOptimizer:
                 out.append((p, start - off, start - lo, stop - start))
         return out
 
-    def _trust_ratio_update(self, grad_scale: float) -> list[Handle]:
-        """Rules whose step depends on whole-parameter norms (LAMB): directions on every chunk,
-        one all-reduce of per-parameter sums of squares, then the scaled updates."""
-        rule: Any = self.rule
-        params = [p for g in self.groups for p in g.layout.params]
-        index = {id(p): k for k, p in enumerate(params)}
-        sums = torch.zeros(2, len(params), dtype=torch.float64, device=self.groups[0].flat.device)
-        work, fetched = [], []
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g.layout.params]
+
+    def _names(self) -> dict[int, str]:
+        return self.names
+
+    def _after_load(self) -> None:
         for group in self.groups:
-            master, state = self._group_state(group)
-            fetched.append((group, master, state))
+            master = self.store.get(group.master_key)
             for bucket in group.layout.buckets:
-                weights = bucket.chunk_of(master)
-                u = rule.direction(weights, self._grad_chunk(group, bucket),
-                                   {name: bucket.chunk_of(t) for name, t in state.items()}, step=self.step_count,
-                                   hparams=group.hparams, grad_scale=grad_scale)
-                segments = self._segments(bucket)
-                for p, _, at, n in segments:
-                    sums[0, index[id(p)]] += weights[at:at + n].double().square().sum()
-                    sums[1, index[id(p)]] += u[at:at + n].double().square().sum()
-                work.append((group, bucket, weights, u, segments))
-        if self.config.stage >= 1 and self.comm.world_size > 1:
-            self.comm.all_reduce(sums)
-        norms = sums.sqrt().float()
-        handles = []
-        for group, bucket, weights, u, segments in work:
-            ratio = torch.ones_like(u)
-            for p, _, at, n in segments:
-                k = index[id(p)]
-                ratio[at:at + n] = rule.trust(norms[0, k], norms[1, k], group.hparams)
-            rule.apply(weights, u, ratio, hparams=group.hparams, lowp_out=self._own(bucket, group.flat))
-            handles += self._publish(group, bucket)
-        for group, master, state in fetched:
-            self._store_back(group, master, state)
-        return handles
+                self._own(bucket, group.flat).copy_(bucket.chunk_of(master))
+        if self.config.stage >= 1:
+            for group in self.groups:
+                for bucket in group.layout.buckets:
+                    self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat))
 
     def _check_params_in_place(self) -> None:
         for p, ptr in self._expected_ptrs:
@@ -489,72 +406,3 @@ class ZeroOptimizer:
                 group.grad_shard.zero_()
         self.micro_steps = 0
 
-    # -- state ------------------------------------------------------------------------------
-    def sharded_state(self) -> dict[str, ShardedTensor]:
-        """This rank's pieces of every master weight and rule state, by ``"<state>/<name>"``.
-
-        The pieces are views of the live state: a checkpoint writer copies them out.
-        Names come from ``names=`` (e.g. ``{p: n for n, p in model.named_parameters()}``),
-        else ``param<i>`` in group order.
-        """
-        out: dict[str, ShardedTensor] = {}
-        for group in self.groups:
-            tensors = {"master": self.store.get(group.master_key),
-                       **{n: self.store.get(k) for n, k in group.state_keys.items()}}
-            for bucket in group.layout.buckets:
-                for p, start, at, n in self._segments(bucket):
-                    for state_name, t in tensors.items():
-                        key = f"{state_name}/{self.names[id(p)]}"
-                        entry = out.setdefault(key, ShardedTensor(tuple(p.shape), t.dtype, []))
-                        piece = bucket.chunk_of(t)[at:at + n]
-                        entry.pieces.append(ShardPiece(start, start + n, piece))
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
-        return {
-            "stage": self.config.stage, "world_size": self.comm.world_size, "rank": self.comm.rank,
-            "step": self.step_count, "skipped_steps": self.skipped_steps,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "hparams": [dict(g.hparams) for g in self.groups],
-            "rule": self.rule.name,
-            "layout": [[tuple(p.shape) for p in g.layout.params] for g in self.groups],
-            "shards": [{"master": self.store.get(g.master_key).clone(),
-                        **{n: self.store.get(k).clone() for n, k in g.state_keys.items()}} for g in self.groups],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a shard saved by the same rank of the same layout; resharding is zero-ckpt's job."""
-        if state["stage"] != self.config.stage or state["world_size"] != self.comm.world_size:
-            raise ValueError(f"sharded optimizer state was saved with stage {state['stage']} on "
-                             f"{state['world_size']} ranks; this optimizer is stage {self.config.stage} on "
-                             f"{self.comm.world_size} ranks (reshard it with zero-ckpt)")
-        if state["rank"] != self.comm.rank:
-            raise ValueError(f"this shard belongs to rank {state['rank']}, not rank {self.comm.rank}")
-        if state.get("rule", self.rule.name) != self.rule.name:
-            raise ValueError(f"optimizer state was saved by {state['rule']}; this optimizer runs {self.rule.name}")
-        mine_layout = [[tuple(p.shape) for p in g.layout.params] for g in self.groups]
-        if "layout" in state and [[tuple(s) for s in g] for g in state["layout"]] != mine_layout:
-            raise ValueError(f"optimizer state was saved for parameters of shapes {state['layout']}; this "
-                             f"optimizer has {mine_layout} (a different model or parameter grouping)")
-        if len(state["shards"]) != len(self.groups):
-            raise ValueError(f"state has {len(state['shards'])} parameter groups; this optimizer has "
-                             f"{len(self.groups)}")
-        for g, (group, shard) in enumerate(zip(self.groups, state["shards"], strict=True)):
-            for name, key in [("master", group.master_key), *group.state_keys.items()]:
-                mine = self.store.get(key)
-                if shard[name].shape != mine.shape:
-                    raise ValueError(f"group {g} {name}: saved shard has {shard[name].numel()} elements, "
-                                     f"this layout {mine.numel()} (bucket or alignment settings differ)")
-                self.store.put(key, shard[name].to(mine.device))
-            group.hparams.update(state["hparams"][g])
-            master = self.store.get(group.master_key)
-            for bucket in group.layout.buckets:
-                self._own(bucket, group.flat).copy_(bucket.chunk_of(master))
-        self.step_count, self.skipped_steps = state["step"], state["skipped_steps"]
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.config.stage >= 1:
-            for group in self.groups:
-                for bucket in group.layout.buckets:
-                    self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat))

@@ -1,0 +1,285 @@
+"""What every ZeRO stage shares: the optimizer step, written once.
+
+A stage decides how gradients are reduced and where each rank's shard of the fp32
+master weights lives; the step itself is the same for all of them: finish the
+reduction, one global-norm pass (over all partitions) that also detects overflow,
+loss-scale and clipping folded into one gradient scale, the update rule over each
+piece of the shard, and the new weights published to the model. Checkpoint views
+and state dicts walk the same pieces.
+
+The unit of storage is an *owner*: a flat fp32 master shard and the rule's state
+tensors, kept in the :class:`StateStore` under the owner's keys. A stage splits
+each owner into :class:`Piece` s, runs of the shard that share hyper-parameters,
+each knowing which parameter elements it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+import zero_kernels as zk
+from zero_comm import Communicator, Handle
+
+from ._rules import UpdateRule
+from ._scaler import DynamicLossScaler, LossScaleConfig
+from ._sharded import ShardedTensor, ShardPiece
+from ._store import DeviceStore, StateStore
+
+__all__ = ["Owner", "Piece", "ShardedOptimizer"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (parameter, first element in the parameter, first element in the piece, length)
+Segment = tuple[torch.nn.Parameter, int, int, int]
+
+
+class Owner(Protocol):
+    master_key: str
+    state_keys: dict[str, str]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]: ...
+
+
+@dataclass
+class Piece:
+    """A run of an owner's shard that one call of the update rule moves."""
+
+    hparams: dict[str, Any]
+    master: torch.Tensor  # fp32 view into the owner's master shard
+    grad: torch.Tensor  # the reduced gradient of the same elements
+    state: dict[str, torch.Tensor]  # views into the rule's state tensors
+    lowp_out: torch.Tensor | None  # where the model reads these weights (training dtype)
+    segments: list[Segment]
+    publish: Callable[[], list[Handle]] | None = None  # share the new weights once written
+
+
+def check_rule_and_comm(rule: Any, comm: Any) -> None:
+    if isinstance(rule, type):
+        raise TypeError(f"rule must be an update rule instance, e.g. {rule.__name__}(lr=...), not the class")
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"rule must satisfy zero_optim.UpdateRule (AdamW(), Adam(), Lion(), SGD()), got {rule!r}")
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"comm must be a zero_comm Communicator (e.g. zero_comm.init_distributed()), got {comm!r}")
+
+
+class ShardedOptimizer:
+    """The step, state views and state dicts of a ZeRO optimizer; subclasses supply the layout."""
+
+    stage: int
+    sharded: bool  # each rank holds only part of the gradients and master weights
+
+    def __init__(self, rule: UpdateRule, comm: Communicator, precision: str, loss_scale: LossScaleConfig,
+                 clip_grad_norm: float | None, store: StateStore | None) -> None:
+        check_rule_and_comm(rule, comm)
+        self.rule, self.comm = rule, comm
+        self.store: StateStore = store if store is not None else DeviceStore()
+        self.dtype = DTYPES[precision]
+        self.scaler = DynamicLossScaler(loss_scale) if precision == "fp16" else None
+        self.clip_grad_norm = clip_grad_norm
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.micro_steps = 0
+        self.last_grad_norm: float | None = None
+        self.hparams: list[dict[str, Any]] = []
+
+    # -- supplied by a stage --------------------------------------------------------------
+    def _owners(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _pieces(self, owner: Any, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
+        raise NotImplementedError
+
+    def _prepare_step(self) -> list[torch.Tensor]:
+        """Finish reducing gradients; return this rank's reduced gradient tensors."""
+        raise NotImplementedError
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        """Every trainable parameter, in an order that is the same on every rank."""
+        raise NotImplementedError
+
+    def _after_load(self) -> None:
+        """Put freshly loaded master weights into the model."""
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Each group's hyper-parameters, mutable: set ``param_groups[i]["lr"]`` to schedule the LR.
+
+        (torch.optim.lr_scheduler classes insist on a torch.optim.Optimizer; zero-all's engine
+        drives schedules for a ZeRO optimizer.)"""
+        return self.hparams
+
+    def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
+        sumsq, nonfinite = zk.grad_norm_sq(grads)
+        if self.sharded and self.comm.world_size > 1:  # each rank saw only its shard
+            both = torch.stack([sumsq, nonfinite.float()])
+            self.comm.all_reduce(both)
+            sumsq, nonfinite = both[0], both[1] > 0
+        return math.sqrt(max(float(sumsq), 0.0)), bool(nonfinite)
+
+    def step(self) -> bool:
+        """Reduce gradients, check for overflow, clip, update, share the new weights.
+
+        Returns False when the step was skipped because a gradient held inf or NaN on
+        some rank (all ranks skip together; fp16 also lowers its loss scale).
+        """
+        grads = self._prepare_step()
+        scaled_norm, overflow = self._global_norm(grads)
+        loss_scale = self.scaler.scale if self.scaler else 1.0
+        if overflow:
+            self.skipped_steps += 1
+            if self.scaler:
+                self.scaler.update(True)
+            else:
+                warnings.warn("a gradient held inf or NaN: the step was skipped on every rank", stacklevel=2)
+            self.zero_grad()
+            return False
+        self.last_grad_norm = scaled_norm / loss_scale
+        clip = 1.0
+        if self.clip_grad_norm is not None:
+            clip = min(1.0, self.clip_grad_norm / (self.last_grad_norm + 1e-6))
+        self.step_count += 1
+        if getattr(self.rule, "needs_parameter_norms", False):
+            handles = self._trust_ratio_update(clip / loss_scale)
+        else:
+            handles = self._update(clip / loss_scale)
+        for h in handles:
+            h.wait()
+        if self.scaler:
+            self.scaler.update(False)
+        self.zero_grad()
+        return True
+
+    def _fetch(self, owner: Owner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.store.get(owner.master_key), {n: self.store.get(k) for n, k in owner.state_keys.items()}
+
+    def _store_back(self, owner: Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        self.store.put(owner.master_key, master)
+        for name, key in owner.state_keys.items():
+            self.store.put(key, state[name])
+
+    def _update(self, grad_scale: float) -> list[Handle]:
+        """One fused pass per piece, writing the new weights in place; returns the publishing collectives."""
+        handles = []
+        for owner in self._owners():
+            master, state = self._fetch(owner)
+            for piece in self._pieces(owner, master, state):
+                self.rule.update(piece.master, piece.grad, piece.state, step=self.step_count,
+                                 hparams=piece.hparams, grad_scale=grad_scale, lowp_out=piece.lowp_out)
+                if piece.publish is not None:
+                    handles += piece.publish()
+            self._store_back(owner, master, state)
+        return handles
+
+    def _trust_ratio_update(self, grad_scale: float) -> list[Handle]:
+        """Rules whose step depends on whole-parameter norms (LAMB): directions on every piece,
+        one all-reduce of per-parameter sums of squares, then the scaled updates."""
+        rule: Any = self.rule
+        work, fetched = [], []
+        index = {id(p): k for k, p in enumerate(self._parameters())}  # the same on every rank
+        for owner in self._owners():
+            master, state = self._fetch(owner)
+            fetched.append((owner, master, state))
+            for piece in self._pieces(owner, master, state):
+                u = rule.direction(piece.master, piece.grad, piece.state, step=self.step_count,
+                                   hparams=piece.hparams, grad_scale=grad_scale)
+                work.append((piece, u))
+        sums = torch.zeros(2, len(index), dtype=torch.float64, device=self._parameters()[0].device)
+        for piece, u in work:
+            for p, _, at, n in piece.segments:
+                sums[0, index[id(p)]] += piece.master[at:at + n].double().square().sum()
+                sums[1, index[id(p)]] += u[at:at + n].double().square().sum()
+        if self.sharded and self.comm.world_size > 1:
+            self.comm.all_reduce(sums)
+        norms = sums.sqrt().float()
+        handles = []
+        for piece, u in work:
+            ratio = torch.ones_like(u)
+            for p, _, at, n in piece.segments:
+                k = index[id(p)]
+                ratio[at:at + n] = rule.trust(norms[0, k], norms[1, k], piece.hparams)
+            rule.apply(piece.master, u, ratio, hparams=piece.hparams, lowp_out=piece.lowp_out)
+            if piece.publish is not None:
+                handles += piece.publish()
+        for owner, master, state in fetched:
+            self._store_back(owner, master, state)
+        return handles
+
+    def _names(self) -> dict[int, str]:
+        raise NotImplementedError
+
+    def sharded_state(self) -> dict[str, ShardedTensor]:
+        """This rank's pieces of every master weight and rule state, by ``"<state>/<name>"``.
+
+        The pieces are views of the live state: a checkpoint writer copies them out.
+        """
+        out: dict[str, ShardedTensor] = {}
+        names = self._names()
+        for owner in self._owners():
+            master, state = self._fetch(owner)
+            for piece in self._pieces(owner, master, state):
+                for p, start, at, n in piece.segments:
+                    for state_name, t in {"master": piece.master, **piece.state}.items():
+                        key = f"{state_name}/{names[id(p)]}"
+                        entry = out.setdefault(key, ShardedTensor(tuple(p.shape), t.dtype, []))
+                        entry.pieces.append(ShardPiece(start, start + n, t[at:at + n]))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
+        owners = self._owners()
+        return {
+            "stage": self.stage, "world_size": self.comm.world_size, "rank": self.comm.rank,
+            "step": self.step_count, "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "hparams": [dict(h) for h in self.hparams],
+            "rule": self.rule.name,
+            "layout": [o.shapes for o in owners],
+            "shards": [{"master": self.store.get(o.master_key).clone(),
+                        **{n: self.store.get(k).clone() for n, k in o.state_keys.items()}} for o in owners],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a shard saved by the same rank of the same layout; resharding is zero-ckpt's job."""
+        if state["stage"] != self.stage or state["world_size"] != self.comm.world_size:
+            raise ValueError(f"sharded optimizer state was saved with stage {state['stage']} on "
+                             f"{state['world_size']} ranks; this optimizer is stage {self.stage} on "
+                             f"{self.comm.world_size} ranks (reshard it with zero-ckpt)")
+        if state["rank"] != self.comm.rank:
+            raise ValueError(f"this shard belongs to rank {state['rank']}, not rank {self.comm.rank}")
+        if state.get("rule", self.rule.name) != self.rule.name:
+            raise ValueError(f"optimizer state was saved by {state['rule']}; this optimizer runs {self.rule.name}")
+        owners = self._owners()
+        mine_layout = [o.shapes for o in owners]
+        if "layout" in state and [[tuple(s) for s in g] for g in state["layout"]] != mine_layout:
+            raise ValueError(f"optimizer state was saved for parameters of shapes {state['layout']}; this "
+                             f"optimizer has {mine_layout} (a different model or parameter grouping)")
+        if len(state["shards"]) != len(owners) or len(state["hparams"]) != len(self.hparams):
+            raise ValueError(f"state has {len(state['shards'])} shards and {len(state['hparams'])} parameter "
+                             f"groups; this optimizer has {len(owners)} and {len(self.hparams)}")
+        for g, (owner, shard) in enumerate(zip(owners, state["shards"], strict=True)):
+            for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
+                mine = self.store.get(key)
+                if shard[name].shape != mine.shape:
+                    raise ValueError(f"shard {g} {name}: saved shard has {shard[name].numel()} elements, "
+                                     f"this layout {mine.numel()} (bucket or alignment settings differ)")
+        for owner, shard in zip(owners, state["shards"], strict=True):
+            for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
+                self.store.put(key, shard[name].to(self.store.get(key).device))
+        for mine, saved in zip(self.hparams, state["hparams"], strict=True):
+            mine.update(saved)
+        self.step_count, self.skipped_steps = state["step"], state["skipped_steps"]
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self._after_load()
