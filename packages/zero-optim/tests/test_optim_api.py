@@ -130,8 +130,8 @@ def bad_input() -> None:
         ZeroOptimizer([nn.Parameter(torch.zeros(3)), meta], AdamW(), comm=comm)
     with pytest.raises(ValueError, match="no parameters that require grad"):
         ZeroOptimizer([nn.Parameter(torch.zeros(3), requires_grad=False)], AdamW(), comm=comm)
-    with pytest.raises(ValueError, match="stage must be 0, 1 or 2"):
-        ZeroConfig(stage=3)
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
+        ZeroConfig(stage=4)
     with pytest.raises(ValueError, match="precision must be one of"):
         ZeroConfig(precision="fp8")
 

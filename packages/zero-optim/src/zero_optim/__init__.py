@@ -1,15 +1,20 @@
-"""zero-optim: ZeRO stages 0-2 -- a data-parallel optimizer that partitions its state.
+"""zero-optim: ZeRO stages 0-3 -- data-parallel training that partitions its state.
 
-See :class:`ZeroOptimizer`. Update rules (:class:`AdamW`, :class:`Adam`,
+See :class:`ZeroOptimizer` (stages 0-2) and :class:`ZeroStage3` (with
+:func:`partitioned` construction and :func:`gathered` access). Update rules (:class:`AdamW`, :class:`Adam`,
 :class:`Lion`, :class:`SGD`) run on zero-kernels' fused ops; where optimizer state
 lives is a :class:`StateStore` (device memory by default).
 """
 
+from ._base import ShardedOptimizer
+from ._construct import partitioned
 from ._layout import Bucket, GroupLayout, build_layout
 from ._optimizer import ZeroConfig, ZeroOptimizer
+from ._partition import GatherUnit, ParamShard, PartitionedParameter, PartitionedParameterError, gathered
 from ._rules import LAMB, SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig
 from ._sharded import ShardedTensor, ShardPiece
+from ._stage3 import ZeroStage3
 from ._store import DeviceStore, StateStore
 
 __version__ = "0.1.0"
@@ -22,15 +27,23 @@ __all__ = [
     "Bucket",
     "DeviceStore",
     "DynamicLossScaler",
+    "GatherUnit",
     "GroupLayout",
     "Lion",
     "LossScaleConfig",
+    "ParamShard",
+    "PartitionedParameter",
+    "PartitionedParameterError",
     "ShardPiece",
+    "ShardedOptimizer",
     "ShardedTensor",
     "StateStore",
     "UpdateRule",
     "ZeroConfig",
     "ZeroOptimizer",
+    "ZeroStage3",
     "build_layout",
     "check_hyperparameters",
+    "gathered",
+    "partitioned",
 ]

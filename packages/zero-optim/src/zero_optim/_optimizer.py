@@ -40,7 +40,8 @@ class ZeroConfig:
     """How the optimizer partitions, communicates and scales.
 
     Args:
-        stage: 0 (replicated), 1 (optimizer state partitioned) or 2 (gradients too).
+        stage: 0 (replicated), 1 (optimizer state partitioned), 2 (gradients too) or 3
+            (parameters too: :class:`ZeroStage3`).
         precision: the dtype of model weights and gradients; master weights are fp32.
         bucket_numel: elements per communication bucket: bigger buckets mean fewer,
             more efficient collectives and, in stage 2, more memory in flight.
@@ -49,8 +50,14 @@ class ZeroConfig:
             loss by it.
         clip_grad_norm: clip the global gradient norm (over all partitions) to this.
         loss_scale: fp16 dynamic loss scaling (ignored for fp32 and bf16).
-        overlap_comm: stage 2 launches each bucket's reduce-scatter from the backward
-            hook and waits at the end of backward; off, it waits at once.
+        overlap_comm: stages 2-3 launch each bucket's (unit's) reduce-scatter from the
+            backward hook and wait at the end of backward; off, they wait at once.
+        prefetch_numel: stage 3: elements of parameters gathered ahead of use, in the
+            recorded order (DeepSpeed's stage3_prefetch_bucket_size); 0 turns prefetch off.
+        max_live_numel: stage 3: prefetching stops where gathered parameters would
+            exceed this many elements (stage3_max_live_parameters).
+        persistence_threshold: stage 3: parameters of at most this many elements stay
+            whole on every rank (stage3_param_persistence_threshold).
     """
 
     stage: int = 0
@@ -61,17 +68,23 @@ class ZeroConfig:
     clip_grad_norm: float | None = None
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     overlap_comm: bool = True
+    prefetch_numel: int = 50_000_000
+    max_live_numel: int = 1_000_000_000
+    persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("stage", "bucket_numel", "align", "accumulation_steps"):
+        for name in ("stage", "bucket_numel", "align", "accumulation_steps", "prefetch_numel", "max_live_numel",
+                     "persistence_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"ZeroConfig.{name} must be an integer, got {value!r}")
-        if self.stage not in (0, 1, 2):
-            raise ValueError(f"ZeroConfig.stage must be 0, 1 or 2 (stage 3 is a separate optimizer), "
-                             f"got {self.stage!r}")
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeroConfig.stage must be 0, 1, 2 or 3, got {self.stage!r}")
         if self.precision not in DTYPES:
             raise ValueError(f"ZeroConfig.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
+        for name in ("prefetch_numel", "max_live_numel", "persistence_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ZeroConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("bucket_numel", "align", "accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)!r}")

@@ -1,0 +1,273 @@
+"""Partitioned parameters (ZeRO stage 3): one parameter's sharded life and the unit that gathers it.
+
+Every rank keeps ``ceil(numel / world_size)`` elements of each parameter (rank ``r``
+holds elements ``[r * chunk, (r + 1) * chunk)`` of the flattened tensor, the last
+chunk zero-padded) -- the rule :func:`zero_comm.shard_range` states. A
+:class:`GatherUnit` is the parameters that are gathered together, normally one
+module's: their chunks sit end to end in one flat shard, so one all-gather brings
+the whole module back.
+
+The full parameter keeps its shape and its place in the module; only its storage
+comes and goes (the storage is resized to zero bytes when released, which frees
+the memory even where autograd saved a view of the weight, and resized back when
+gathered again). A partitioned parameter is a :class:`PartitionedParameter`, whose
+torch-function check turns an op on a released parameter into an error that says
+how to gather it, instead of a read of freed memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zero_comm import Communicator, Handle, shard_range
+
+__all__ = ["GatherUnit", "ParamShard", "PartitionedParameter", "PartitionedParameterError", "gathered"]
+
+
+class PartitionedParameterError(RuntimeError):
+    """A partitioned parameter was read or changed while only this rank's shard of it exists."""
+
+
+@dataclass
+class ParamShard:
+    """What a rank keeps of one partitioned parameter."""
+
+    name: str
+    unit: GatherUnit
+    shard: torch.Tensor  # this rank's chunk, padded: a view into the unit's flat shard
+    start: int  # the elements of the flattened parameter this rank owns: [start, stop)
+    stop: int
+
+
+# Ops that only read metadata (or are needed to manage the parameter) work while it is released.
+_METADATA_OPS = frozenset({
+    "__get__", "__set__", "__delete__", "size", "dim", "numel", "nelement", "element_size", "data_ptr",
+    "is_floating_point", "is_complex", "register_hook", "register_post_accumulate_grad_hook", "requires_grad_",
+    "__hash__", "untyped_storage", "_is_view", "is_contiguous", "stride", "storage_offset", "__repr__",
+    "__format__", "__reduce_ex__", "__setstate__", "get_device", "type",
+})
+
+
+class PartitionedParameter(nn.Parameter):
+    """An ``nn.Parameter`` whose data exists whole only while it is gathered.
+
+    Outside a gathered context and outside the forward of a module that owns it,
+    any op that reads or writes its values raises :class:`PartitionedParameterError`.
+    ``zero`` is its :class:`ParamShard`.
+    """
+
+    zero: ParamShard
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if getattr(func, "__name__", None) not in _METADATA_OPS:
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, (list, tuple)):
+                    for item in arg:
+                        if type(item) is PartitionedParameter and not item.zero.unit.gathered:
+                            item.zero.unit.use_released(item, func)
+                elif type(arg) is PartitionedParameter and not arg.zero.unit.gathered:
+                    arg.zero.unit.use_released(arg, func)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        z = self.zero
+        state = "gathered" if z.unit.gathered else f"partitioned, this rank holds {z.stop - z.start} elements"
+        return f"PartitionedParameter({z.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, {state})"
+
+
+def _release(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+class GatherUnit:
+    """Parameters gathered and released together (normally one module's), one flat shard per rank.
+
+    Built from full parameters (each rank takes its chunks after one broadcast from
+    ``src_rank``, so every rank agrees) or from parameters already partitioned by an
+    earlier unit (their shards move into this one's; nothing is communicated). The
+    parameters are released when it is built, unless ``persistent``: a persistent
+    unit is gathered once and stays whole (small parameters, where a gather costs
+    more than the memory it saves).
+    """
+
+    def __init__(self, params: list[nn.Parameter], comm: Communicator, dtype: torch.dtype | None = None, *,
+                 names: list[str] | None = None, persistent: bool = False, src_rank: int = 0):
+        if not params:
+            raise ValueError("a GatherUnit needs at least one parameter")
+        for p in params:
+            if isinstance(p, PartitionedParameter) and p.zero.unit.gathered and not p.zero.unit.persistent:
+                raise RuntimeError(f"parameter {p.zero.name!r} is gathered: release it before regrouping it")
+        self.params, self.comm, self.persistent = params, comm, persistent
+        self.dtype = dtype or params[0].dtype
+        device = params[0].device
+        n, r = comm.world_size, comm.rank
+        self.chunks = [math.ceil(p.numel() / n) for p in params]
+        self.shard_offsets = [sum(self.chunks[:i]) for i in range(len(params))]
+        self.full_offsets = [sum(q.numel() for q in params[:i]) for i in range(len(params))]
+        self.shard_numel, self.numel = sum(self.chunks), sum(p.numel() for p in params)
+        self.shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=device)
+        single = (len(params) == 1 and not isinstance(params[0], PartitionedParameter)
+                  and params[0].dtype == self.dtype and params[0].is_contiguous())
+        # The full buffer: for a lone full parameter its own storage (no copy), else a new one. Either
+        # way a tensor of its own, so writing it does not bump the parameter's version counter (autograd
+        # would take a gather between forward and backward for an in-place change of a saved weight).
+        self.full = torch.empty(0 if single else self.numel, dtype=self.dtype, device=device)
+        if single:
+            p0 = params[0]
+            self.full.set_(p0.untyped_storage(), p0.storage_offset(), (self.numel,), (1,))
+        plain = [not isinstance(p, PartitionedParameter) for p in params]
+        if not single:
+            for p, off, is_plain in zip(params, self.full_offsets, plain, strict=True):
+                if is_plain:
+                    self.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
+        if any(plain) and n > 1:
+            self.comm.broadcast(self.full, src_rank)  # every rank starts from the same weights
+        self.on_change: list[Callable[[GatherUnit], None]] = []  # called after gathered(modifier_rank=...)
+        self.on_released_use: Callable[[GatherUnit, PartitionedParameter], bool] | None = None
+        self._handle: Handle | None = None
+        self._buffer: torch.Tensor | None = None
+        for i, (p, is_plain) in enumerate(zip(params, plain, strict=True)):
+            start, stop = shard_range(p.numel(), r, n)
+            mine = self.shard[self.shard_offsets[i]:self.shard_offsets[i] + self.chunks[i]]
+            if is_plain:
+                flat = self.full[self.full_offsets[i]:self.full_offsets[i] + p.numel()]
+                mine[:stop - start].copy_(flat[start:stop])
+                name = (names or [""] * len(params))[i] or f"param of shape {tuple(p.shape)}"
+            else:
+                mine.copy_(p.zero.shard)
+                name = names[i] if names and names[i] else p.zero.name
+            p.data = self.full[self.full_offsets[i]:self.full_offsets[i] + p.numel()].view(p.shape)
+            if is_plain:
+                p.__class__ = PartitionedParameter
+            p.zero = ParamShard(name, self, mine, start, stop)
+        self.gathered = True
+        if persistent:
+            if not all(plain):
+                self._gather_now()
+        else:
+            self.release()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> bool:
+        return self._handle is not None
+
+    @property
+    def live_numel(self) -> int:
+        """Elements of full parameters this unit holds now (gathered or being gathered)."""
+        return self.numel if (self.gathered or self.in_flight) else 0
+
+    def gather(self, async_op: bool = False) -> None:
+        """Bring the full parameters back (a collective: every rank must call it, in the same order).
+
+        ``async_op`` only launches the all-gather; the next ``gather()`` or ``wait()`` completes it."""
+        if self.gathered:
+            return
+        if self._handle is None:
+            self.full.untyped_storage().resize_(self.numel * self.full.element_size())
+            self._buffer = torch.empty(self.shard_numel * self.comm.world_size, dtype=self.dtype,
+                                       device=self.shard.device)
+            self._handle = self.comm.all_gather(self.shard, out=self._buffer, async_op=True)
+        if not async_op:
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish an all-gather started by ``gather(async_op=True)``: unpack every rank's chunks."""
+        if self._handle is None:
+            return
+        self._handle.wait()
+        assert self._buffer is not None
+        per_rank = self._buffer.view(self.comm.world_size, self.shard_numel)
+        for p, c, soff, foff in zip(self.params, self.chunks, self.shard_offsets, self.full_offsets, strict=True):
+            numel = p.numel()
+            rows = numel // c if c else 0
+            dest = self.full[foff:foff + numel]
+            if rows:
+                dest[:rows * c].view(rows, c).copy_(per_rank[:rows, soff:soff + c])
+            if rows * c < numel:
+                dest[rows * c:].copy_(per_rank[rows, soff:soff + numel - rows * c])
+        self._handle, self._buffer = None, None
+        self.gathered = True
+
+    def _gather_now(self) -> None:
+        self.gathered = False
+        self.gather()
+
+    def release(self) -> None:
+        """Drop the full parameters (persistent units keep them); this rank's shard stays."""
+        if self.persistent:
+            return
+        if self._handle is not None:
+            self.wait()
+        if self.gathered:
+            _release(self.full)
+            self.gathered = False
+
+    def refresh(self) -> None:
+        """After the shard changed (an optimizer step): a persistent unit gathers the new values."""
+        if self.persistent:
+            self._gather_now()
+
+    def scatter_back(self, src_rank: int) -> None:
+        """Make ``src_rank``'s full parameters everyone's, and keep this rank's chunks of them."""
+        if self.comm.world_size > 1:
+            self.comm.broadcast(self.full, src_rank)
+        for p, soff, foff in zip(self.params, self.shard_offsets, self.full_offsets, strict=True):
+            z = p.zero
+            self.shard[soff:soff + z.stop - z.start].copy_(self.full[foff + z.start:foff + z.stop])
+        for callback in self.on_change:
+            callback(self)
+
+    def use_released(self, param: PartitionedParameter, func: Any) -> None:
+        """An op touched ``param`` while it is released: gather it if the optimizer running the model
+        allows that here (inside a module's forward), else say how to gather it."""
+        if self.on_released_use is not None and self.on_released_use(self, param):
+            return
+        what = getattr(func, "__name__", str(func))
+        raise PartitionedParameterError(
+            f"parameter {param.zero.name!r} (shape {tuple(param.shape)}) is partitioned by ZeRO stage 3: this "
+            f"rank holds only elements [{param.zero.start}, {param.zero.stop}) of it, so {what}() cannot read "
+            "it here. Gather it first: `with zero_optim.gathered(params, modifier_rank=None):` to read it, "
+            "modifier_rank=0 to change it (rank 0's change is then kept), or use it inside the forward of "
+            "the model the ZeroStage3 optimizer runs.")
+
+
+@contextmanager
+def gathered(params: nn.Parameter | Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make partitioned parameters whole for the body of a ``with`` block (DeepSpeed's GatheredParameters).
+
+    Every rank must enter it (it all-gathers). With ``modifier_rank`` the body may
+    change the parameters; on exit that rank's values are broadcast and every rank
+    keeps its shard of them (and an optimizer updates its master weights). With
+    ``None`` changes are dropped. Parameters that are not partitioned pass through.
+    """
+    items = [params] if isinstance(params, torch.Tensor) else list(params)
+    units: list[GatherUnit] = []
+    for p in items:
+        if isinstance(p, PartitionedParameter) and p.zero.unit not in units:
+            units.append(p.zero.unit)
+    opened = [u for u in units if not u.gathered]
+    for u in units:
+        u.gather()
+    try:
+        yield
+    except BaseException:
+        for u in opened:
+            u.release()
+        raise
+    if modifier_rank is not None:
+        for u in units:
+            u.scatter_back(modifier_rank)
+    for u in opened:
+        u.release()

@@ -1,0 +1,470 @@
+"""ZeroStage3: ZeRO stage 3 -- the parameters themselves are partitioned, gathered per module on use.
+
+Each module's parameters form one :class:`GatherUnit`. A forward pre-hook gathers
+the module's units (one all-gather each), the forward hook releases them; the
+first gradient to reach a module's outputs gathers them again for its backward,
+and once every parameter of a unit has accumulated its gradient the unit is
+released and its gradients are reduce-scattered to their owners. So a rank holds
+1/N of the model plus the modules in use, and moves 3Ψ parameter-dtype elements
+per step: two all-gathers and one reduce-scatter.
+
+The order in which units are needed is recorded (forward and backward separately)
+and replayed to prefetch: when a module starts, the units after it are gathered
+asynchronously, up to ``prefetch_numel`` elements ahead and ``max_live_numel``
+live. If a step runs in another order, the units it needs are fetched on demand
+and the new order is recorded. Small parameters (``persistence_threshold``) are
+kept whole in one persistent unit. A parameter used outside its own module's
+forward (a tied weight read by the parent) is fetched on use and remembered, so
+the next step gathers it with that module.
+
+Reduce-scatters launch in one fixed order (the reverse of the recorded forward),
+which every rank shares, as a unit and all units before it are ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from zero_comm import Communicator, Handle
+
+from ._base import Piece, Segment, ShardedOptimizer
+from ._optimizer import ZeroConfig
+from ._partition import GatherUnit, PartitionedParameter
+from ._rules import UpdateRule, check_hyperparameters
+from ._store import StateStore
+
+__all__ = ["ZeroStage3"]
+
+
+@dataclass
+class _Owner:
+    """A unit's optimizer state: fp32 master of its flat shard, the rule's state, its gradient shard."""
+
+    unit: GatherUnit
+    master_key: str
+    state_keys: dict[str, str]
+    grad: torch.Tensor  # the reduced gradient of this rank's shard, accumulated over micro-steps
+    runs: list[tuple[int, int, int]]  # (group index, start, stop) in the shard: runs of trainable params
+    trainable: int  # parameters that get a gradient
+    arrived: int = 0
+    staging: torch.Tensor | None = None  # full-size gradients of this micro-step, rank-major
+    reduced_once: bool = False
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.unit.params]
+
+
+@dataclass
+class _Trace:
+    """The order units were needed in, last time; replayed to prefetch."""
+
+    order: list[GatherUnit] = field(default_factory=list)
+    seen: list[GatherUnit] = field(default_factory=list)
+    cursor: int = 0
+    on_track: bool = True
+
+    def start(self) -> None:
+        self.seen, self.cursor, self.on_track = [], 0, bool(self.order)
+
+    def record(self, unit: GatherUnit) -> None:
+        self.seen.append(unit)
+        if self.on_track and self.cursor < len(self.order) and self.order[self.cursor] is unit:
+            self.cursor += 1
+        else:
+            self.on_track = False
+
+    def finish(self) -> None:
+        if self.seen and self.seen != self.order:
+            self.order = self.seen
+        self.seen = []
+
+
+class ZeroStage3(ShardedOptimizer):
+    """ZeRO stage 3 over ``module``: parameters, gradients and optimizer state all partitioned.
+
+    Usage, per optimizer step::
+
+        loss = model(batch)                      # hooks gather each module's parameters
+        opt.backward(loss)                       # gradients reduce-scattered as they appear
+        opt.step()
+
+    ``module`` may have been built under :func:`zero_optim.partitioned` (it never
+    existed whole) or normally (it is partitioned here, from rank 0's weights).
+    ``param_groups`` is an optional list of torch-style group dicts over the
+    module's parameters (``{"params": [...], "weight_decay": 0.0}``); parameters in
+    none of them join the first. ``config.precision`` is the dtype the parameters
+    are kept and gathered in; master weights are fp32.
+    """
+
+    def __init__(self, module: nn.Module, rule: UpdateRule, *, comm: Communicator,
+                 config: ZeroConfig | None = None, store: StateStore | None = None,
+                 param_groups: Iterable[Mapping[str, Any]] | None = None):
+        self.config = config = config or ZeroConfig(stage=3)
+        if config.stage != 3:
+            raise ValueError(f"ZeroStage3 needs ZeroConfig(stage=3, ...), got stage {config.stage}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ZeroStage3 partitions a module's parameters: pass the model, got {type(module)}")
+        super().__init__(rule, comm, config.precision, config.loss_scale, config.clip_grad_norm, store)
+        self.stage, self.sharded = 3, True
+        self.module = module
+        named = dict(module.named_parameters())
+        self.names = {id(p): n for n, p in named.items()}
+        self._group_of = self._assign_groups(named, param_groups)
+        self.units: list[GatherUnit] = []
+        self._units_of: dict[nn.Module, list[GatherUnit]] = {}
+        self._build_units()
+        self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in enumerate(self.units)
+                                     if any(p.requires_grad for p in u.params)]
+        self._owner_of = {id(o.unit): o for o in self.owners}
+        self._external: dict[nn.Module, list[GatherUnit]] = {}
+        self._running: list[nn.Module] = []
+        self._phase = "idle"  # "forward" | "backward"
+        self._forward_trace, self._backward_trace = _Trace(), _Trace()
+        self._reduce_order: list[_Owner] | None = None
+        self._next_reduce = 0
+        self._pending: list[tuple[Handle, Any]] = []
+        self._hooks: list[Any] = []
+        self._install_hooks()
+
+    # -- construction ------------------------------------------------------------------------
+    def _assign_groups(self, named: dict[str, nn.Parameter],
+                       groups: Iterable[Mapping[str, Any]] | None) -> dict[int, int]:
+        ids = {id(p) for p in named.values()}
+        group_of: dict[int, int] = {}
+        for i, group in enumerate(groups or [{"params": []}]):
+            if "params" not in group:
+                raise ValueError(f"parameter group {i} has no 'params' entry (keys: {sorted(group)})")
+            check_hyperparameters(self.rule, group, f"parameter group {i}")
+            self.hparams.append({**self.rule.defaults, **{k: v for k, v in group.items() if k != "params"}})
+            for p in group["params"]:
+                if id(p) not in ids:
+                    raise ValueError(f"parameter group {i} holds a parameter of shape {tuple(p.shape)} that is "
+                                     "not in the module")
+                if id(p) in group_of:
+                    raise ValueError(f"parameter {self.names[id(p)]!r} appears in more than one group")
+                group_of[id(p)] = i
+        if not any(p.requires_grad for p in named.values()):
+            raise ValueError("ZeroStage3 got a module with no parameters that require grad")
+        return group_of
+
+    def _build_units(self) -> None:
+        threshold = self.config.persistence_threshold
+        placed: set[int] = set()
+        small: list[nn.Parameter] = []
+        for module in self.module.modules():
+            direct = list(module.named_parameters(recurse=False))
+            mine: list[tuple[str, nn.Parameter]] = []
+            for _, p in direct:
+                if id(p) in placed:
+                    continue
+                placed.add(id(p))
+                if p.numel() <= threshold:
+                    small.append(p)
+                else:
+                    mine.append((self.names[id(p)], p))
+            if mine:
+                self.units.append(GatherUnit([p for _, p in mine], self.comm, self.dtype,
+                                             names=[n for n, _ in mine]))
+        if small:
+            self.units.append(GatherUnit(small, self.comm, self.dtype, names=[self.names[id(p)] for p in small],
+                                         persistent=True))
+        for unit in self.units:
+            unit.on_released_use = self._fetch_on_use
+            unit.on_change = [self._reload_master]
+        for module in self.module.modules():
+            units: list[GatherUnit] = []
+            for p in module.parameters(recurse=False):
+                u = p.zero.unit  # type: ignore[attr-defined]
+                if not u.persistent and u not in units:
+                    units.append(u)
+            if units:
+                self._units_of[module] = units
+
+    def _make_owner(self, i: int, unit: GatherUnit) -> _Owner:
+        master = unit.shard.float()
+        master_key, state_keys = f"unit{i}.master", {n: f"unit{i}.{n}" for n in self.rule.state_names}
+        self.store.create(master_key, master)
+        for key in state_keys.values():
+            self.store.create(key, torch.zeros_like(master))
+        runs: list[tuple[int, int, int]] = []
+        for p, soff, c in zip(unit.params, unit.shard_offsets, unit.chunks, strict=True):
+            if not p.requires_grad:
+                continue
+            g = self._group_of.get(id(p), 0)
+            if runs and runs[-1][0] == g and runs[-1][2] == soff:
+                runs[-1] = (g, runs[-1][1], soff + c)
+            else:
+                runs.append((g, soff, soff + c))
+        trainable = sum(p.requires_grad for p in unit.params)
+        return _Owner(unit, master_key, state_keys, torch.zeros_like(unit.shard), runs, trainable)
+
+    def _install_hooks(self) -> None:
+        root = self.module
+        self._hooks.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
+        for module, _ in self._units_of.items():
+            if module is not root:
+                self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
+                self._hooks.append(module.register_forward_hook(self._post_forward))
+        if root in self._units_of:
+            self._hooks.append(root.register_forward_pre_hook(self._pre_forward))
+        self._hooks.append(root.register_forward_hook(self._root_post_forward))
+        for owner in self.owners:
+            for p in owner.unit.params:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(owner, p)))
+
+    # -- gathering ------------------------------------------------------------------------------
+    def _need(self, units: Iterable[GatherUnit], trace: _Trace) -> None:
+        for u in units:
+            trace.record(u)
+            u.gather()
+        self._prefetch(trace)
+
+    def _prefetch(self, trace: _Trace) -> None:
+        if not trace.on_track or self.config.prefetch_numel <= 0:
+            return
+        live = sum(u.live_numel for u in self.units if not u.persistent)
+        budget = self.config.prefetch_numel
+        for u in trace.order[trace.cursor:]:
+            if budget <= 0:
+                break
+            if u.gathered or u.in_flight:
+                continue
+            if live + u.numel > self.config.max_live_numel:
+                break
+            u.gather(async_op=True)
+            live += u.numel
+            budget -= u.numel
+
+    def _fetch_on_use(self, unit: GatherUnit, param: PartitionedParameter) -> bool:
+        """A module's forward touched a parameter it does not own (a tied weight): gather it, and gather
+        it with that module from now on. Outside the model's forward, refuse."""
+        if not self._running:
+            return False
+        module = self._running[-1]
+        external = self._external.setdefault(module, [])
+        if unit not in external:
+            external.append(unit)
+        unit.gather()
+        return True
+
+    def _units_for(self, module: nn.Module) -> list[GatherUnit]:
+        return self._units_of.get(module, []) + self._external.get(module, [])
+
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._phase == "idle":
+            self._phase = "forward"
+            self._forward_trace.start()
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        self._running.append(module)
+        self._need(self._units_for(module), self._backward_trace if self._phase == "backward"
+                   else self._forward_trace)
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._running.pop()
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if tensors:
+                torch.autograd.graph.register_multi_grad_hook(
+                    tensors, lambda _grad, m=module: self._pre_backward(m), mode="any")
+        if self._phase != "backward":  # a recomputation inside backward keeps them for the backward
+            for u in self._units_for(module):
+                u.release()
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module in self._units_of:
+            self._post_forward(module, args, output)
+        elif torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if tensors and module in self._external:
+                torch.autograd.graph.register_multi_grad_hook(
+                    tensors, lambda _grad: self._pre_backward(module), mode="any")
+        if self._phase == "forward":
+            for u in self.units:
+                u.release()
+            self._forward_trace.finish()
+            self._phase = "idle"
+
+    def _pre_backward(self, module: nn.Module) -> None:
+        if self._phase != "backward":
+            self._phase = "backward"
+            self._backward_trace.start()
+        self._need(self._units_for(module), self._backward_trace)
+
+    # -- gradients ------------------------------------------------------------------------------
+    def _make_grad_hook(self, owner: _Owner, p: nn.Parameter):
+        unit = owner.unit
+        i = next(k for k, q in enumerate(unit.params) if q is p)
+        c, soff, numel = unit.chunks[i], unit.shard_offsets[i], p.numel()
+        n = self.comm.world_size
+        rows = numel // c if c else 0
+
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            param.grad = None  # the gradient shards own gradients from here on
+            if grad is None:
+                return
+            if self._phase != "backward":
+                self._phase = "backward"
+                self._backward_trace.start()
+            if owner.staging is None:
+                owner.staging = torch.zeros(n * unit.shard_numel, dtype=self.dtype, device=grad.device)
+            per_rank = owner.staging.view(n, unit.shard_numel)
+            flat = grad.reshape(-1)
+            if rows:
+                per_rank[:rows, soff:soff + c].copy_(flat[:rows * c].view(rows, c))
+            if rows * c < numel:
+                per_rank[rows, soff:soff + numel - rows * c].copy_(flat[rows * c:])
+            owner.arrived += 1
+            if owner.arrived == owner.trainable:
+                unit.release()
+                self._launch_ready(flush=False)
+
+        return hook
+
+    def _launch_ready(self, flush: bool) -> None:
+        """Reduce-scatter complete units in the shared order; with ``flush`` the rest too (a gradient
+        that never came counts as zero)."""
+        if self._reduce_order is None:
+            order = []
+            for u in reversed(self._forward_trace.order):
+                owner = self._owner_of.get(id(u))
+                if owner is not None and owner not in order:
+                    order.append(owner)
+            self._reduce_order = order + [o for o in self.owners if o not in order]
+        while self._next_reduce < len(self._reduce_order):
+            owner = self._reduce_order[self._next_reduce]
+            if not flush and owner.arrived < owner.trainable:
+                return
+            self._reduce(owner)
+            self._next_reduce += 1
+
+    def _reduce(self, owner: _Owner) -> None:
+        staging = owner.staging
+        if staging is None:  # no parameter of this unit got a gradient in this micro-step
+            staging = torch.zeros(self.comm.world_size * owner.unit.shard_numel, dtype=self.dtype,
+                                  device=owner.grad.device)
+        owner.staging = None
+        if not owner.reduced_once:  # the first micro-step since zero_grad: reduce straight into the shard
+            owner.reduced_once = True
+            handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True)
+            self._pending.append((handle, None))
+        else:
+            reduced = torch.empty_like(owner.grad)
+            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
+            self._pending.append((handle, (owner.grad, reduced)))
+        if not self.config.overlap_comm:
+            self._drain()
+
+    def _drain(self) -> None:
+        for handle, add in self._pending:
+            handle.wait()
+            if add is not None:
+                add[0].add_(add[1])
+        self._pending.clear()
+
+    def _finish_backward(self) -> None:
+        if self._phase != "backward":
+            return
+        self._launch_ready(flush=True)
+        self._drain()
+        for owner in self.owners:
+            owner.arrived, owner.staging = 0, None
+        for u in self.units:
+            u.release()
+        self._next_reduce = 0
+        self._backward_trace.finish()
+        self._phase = "idle"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation); each unit's
+        gradients are reduce-scattered once all of them are ready, overlapping the rest of backward."""
+        scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
+        self._phase = "backward"
+        self._backward_trace.start()
+        try:
+            (loss * scale).backward()
+        finally:
+            self._finish_backward()
+        self.micro_steps += 1
+
+    # -- step -------------------------------------------------------------------------------------
+    def _prepare_step(self) -> list[torch.Tensor]:
+        self._finish_backward()  # in case loss.backward() ran without opt.backward
+        return [o.grad for o in self.owners]
+
+    def _owners(self) -> list[_Owner]:
+        return self.owners
+
+    def _pieces(self, owner: _Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
+        pieces = [Piece(self.hparams[g], master[a:b], owner.grad[a:b], {n: t[a:b] for n, t in state.items()},
+                        owner.unit.shard[a:b], self._segments(owner, a, b)) for g, a, b in owner.runs]
+        if pieces and owner.unit.persistent:
+            pieces[-1].publish = lambda: self._refresh(owner.unit)
+        return pieces
+
+    def _refresh(self, unit: GatherUnit) -> list[Handle]:
+        unit.refresh()
+        return []
+
+    def _segments(self, owner: _Owner, a: int, b: int) -> list[Segment]:
+        out = []
+        for p, soff in zip(owner.unit.params, owner.unit.shard_offsets, strict=True):
+            z = p.zero  # type: ignore[attr-defined]
+            if a <= soff < b and z.stop > z.start:
+                out.append((p, z.start, soff - a, z.stop - z.start))
+        return out
+
+    def _parameters(self) -> list[nn.Parameter]:
+        return [p for o in self.owners for p in o.unit.params if p.requires_grad]
+
+    def _names(self) -> dict[int, str]:
+        return self.names
+
+    def _reload_master(self, unit: GatherUnit) -> None:
+        owner = self._owner_of.get(id(unit))
+        if owner is not None:
+            self.store.put(owner.master_key, unit.shard.float())
+
+    def _after_load(self) -> None:
+        for owner in self.owners:
+            owner.unit.shard.copy_(self.store.get(owner.master_key))
+            owner.unit.refresh()
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated gradient shards (``step`` does this itself)."""
+        self._drain()
+        for owner in self.owners:
+            owner.grad.zero_()
+            owner.reduced_once = False
+        self.micro_steps = 0
+
+    # -- whole weights --------------------------------------------------------------------------
+    def consolidated_state_dict(self, dtype: torch.dtype | None = None, rank0_only: bool = True
+                                ) -> dict[str, torch.Tensor]:
+        """The model's full ``state_dict`` (parameters and buffers), gathered one unit at a time
+        (stage3_gather_16bit_weights_on_model_save). Every rank must call it; with ``rank0_only``
+        the others get an empty dict."""
+        keep = not rank0_only or self.comm.rank == 0
+        whole: dict[int, torch.Tensor] = {}
+        for unit in self.units:
+            was = unit.gathered
+            unit.gather()
+            if keep:
+                for p in unit.params:
+                    with torch._C.DisableTorchFunctionSubclass():
+                        whole[id(p)] = p.detach().to("cpu", dtype or p.dtype, copy=True)
+            if not was:
+                unit.release()
+        if not keep:
+            return {}
+        return {name: whole[id(t)] if id(t) in whole else t.detach().to("cpu", copy=True)
+                for name, t in self.module.state_dict(keep_vars=True).items()}
