@@ -10,32 +10,13 @@ track the fp32 loss curve to a stated tolerance.
 import pytest
 import torch
 import zero_models
+from parity import BATCH, LR, STEPS, WD, max_rel, reference, rel
 
 import zero_comm
 from zero_comm.testing import WORLD_SIZES, run_ranks
 from zero_optim import AdamW, ZeroConfig, ZeroOptimizer
 
-STEPS, BATCH, LR, WD = 20, 8, 1e-3, 0.1
 CONFIGS = [(stage, accum, clip) for stage in (0, 1, 2) for accum, clip in ((1, None), (2, 0.5))]
-
-
-def reference(name: str, accum: int, clip: float | None) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = zero_models.make_model(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    losses = []
-    for step in range(STEPS):
-        x, y = zero_models.batch(name, step, BATCH)
-        total = 0.0
-        for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
-            loss = model(xm, ym) / accum
-            loss.backward()
-            total += loss.item()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_zero(name: str, stage: int, accum: int, clip: float | None, precision: str = "fp32",
@@ -64,29 +45,19 @@ def all_fp32_configs(name: str) -> dict:
     return {cfg: train_zero(name, *cfg) for cfg in CONFIGS}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative difference of a whole tensor, ||a - b|| / ||b||.
-
-    Element-wise, a few Adam updates are ill-conditioned: where a gradient element is
-    near zero, m / sqrt(v) turns a 1e-7 change in summation order into a different
-    sign. Those elements move a whole learning rate apart without anything being
-    wrong, so weights are compared as tensors."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.parametrize("name", ["mlp", "gpt"])
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_fp32_stages_match_single_process_adamw(name, world_size):
-    refs = {(a, c): run_ranks(reference, 1, name, a, c)[0] for a, c in {(a, c) for _, a, c in CONFIGS}}
+    refs = {(a, c): run_ranks(reference, 1, name, a, c)[0][:2] for a, c in {(a, c) for _, a, c in CONFIGS}}
     per_rank = run_ranks(all_fp32_configs, world_size, name, timeout=600)
     for rank, results in enumerate(per_rank):
         for (stage, accum, clip), (losses, weights) in results.items():
             want_losses, want_weights = refs[(accum, clip)]
             what = f"rank {rank}, stage {stage}, accumulation {accum}, clip {clip}"
-            loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses))
+            loss_err = max_rel(losses, want_losses)
             assert loss_err <= 1e-5, f"{what}: losses differ by {loss_err:.2e}"
             for key, want in want_weights.items():
-                err = _rel(weights[key], want)
+                err = rel(weights[key], want)
                 assert err <= 1e-5, f"{what}: {key} differs by {err:.2e}"
 
 
@@ -100,10 +71,10 @@ MIXED_TOLERANCE = {"bf16": 0.03, "fp16": 0.005}  # max relative distance from th
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_mixed_precision_tracks_the_fp32_loss_curve(world_size):
-    want, _ = run_ranks(reference, 1, "gpt", 1, None)[0]
+    want = run_ranks(reference, 1, "gpt", 1, None)[0][0]
     curves = run_ranks(mixed_precision_curves, world_size, "gpt", timeout=600)[0]
     for (precision, stage), losses in curves.items():
-        err = max(abs(a - b) / abs(b) for a, b in zip(losses, want))
+        err = max_rel(losses, want)
         assert err <= MIXED_TOLERANCE[precision], f"{precision} stage {stage}: {err:.3e} from the fp32 curve"
         fell, want_fell = losses[0] - losses[-1], want[0] - want[-1]
         assert fell > 0.5 * want_fell, f"{precision} stage {stage}: loss fell {fell:.3f}, fp32 {want_fell:.3f}"

@@ -1,12 +1,12 @@
 """Partitioned construction (DeepSpeed's ``zero.Init``): build a model that never exists whole.
 
-Under :func:`partitioned`, each module's parameters are partitioned as soon as the
-module is attached to its parent -- its own ``__init__`` (and so its
-initialisation) has finished by then -- so a rank holds its shards of everything
-built so far plus one module's full parameters. Parameters registered on a module
-that is never attached to a parent (the root) are partitioned when the block ends.
-It works through torch's global registration hooks, which exist only while the
-block runs; no module class and no torch function is patched.
+Under :func:`partitioned`, a module's own parameters are partitioned the moment
+its ``__init__`` returns -- its initialisation has run by then, and its children
+were partitioned when theirs returned -- so a rank holds its shards of everything
+built so far plus one module's full parameters, even when layers are built in a
+list before anything holds them. The end of each ``__init__`` is observed with
+``sys.setprofile`` for the duration of the block; no module class and no torch
+function is patched.
 
 Code that changes parameters after they are partitioned (a custom init loop at the
 end of a model's ``__init__``, loading weights) wraps the change in
@@ -15,13 +15,14 @@ end of a model's ``__init__``, loading weights) wraps the change in
 
 from __future__ import annotations
 
-import weakref
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
 from zero_comm import Communicator
 
@@ -40,29 +41,34 @@ def _partition_direct(module: nn.Module, comm: Communicator, dtype: torch.dtype 
 def partitioned(comm: Communicator, *, dtype: torch.dtype | None = None, src_rank: int = 0) -> Iterator[None]:
     """Partition the parameters of every module built in the block over ``comm``'s ranks.
 
-    Every rank must build the same model (the construction broadcasts each
-    parameter from ``src_rank``, so all ranks agree on the initial weights whatever
-    their random state). ``dtype`` casts the shards (e.g. ``torch.bfloat16``);
-    ``None`` keeps each parameter's own. Hand the model to ``ZeroStage3`` to train.
+    Every rank must build the same model (each parameter is broadcast from
+    ``src_rank`` as it is partitioned, so all ranks agree on the initial weights
+    whatever their random state). ``dtype`` casts the shards (e.g.
+    ``torch.bfloat16``); ``None`` keeps each parameter's own. Hand the model to
+    ``ZeroStage3`` to train it.
     """
-    seen: list[weakref.ref[nn.Module]] = []
+    depth: dict[int, int] = {}  # module -> __init__ frames of it still running (subclass inits nest)
+    previous = sys.getprofile()
 
-    def on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if not seen or seen[-1]() is not module:
-            seen.append(weakref.ref(module))
+    def observe(frame: FrameType, event: str, arg: Any) -> None:
+        if previous is not None:
+            previous(frame, event, arg)
+        if event not in ("call", "return") or frame.f_code.co_name != "__init__" or not frame.f_code.co_argcount:
+            return
+        module = frame.f_locals.get(frame.f_code.co_varnames[0])
+        if not isinstance(module, nn.Module):
+            return
+        key = id(module)
+        if event == "call":
+            depth[key] = depth.get(key, 0) + 1
+        elif key in depth:
+            depth[key] -= 1
+            if not depth[key]:
+                del depth[key]
+                _partition_direct(module, comm, dtype, src_rank)
 
-    def on_child(parent: nn.Module, name: str, child: nn.Module) -> None:
-        for m in child.modules():
-            _partition_direct(m, comm, dtype, src_rank)
-
-    hooks = [module_hooks.register_module_parameter_registration_hook(on_parameter),
-             module_hooks.register_module_module_registration_hook(on_child)]
+    sys.setprofile(observe)
     try:
         yield
     finally:
-        for h in hooks:
-            h.remove()
-    for ref in seen:
-        m = ref()
-        if m is not None:
-            _partition_direct(m, comm, dtype, src_rank)
+        sys.setprofile(previous)

@@ -1,11 +1,13 @@
 """Partitioned parameters (ZeRO stage 3): one parameter's sharded life and the unit that gathers it.
 
-Every rank keeps ``ceil(numel / world_size)`` elements of each parameter (rank ``r``
-holds elements ``[r * chunk, (r + 1) * chunk)`` of the flattened tensor, the last
-chunk zero-padded) -- the rule :func:`zero_comm.shard_range` states. A
-:class:`GatherUnit` is the parameters that are gathered together, normally one
-module's: their chunks sit end to end in one flat shard, so one all-gather brings
-the whole module back.
+A :class:`GatherUnit` is the parameters gathered together, normally one module's:
+flattened end to end into one buffer, padded to a multiple of the world size and
+cut into equal chunks, rank ``r`` keeping chunk ``r`` (the rule
+:func:`zero_comm.shard_range` states). One all-gather straight into that buffer
+brings the whole module back, with each parameter a view of it -- nothing to
+unpack -- and its gradients go back to their owners the same way, by one
+reduce-scatter. A rank's shard can start or end inside a parameter; each
+parameter's :class:`ParamShard` says which of its elements this rank holds.
 
 The full parameter keeps its shape and its place in the module; only its storage
 comes and goes (the storage is resized to zero bytes when released, which frees
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zero_comm import Communicator, Handle, shard_range
+from zero_comm import Communicator, Handle
 
 __all__ = ["GatherUnit", "ParamShard", "PartitionedParameter", "PartitionedParameterError", "gathered"]
 
@@ -41,9 +43,14 @@ class ParamShard:
 
     name: str
     unit: GatherUnit
-    shard: torch.Tensor  # this rank's chunk, padded: a view into the unit's flat shard
-    start: int  # the elements of the flattened parameter this rank owns: [start, stop)
+    start: int  # the elements of the flattened parameter this rank holds: [start, stop) ...
     stop: int
+    at: int  # ... at this offset in the unit's shard
+
+    @property
+    def shard(self) -> torch.Tensor:
+        """This rank's elements of the parameter (a view into the unit's shard; may be empty)."""
+        return self.unit.shard[self.at:self.at + self.stop - self.start]
 
 
 # Ops that only read metadata (or are needed to manage the parameter) work while it is released.
@@ -93,9 +100,9 @@ def _release(t: torch.Tensor) -> None:
 class GatherUnit:
     """Parameters gathered and released together (normally one module's), one flat shard per rank.
 
-    Built from full parameters (each rank takes its chunks after one broadcast from
-    ``src_rank``, so every rank agrees) or from parameters already partitioned by an
-    earlier unit (their shards move into this one's; nothing is communicated). The
+    Built from full parameters (each rank keeps its chunk after one broadcast from
+    ``src_rank``, so every rank agrees) or from parameters an earlier unit
+    partitioned (each is gathered there, one at a time, and regrouped here). The
     parameters are released when it is built, unless ``persistent``: a persistent
     unit is gathered once and stays whole (small parameters, where a gather costs
     more than the memory it saves).
@@ -105,58 +112,57 @@ class GatherUnit:
                  names: list[str] | None = None, persistent: bool = False, src_rank: int = 0):
         if not params:
             raise ValueError("a GatherUnit needs at least one parameter")
-        for p in params:
-            if isinstance(p, PartitionedParameter) and p.zero.unit.gathered and not p.zero.unit.persistent:
-                raise RuntimeError(f"parameter {p.zero.name!r} is gathered: release it before regrouping it")
         self.params, self.comm, self.persistent = params, comm, persistent
         self.dtype = dtype or params[0].dtype
         device = params[0].device
         n, r = comm.world_size, comm.rank
-        self.chunks = [math.ceil(p.numel() / n) for p in params]
-        self.shard_offsets = [sum(self.chunks[:i]) for i in range(len(params))]
-        self.full_offsets = [sum(q.numel() for q in params[:i]) for i in range(len(params))]
-        self.shard_numel, self.numel = sum(self.chunks), sum(p.numel() for p in params)
-        self.shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=device)
-        single = (len(params) == 1 and not isinstance(params[0], PartitionedParameter)
-                  and params[0].dtype == self.dtype and params[0].is_contiguous())
-        # The full buffer: for a lone full parameter its own storage (no copy), else a new one. Either
-        # way a tensor of its own, so writing it does not bump the parameter's version counter (autograd
-        # would take a gather between forward and backward for an in-place change of a saved weight).
-        self.full = torch.empty(0 if single else self.numel, dtype=self.dtype, device=device)
+        self.offsets = [sum(q.numel() for q in params[:i]) for i in range(len(params))]
+        self.numel = sum(p.numel() for p in params)
+        self.shard_numel = math.ceil(self.numel / n)
+        self.padded = self.shard_numel * n
+        p0 = params[0]
+        single = (len(params) == 1 and not isinstance(p0, PartitionedParameter) and p0.dtype == self.dtype
+                  and p0.is_contiguous() and self.padded == self.numel)
+        # The full buffer: a lone full parameter's own storage (no copy), else a new one. Either way a
+        # tensor of its own, so writing it does not bump the parameter's version counter (autograd would
+        # take a gather between forward and backward for an in-place change of a saved weight).
+        self.full = torch.zeros(0 if single else self.padded, dtype=self.dtype, device=device)
         if single:
-            p0 = params[0]
             self.full.set_(p0.untyped_storage(), p0.storage_offset(), (self.numel,), (1,))
         plain = [not isinstance(p, PartitionedParameter) for p in params]
-        if not single:
-            for p, off, is_plain in zip(params, self.full_offsets, plain, strict=True):
-                if is_plain:
+        for p, off, is_plain in zip(params, self.offsets, plain, strict=True):
+            if single:
+                break
+            if is_plain:
+                self.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            else:  # partitioned by another unit: gather it there, one parameter at a time
+                old = p.zero.unit
+                was = old.gathered
+                old.gather()
+                with torch._C.DisableTorchFunctionSubclass():
                     self.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                if not was:
+                    old.release()
         if any(plain) and n > 1:
             self.comm.broadcast(self.full, src_rank)  # every rank starts from the same weights
+        self.shard = self.full[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
         self.on_change: list[Callable[[GatherUnit], None]] = []  # called after gathered(modifier_rank=...)
         self.on_released_use: Callable[[GatherUnit, PartitionedParameter], bool] | None = None
         self._handle: Handle | None = None
-        self._buffer: torch.Tensor | None = None
-        for i, (p, is_plain) in enumerate(zip(params, plain, strict=True)):
-            start, stop = shard_range(p.numel(), r, n)
-            mine = self.shard[self.shard_offsets[i]:self.shard_offsets[i] + self.chunks[i]]
-            if is_plain:
-                flat = self.full[self.full_offsets[i]:self.full_offsets[i] + p.numel()]
-                mine[:stop - start].copy_(flat[start:stop])
-                name = (names or [""] * len(params))[i] or f"param of shape {tuple(p.shape)}"
-            else:
-                mine.copy_(p.zero.shard)
-                name = names[i] if names and names[i] else p.zero.name
-            p.data = self.full[self.full_offsets[i]:self.full_offsets[i] + p.numel()].view(p.shape)
+        lo = r * self.shard_numel
+        for i, (p, off, is_plain) in enumerate(zip(params, self.offsets, plain, strict=True)):
+            start = min(max(lo - off, 0), p.numel())
+            stop = max(min(lo + self.shard_numel - off, p.numel()), start)
+            fallback = f"param of shape {tuple(p.shape)}" if is_plain else p.zero.name
+            name = names[i] if names and names[i] else fallback
+            p.data = self.full[off:off + p.numel()].view(p.shape)
             if is_plain:
                 p.__class__ = PartitionedParameter
-            p.zero = ParamShard(name, self, mine, start, stop)
+            p.zero = ParamShard(name, self, start, stop, off + start - lo)
         self.gathered = True
+        self.release()
         if persistent:
-            if not all(plain):
-                self._gather_now()
-        else:
-            self.release()
+            self.gather()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -166,7 +172,7 @@ class GatherUnit:
     @property
     def live_numel(self) -> int:
         """Elements of full parameters this unit holds now (gathered or being gathered)."""
-        return self.numel if (self.gathered or self.in_flight) else 0
+        return self.padded if (self.gathered or self.in_flight) else 0
 
     def gather(self, async_op: bool = False) -> None:
         """Bring the full parameters back (a collective: every rank must call it, in the same order).
@@ -175,38 +181,22 @@ class GatherUnit:
         if self.gathered:
             return
         if self._handle is None:
-            self.full.untyped_storage().resize_(self.numel * self.full.element_size())
-            self._buffer = torch.empty(self.shard_numel * self.comm.world_size, dtype=self.dtype,
-                                       device=self.shard.device)
-            self._handle = self.comm.all_gather(self.shard, out=self._buffer, async_op=True)
+            self.full.untyped_storage().resize_(self.padded * self.full.element_size())
+            self._handle = self.comm.all_gather(self.shard, out=self.full, async_op=True)
         if not async_op:
             self.wait()
 
     def wait(self) -> None:
-        """Finish an all-gather started by ``gather(async_op=True)``: unpack every rank's chunks."""
+        """Finish an all-gather started by ``gather(async_op=True)``."""
         if self._handle is None:
             return
         self._handle.wait()
-        assert self._buffer is not None
-        per_rank = self._buffer.view(self.comm.world_size, self.shard_numel)
-        for p, c, soff, foff in zip(self.params, self.chunks, self.shard_offsets, self.full_offsets, strict=True):
-            numel = p.numel()
-            rows = numel // c if c else 0
-            dest = self.full[foff:foff + numel]
-            if rows:
-                dest[:rows * c].view(rows, c).copy_(per_rank[:rows, soff:soff + c])
-            if rows * c < numel:
-                dest[rows * c:].copy_(per_rank[rows, soff:soff + numel - rows * c])
-        self._handle, self._buffer = None, None
+        self._handle = None
         self.gathered = True
 
-    def _gather_now(self) -> None:
-        self.gathered = False
-        self.gather()
-
-    def release(self) -> None:
-        """Drop the full parameters (persistent units keep them); this rank's shard stays."""
-        if self.persistent:
+    def release(self, force: bool = False) -> None:
+        """Drop the full parameters (persistent units keep them unless forced); this rank's shard stays."""
+        if self.persistent and not force:
             return
         if self._handle is not None:
             self.wait()
@@ -217,15 +207,15 @@ class GatherUnit:
     def refresh(self) -> None:
         """After the shard changed (an optimizer step): a persistent unit gathers the new values."""
         if self.persistent:
-            self._gather_now()
+            self.release(force=True)
+            self.gather()
 
     def scatter_back(self, src_rank: int) -> None:
-        """Make ``src_rank``'s full parameters everyone's, and keep this rank's chunks of them."""
+        """Make ``src_rank``'s full parameters everyone's, and keep this rank's chunk of them."""
         if self.comm.world_size > 1:
             self.comm.broadcast(self.full, src_rank)
-        for p, soff, foff in zip(self.params, self.shard_offsets, self.full_offsets, strict=True):
-            z = p.zero
-            self.shard[soff:soff + z.stop - z.start].copy_(self.full[foff + z.start:foff + z.stop])
+        r = self.comm.rank
+        self.shard.copy_(self.full[r * self.shard_numel:(r + 1) * self.shard_numel])
         for callback in self.on_change:
             callback(self)
 

@@ -131,6 +131,8 @@ class ZeroStage3(ShardedOptimizer):
         self._next_reduce = 0
         self._pending: list[tuple[Handle, Any]] = []
         self._hooks: list[Any] = []
+        # gathers launched ahead by prefetch, and gathers a module had to start and wait for itself
+        self.gather_counts = {"prefetched": 0, "on_demand": 0}
         self._install_hooks()
 
     # -- construction ------------------------------------------------------------------------
@@ -194,14 +196,15 @@ class ZeroStage3(ShardedOptimizer):
         for key in state_keys.values():
             self.store.create(key, torch.zeros_like(master))
         runs: list[tuple[int, int, int]] = []
-        for p, soff, c in zip(unit.params, unit.shard_offsets, unit.chunks, strict=True):
-            if not p.requires_grad:
+        for p in unit.params:
+            z = p.zero  # type: ignore[attr-defined]
+            if not p.requires_grad or z.stop == z.start:
                 continue
-            g = self._group_of.get(id(p), 0)
-            if runs and runs[-1][0] == g and runs[-1][2] == soff:
-                runs[-1] = (g, runs[-1][1], soff + c)
+            g, end = self._group_of.get(id(p), 0), z.at + z.stop - z.start
+            if runs and runs[-1][0] == g and runs[-1][2] == z.at:
+                runs[-1] = (g, runs[-1][1], end)
             else:
-                runs.append((g, soff, soff + c))
+                runs.append((g, z.at, end))
         trainable = sum(p.requires_grad for p in unit.params)
         return _Owner(unit, master_key, state_keys, torch.zeros_like(unit.shard), runs, trainable)
 
@@ -224,6 +227,8 @@ class ZeroStage3(ShardedOptimizer):
     def _need(self, units: Iterable[GatherUnit], trace: _Trace) -> None:
         for u in units:
             trace.record(u)
+            if not (u.gathered or u.in_flight):
+                self.gather_counts["on_demand"] += 1
             u.gather()
         self._prefetch(trace)
 
@@ -237,11 +242,12 @@ class ZeroStage3(ShardedOptimizer):
                 break
             if u.gathered or u.in_flight:
                 continue
-            if live + u.numel > self.config.max_live_numel:
+            if live + u.padded > self.config.max_live_numel:
                 break
             u.gather(async_op=True)
-            live += u.numel
-            budget -= u.numel
+            self.gather_counts["prefetched"] += 1
+            live += u.padded
+            budget -= u.padded
 
     def _fetch_on_use(self, unit: GatherUnit, param: PartitionedParameter) -> bool:
         """A module's forward touched a parameter it does not own (a tied weight): gather it, and gather
@@ -303,9 +309,7 @@ class ZeroStage3(ShardedOptimizer):
     def _make_grad_hook(self, owner: _Owner, p: nn.Parameter):
         unit = owner.unit
         i = next(k for k, q in enumerate(unit.params) if q is p)
-        c, soff, numel = unit.chunks[i], unit.shard_offsets[i], p.numel()
-        n = self.comm.world_size
-        rows = numel // c if c else 0
+        off, numel = unit.offsets[i], p.numel()
 
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
@@ -316,13 +320,8 @@ class ZeroStage3(ShardedOptimizer):
                 self._phase = "backward"
                 self._backward_trace.start()
             if owner.staging is None:
-                owner.staging = torch.zeros(n * unit.shard_numel, dtype=self.dtype, device=grad.device)
-            per_rank = owner.staging.view(n, unit.shard_numel)
-            flat = grad.reshape(-1)
-            if rows:
-                per_rank[:rows, soff:soff + c].copy_(flat[:rows * c].view(rows, c))
-            if rows * c < numel:
-                per_rank[rows, soff:soff + numel - rows * c].copy_(flat[rows * c:])
+                owner.staging = torch.zeros(unit.padded, dtype=self.dtype, device=grad.device)
+            owner.staging[off:off + numel].view(param.shape).copy_(grad)
             owner.arrived += 1
             if owner.arrived == owner.trainable:
                 unit.release()
@@ -350,8 +349,7 @@ class ZeroStage3(ShardedOptimizer):
     def _reduce(self, owner: _Owner) -> None:
         staging = owner.staging
         if staging is None:  # no parameter of this unit got a gradient in this micro-step
-            staging = torch.zeros(self.comm.world_size * owner.unit.shard_numel, dtype=self.dtype,
-                                  device=owner.grad.device)
+            staging = torch.zeros(owner.unit.padded, dtype=self.dtype, device=owner.grad.device)
         owner.staging = None
         if not owner.reduced_once:  # the first micro-step since zero_grad: reduce straight into the shard
             owner.reduced_once = True
@@ -361,15 +359,15 @@ class ZeroStage3(ShardedOptimizer):
             reduced = torch.empty_like(owner.grad)
             handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
             self._pending.append((handle, (owner.grad, reduced)))
-        if not self.config.overlap_comm:
-            self._drain()
+        # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight
+        self._drain(keep=1 if self.config.overlap_comm else 0)
 
-    def _drain(self) -> None:
-        for handle, add in self._pending:
+    def _drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            handle, add = self._pending.pop(0)
             handle.wait()
             if add is not None:
                 add[0].add_(add[1])
-        self._pending.clear()
 
     def _finish_backward(self) -> None:
         if self._phase != "backward":
@@ -417,10 +415,10 @@ class ZeroStage3(ShardedOptimizer):
 
     def _segments(self, owner: _Owner, a: int, b: int) -> list[Segment]:
         out = []
-        for p, soff in zip(owner.unit.params, owner.unit.shard_offsets, strict=True):
+        for p in owner.unit.params:
             z = p.zero  # type: ignore[attr-defined]
-            if a <= soff < b and z.stop > z.start:
-                out.append((p, z.start, soff - a, z.stop - z.start))
+            if p.requires_grad and a <= z.at < b and z.stop > z.start:
+                out.append((p, z.start, z.at - a, z.stop - z.start))
         return out
 
     def _parameters(self) -> list[nn.Parameter]:
