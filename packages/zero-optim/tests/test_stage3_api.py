@@ -1,0 +1,150 @@
+"""Stage 3 as a user meets it: partitioned parameters refuse to be read and say how to gather them;
+gathered() reads and changes them (the optimizer follows the change); parameter groups, state
+dicts and the checkpoint view work as in stages 0-2; bad arguments are named."""
+
+import pytest
+import torch
+import zero_models
+from parity import BATCH, LR, WD, max_rel, rel
+from torch import nn
+
+import zero_comm
+from zero_comm.testing import run_ranks
+from zero_optim import (
+    AdamW,
+    PartitionedParameter,
+    PartitionedParameterError,
+    ZeroConfig,
+    ZeroOptimizer,
+    ZeroStage3,
+    gathered,
+)
+
+STAGE3 = ZeroConfig(stage=3, persistence_threshold=0)
+
+
+def read_and_change() -> bool:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = ZeroStage3(model, AdamW(lr=LR), comm=comm, config=STAGE3)
+    w = model.net[0].weight
+    assert isinstance(w, PartitionedParameter) and w.shape == (64, 32), "the full shape stays visible"
+    assert "partitioned" in repr(w)
+    for read in (lambda: w.sum(), lambda: model.state_dict(), lambda: w + 1, lambda: torch.cat([w, w])):
+        with pytest.raises(PartitionedParameterError, match=r"'net\.0\.weight'.*zero_optim\.gathered"):
+            read()
+    with gathered(model.parameters()):
+        assert all(torch.equal(p, want[n]) for n, p in model.named_parameters()), "gathered reads the weights"
+    with pytest.raises(PartitionedParameterError):
+        w.sum()  # released again on exit
+    with gathered(w):  # no modifier: a change is dropped
+        w.data.fill_(3.0)
+    assert torch.equal(opt.consolidated_state_dict(rank0_only=False)["net.0.weight"], want["net.0.weight"])
+    with gathered(w, modifier_rank=0):  # rank 0's change is kept, whatever the others did
+        w.data.fill_(0.5 if comm.rank == 0 else -1.0)
+    full = opt.consolidated_state_dict(rank0_only=False)
+    assert torch.equal(full["net.0.weight"], torch.full((64, 32), 0.5))
+    assert all(torch.equal(piece.data, torch.full_like(piece.data, 0.5))
+               for piece in opt.sharded_state()["master/net.0.weight"].pieces), "the master weights follow"
+    return True
+
+
+def test_partitioned_parameters_are_read_and_changed_through_gathered():
+    assert all(run_ranks(read_and_change, 2))
+
+
+def groups_and_state() -> dict:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("gpt")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = ZeroStage3(model, AdamW(lr=LR, weight_decay=WD), comm=comm, config=STAGE3,
+                     param_groups=[{"params": decay}, {"params": rest, "weight_decay": 0.0}])
+    per_rank = BATCH // comm.world_size
+    losses, saved = [], None
+    for step in range(6):
+        if step == 4:
+            saved = (opt.state_dict(), opt.consolidated_state_dict(rank0_only=False))
+        x, y = zero_models.batch("gpt", step, BATCH)
+        loss = model(x[comm.rank * per_rank:(comm.rank + 1) * per_rank],
+                     y[comm.rank * per_rank:(comm.rank + 1) * per_rank])
+        opt.backward(loss)
+        opt.step()
+        losses.append(comm.all_reduce(loss.detach(), "avg").item())
+    state, weights = saved
+    opt.load_state_dict(state)
+    restored = opt.consolidated_state_dict(rank0_only=False)
+    sharded = opt.sharded_state()
+    covered = {name: sorted((p.start, p.stop) for p in t.pieces) for name, t in sharded.items()}
+    return {"losses": losses, "restored": all(torch.equal(restored[k], v) for k, v in weights.items()),
+            "step": opt.step_count, "covered": covered, "shapes": {n: t.global_shape for n, t in sharded.items()}}
+
+
+def grouped_reference() -> list[float]:
+    model = zero_models.make_model("gpt")
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=LR, weight_decay=WD)
+    losses = []
+    for step in range(6):
+        loss = model(*zero_models.batch("gpt", step, BATCH))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_parameter_groups_state_dict_and_checkpoint_view():
+    want = run_ranks(grouped_reference, 1)[0]
+    results = run_ranks(groups_and_state, 2)
+    for r in results:
+        assert max_rel(r["losses"], want) <= 1e-5, "per-group weight decay matches torch's groups"
+        assert r["restored"] and r["step"] == 4, "load_state_dict puts back the weights and the step"
+    for name, shape in results[0]["shapes"].items():  # the two ranks' pieces tile every tensor exactly once
+        pieces = sorted(results[0]["covered"].get(name, []) + results[1]["covered"].get(name, []))
+        assert pieces[0][0] == 0 and pieces[-1][1] == torch.Size(shape).numel(), name
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), name
+
+
+def bad_input() -> None:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    with pytest.raises(TypeError, match="pass the model"):
+        ZeroStage3(model.parameters(), AdamW(), comm=comm)
+    with pytest.raises(ValueError, match=r"ZeroConfig\(stage=3"):
+        ZeroStage3(model, AdamW(), comm=comm, config=ZeroConfig(stage=2))
+    with pytest.raises(ValueError, match="ZeroStage3"):
+        ZeroOptimizer(model.parameters(), AdamW(), comm=comm, config=ZeroConfig(stage=3))
+    with pytest.raises(ValueError, match="not in the module"):
+        ZeroStage3(model, AdamW(), comm=comm, param_groups=[{"params": [nn.Parameter(torch.zeros(2))]}])
+    with pytest.raises(ValueError, match="did you mean 'weight_decay'"):
+        ZeroStage3(model, AdamW(), comm=comm, param_groups=[{"params": [], "weight_decy": 0.0}])
+    with pytest.raises(ValueError, match="prefetch_numel must be >= 0"):
+        ZeroConfig(stage=3, prefetch_numel=-1)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        ZeroStage3(frozen, AdamW(), comm=comm)
+
+
+def test_bad_input_is_named():
+    run_ranks(bad_input, 1)
+
+
+def frozen_part() -> float:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    model.net[0].requires_grad_(False)
+    first = model.net[0].weight.detach().clone()
+    opt = ZeroStage3(model, AdamW(lr=LR, weight_decay=WD), comm=comm, config=STAGE3)
+    for step in range(3):
+        x, y = zero_models.batch("mlp", step, BATCH)
+        opt.backward(model(x, y))
+        opt.step()
+    weights = opt.consolidated_state_dict()  # every rank gathers; rank 0 gets the weights
+    return rel(weights["net.0.weight"], first) if comm.rank == 0 else 0.0
+
+
+def test_frozen_parameters_are_gathered_but_never_stepped():
+    assert run_ranks(frozen_part, 2)[0] == 0.0
