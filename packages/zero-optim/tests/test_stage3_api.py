@@ -2,6 +2,8 @@
 gathered() reads and changes them (the optimizer follows the change); parameter groups, state
 dicts and the checkpoint view work as in stages 0-2; bad arguments are named."""
 
+import itertools
+
 import pytest
 import torch
 import zero_models
@@ -31,7 +33,7 @@ def read_and_change() -> bool:
     w = model.net[0].weight
     assert isinstance(w, PartitionedParameter) and w.shape == (64, 32), "the full shape stays visible"
     assert "partitioned" in repr(w)
-    for read in (lambda: w.sum(), lambda: model.state_dict(), lambda: w + 1, lambda: torch.cat([w, w])):
+    for read in (w.sum, model.state_dict, lambda: w + 1, lambda: torch.cat([w, w])):
         with pytest.raises(PartitionedParameterError, match=r"'net\.0\.weight'.*zero_optim\.gathered"):
             read()
     with gathered(model.parameters()):
@@ -105,7 +107,7 @@ def test_parameter_groups_state_dict_and_checkpoint_view():
     for name, shape in results[0]["shapes"].items():  # the two ranks' pieces tile every tensor exactly once
         pieces = sorted(results[0]["covered"].get(name, []) + results[1]["covered"].get(name, []))
         assert pieces[0][0] == 0 and pieces[-1][1] == torch.Size(shape).numel(), name
-        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), name
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces)), name
 
 
 def bad_input() -> None:

@@ -3,8 +3,8 @@
 Parameters partitioned over 1, 2 and 4 ranks, gathered per module on use: the MLP
 and the tied-embedding GPT match the plain loop to 1e-5 (losses, no-grad
 evaluations and every weight), with and without prefetch, gradient accumulation,
-clipping, persistent small parameters, activation checkpointing and partitioned
-construction; a layer run twice per forward and a layer order that changes every
+clipping, persistent small parameters, whole blocks as gather units, activation
+checkpointing and partitioned construction; a layer run twice per forward and a layer order that changes every
 step match as well.
 """
 
@@ -19,7 +19,8 @@ from zero_optim import AdamW, ZeroConfig, ZeroStage3, partitioned
 
 
 def train_stage3(name: str, accum: int = 1, clip: float | None = None, *, prefetch: int = 10**6,
-                 max_live: int = 10**9, persist: int = 0, build_partitioned: bool = False, precision: str = "fp32",
+                 max_live: int = 10**9, persist: int = 0, units: int = 0, build_partitioned: bool = False,
+                 precision: str = "fp32",
                  steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
     comm = zero_comm.init_distributed()
     if build_partitioned:
@@ -28,7 +29,8 @@ def train_stage3(name: str, accum: int = 1, clip: float | None = None, *, prefet
     else:
         model = zero_models.make_model(name)
     config = ZeroConfig(stage=3, precision=precision, accumulation_steps=accum, clip_grad_norm=clip,
-                        prefetch_numel=prefetch, max_live_numel=max_live, persistence_threshold=persist)
+                        prefetch_numel=prefetch, max_live_numel=max_live, persistence_threshold=persist,
+                        unit_numel=units)
     opt = ZeroStage3(model, AdamW(lr=LR, weight_decay=WD), comm=comm, config=config)
     per_rank = BATCH // comm.world_size
     losses, evals = [], []
@@ -54,7 +56,7 @@ def train_stage3(name: str, accum: int = 1, clip: float | None = None, *, prefet
 CONFIGS = {
     "prefetch": (1, None, {}),
     "no prefetch, accumulation, clipping, persistent small params": (2, 0.5, {"prefetch": 0, "persist": 300}),
-    "tight prefetch window": (2, 0.5, {"prefetch": 5_000, "max_live": 40_000}),
+    "tight prefetch window, blocks as units": (2, 0.5, {"prefetch": 5_000, "max_live": 40_000, "units": 250_000}),
     "partitioned construction": (1, None, {"build_partitioned": True}),
 }
 

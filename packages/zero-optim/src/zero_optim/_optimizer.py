@@ -58,6 +58,10 @@ class ZeroConfig:
             exceed this many elements (stage3_max_live_parameters).
         persistence_threshold: stage 3: parameters of at most this many elements stay
             whole on every rank (stage3_param_persistence_threshold).
+        unit_numel: stage 3: 0 gathers each module's own parameters as one unit; above
+            0, the largest subtrees of at most this many elements (a transformer
+            block) are gathered as one unit each: fewer, larger all-gathers and fewer
+            hooks, at the price of that much live memory.
     """
 
     stage: int = 0
@@ -71,10 +75,11 @@ class ZeroConfig:
     prefetch_numel: int = 50_000_000
     max_live_numel: int = 1_000_000_000
     persistence_threshold: int = 100_000
+    unit_numel: int = 0
 
     def __post_init__(self) -> None:
         for name in ("stage", "bucket_numel", "align", "accumulation_steps", "prefetch_numel", "max_live_numel",
-                     "persistence_threshold"):
+                     "persistence_threshold", "unit_numel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"ZeroConfig.{name} must be an integer, got {value!r}")
@@ -82,7 +87,7 @@ class ZeroConfig:
             raise ValueError(f"ZeroConfig.stage must be 0, 1, 2 or 3, got {self.stage!r}")
         if self.precision not in DTYPES:
             raise ValueError(f"ZeroConfig.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
-        for name in ("prefetch_numel", "max_live_numel", "persistence_threshold"):
+        for name in ("prefetch_numel", "max_live_numel", "persistence_threshold", "unit_numel"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ZeroConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("bucket_numel", "align", "accumulation_steps"):

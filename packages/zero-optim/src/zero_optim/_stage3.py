@@ -156,12 +156,35 @@ class ZeroStage3(ShardedOptimizer):
             raise ValueError("ZeroStage3 got a module with no parameters that require grad")
         return group_of
 
+    def _unit_roots(self) -> tuple[list[nn.Module], set[int], set[int]]:
+        """The modules that gather their parameters as one unit: every module holding parameters, or,
+        with ``unit_numel``, the largest subtrees of at most that many elements (their descendants get
+        no hooks of their own: fewer, larger all-gathers)."""
+        limit = self.config.unit_numel
+        roots: list[nn.Module] = []
+        inside: set[int] = set()  # ids of modules within a grouped subtree
+        grouped: set[int] = set()  # ids of the modules that head one
+
+        def visit(module: nn.Module) -> None:
+            if limit and module is not self.module and sum(p.numel() for p in module.parameters()) <= limit:
+                roots.append(module)
+                grouped.add(id(module))
+                inside.update(id(m) for m in module.modules() if m is not module)
+                return
+            roots.append(module)
+            for child in module.children():
+                visit(child)
+
+        visit(self.module)
+        return roots, inside, grouped
+
     def _build_units(self) -> None:
         threshold = self.config.persistence_threshold
         placed: set[int] = set()
         small: list[nn.Parameter] = []
-        for module in self.module.modules():
-            direct = list(module.named_parameters(recurse=False))
+        roots, inside, grouped = self._unit_roots()
+        for module in roots:
+            direct = list(module.named_parameters(recurse=id(module) in grouped))
             mine: list[tuple[str, nn.Parameter]] = []
             for _, p in direct:
                 if id(p) in placed:
@@ -181,8 +204,10 @@ class ZeroStage3(ShardedOptimizer):
             unit.on_released_use = self._fetch_on_use
             unit.on_change = [self._reload_master]
         for module in self.module.modules():
+            if id(module) in inside:
+                continue
             units: list[GatherUnit] = []
-            for p in module.parameters(recurse=False):
+            for p in module.parameters(recurse=id(module) in grouped):
                 u = p.zero.unit  # type: ignore[attr-defined]
                 if not u.persistent and u not in units:
                     units.append(u)
@@ -274,13 +299,25 @@ class ZeroStage3(ShardedOptimizer):
         self._need(self._units_for(module), self._backward_trace if self._phase == "backward"
                    else self._forward_trace)
 
+    def _before_backward_of(self, module: nn.Module, output: Any) -> None:
+        """Gather ``module``'s units when the first gradient reaches any of its outputs (a hook on each
+        output that needs a gradient, the first to fire doing the work)."""
+        if not torch.is_grad_enabled():
+            return
+        fired = [False]
+
+        def hook(grad: torch.Tensor) -> None:
+            if not fired[0]:
+                fired[0] = True
+                self._pre_backward(module)
+
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(hook)
+
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._running.pop()
-        if torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-            if tensors:
-                torch.autograd.graph.register_multi_grad_hook(
-                    tensors, lambda _grad, m=module: self._pre_backward(m), mode="any")
+        self._before_backward_of(module, output)
         if self._phase != "backward":  # a recomputation inside backward keeps them for the backward
             for u in self._units_for(module):
                 u.release()
@@ -288,11 +325,8 @@ class ZeroStage3(ShardedOptimizer):
     def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if module in self._units_of:
             self._post_forward(module, args, output)
-        elif torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-            if tensors and module in self._external:
-                torch.autograd.graph.register_multi_grad_hook(
-                    tensors, lambda _grad: self._pre_backward(module), mode="any")
+        elif module in self._external:
+            self._before_backward_of(module, output)
         if self._phase == "forward":
             for u in self.units:
                 u.release()
