@@ -277,8 +277,8 @@ class ShardedOptimizer:
         for owner, shard in zip(owners, state["shards"], strict=True):
             for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
                 self.store.put(key, shard[name].to(self.store.get(key).device))
-        for mine, saved in zip(self.hparams, state["hparams"], strict=True):
-            mine.update(saved)
+        for group, saved in zip(self.hparams, state["hparams"], strict=True):
+            group.update(saved)
         self.step_count, self.skipped_steps = state["step"], state["skipped_steps"]
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -52,7 +52,7 @@ def partitioned(comm: Communicator, *, dtype: torch.dtype | None = None, src_ran
 
     def observe(frame: FrameType, event: str, arg: Any) -> None:
         if previous is not None:
-            previous(frame, event, arg)
+            previous(frame, event, arg)  # type: ignore[arg-type]
         if event not in ("call", "return") or frame.f_code.co_name != "__init__" or not frame.f_code.co_argcount:
             return
         module = frame.f_locals.get(frame.f_code.co_varnames[0])

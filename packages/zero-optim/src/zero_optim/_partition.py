@@ -87,7 +87,7 @@ class PartitionedParameter(nn.Parameter):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
-    def __repr__(self) -> str:
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
         z = self.zero
         state = "gathered" if z.unit.gathered else f"partitioned, this rank holds {z.stop - z.start} elements"
         return f"PartitionedParameter({z.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, {state})"
@@ -136,7 +136,7 @@ class GatherUnit:
             if is_plain:
                 self.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
             else:  # partitioned by another unit: gather it there, one parameter at a time
-                old = p.zero.unit
+                old = p.zero.unit  # type: ignore[attr-defined]
                 was = old.gathered
                 old.gather()
                 with torch._C.DisableTorchFunctionSubclass():
@@ -153,12 +153,12 @@ class GatherUnit:
         for i, (p, off, is_plain) in enumerate(zip(params, self.offsets, plain, strict=True)):
             start = min(max(lo - off, 0), p.numel())
             stop = max(min(lo + self.shard_numel - off, p.numel()), start)
-            fallback = f"param of shape {tuple(p.shape)}" if is_plain else p.zero.name
+            fallback = f"param of shape {tuple(p.shape)}" if is_plain else p.zero.name  # type: ignore[attr-defined]
             name = names[i] if names and names[i] else fallback
             p.data = self.full[off:off + p.numel()].view(p.shape)
             if is_plain:
                 p.__class__ = PartitionedParameter
-            p.zero = ParamShard(name, self, start, stop, off + start - lo)
+            p.zero = ParamShard(name, self, start, stop, off + start - lo)  # type: ignore[attr-defined]
         self.gathered = True
         self.release()
         if persistent:
