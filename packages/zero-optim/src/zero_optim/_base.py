@@ -236,6 +236,28 @@ class ShardedOptimizer:
                         entry.pieces.append(ShardPiece(start, start + n, t[at:at + n]))
         return out
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The small values a checkpoint keeps beside ``sharded_state()``: counters, loss scale,
+        hyper-parameters (the same on every rank)."""
+        return {"stage": self.stage, "rule": self.rule.name, "step": self.step_count,
+                "skipped_steps": self.skipped_steps, "scaler": self.scaler.state_dict() if self.scaler else None,
+                "hparams": [dict(h) for h in self.hparams]}
+
+    def load_checkpoint_meta(self, meta: Mapping[str, Any]) -> None:
+        """After a checkpoint reader filled ``sharded_state()``'s pieces in place: restore the counters
+        and put the loaded master weights into the model. Any stage and world size may have saved it."""
+        if meta["rule"] != self.rule.name:
+            raise ValueError(f"the checkpoint was saved by {meta['rule']}; this optimizer runs {self.rule.name}")
+        if len(meta["hparams"]) != len(self.hparams):
+            raise ValueError(f"the checkpoint has {len(meta['hparams'])} parameter groups; this optimizer has "
+                             f"{len(self.hparams)}")
+        for group, saved in zip(self.hparams, meta["hparams"], strict=True):
+            group.update(saved)
+        self.step_count, self.skipped_steps = meta["step"], meta["skipped_steps"]
+        if self.scaler and meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self._after_load()
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
         owners = self._owners()

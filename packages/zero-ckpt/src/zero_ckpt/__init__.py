@@ -1,0 +1,42 @@
+"""zero-ckpt: activation checkpointing, and sharded, resharding, atomic, verified state checkpoints.
+
+Activations: :class:`ActivationCheckpointing` (``checkpoint``, ``sequential``) over
+``torch.utils.checkpoint`` with DeepSpeed's options, and :class:`RNGStatesTracker`.
+State: :class:`CheckpointManager` (``save``/``load``, sync or async) writes a
+checkpoint from N ranks that M ranks read back; :func:`consolidate` and
+:func:`export` turn one into a plain ``state_dict`` without a process group.
+"""
+
+from ._activation import ActivationCheckpointConfig, ActivationCheckpointing, CheckpointStats
+from ._format import CheckpointError
+from ._rng import RNGStatesTracker
+from ._state import (
+    Checkpointable,
+    CheckpointManager,
+    CheckpointReader,
+    FullTensor,
+    ShardedTensorLike,
+    consolidate,
+    export,
+    latest_tag,
+    module_state,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCheckpointConfig",
+    "ActivationCheckpointing",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointReader",
+    "CheckpointStats",
+    "Checkpointable",
+    "FullTensor",
+    "RNGStatesTracker",
+    "ShardedTensorLike",
+    "consolidate",
+    "export",
+    "latest_tag",
+    "module_state",
+]

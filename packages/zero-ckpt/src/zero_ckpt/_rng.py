@@ -1,0 +1,64 @@
+"""Named RNG streams for model-parallel regions (Megatron's CUDA RNG tracker, on any device).
+
+In a tensor-parallel region each rank holds a different slice of a weight, so
+dropout there must draw a different mask on each rank, while dropout outside the
+region must draw the same one. The tracker keeps named generator states apart
+from the default one: ``with tracker.fork("model-parallel"):`` swaps a named state
+in, runs the block, and swaps the advanced state back out. Activation
+checkpointing records the states before a checkpointed call and replays them for
+its recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["RNGStatesTracker"]
+
+
+class RNGStatesTracker:
+    """Named RNG states for ``device`` (the CPU generator, or a CUDA device's)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._states: dict[str, torch.Tensor] = {}
+
+    def _get(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def add(self, name: str, seed: int) -> None:
+        """A new stream ``name`` seeded with ``seed`` (e.g. base seed + 2718 + tensor-parallel rank)."""
+        if name in self._states:
+            raise ValueError(f"RNG state {name!r} already exists")
+        outer = self._get()
+        torch.manual_seed(seed) if self.device.type != "cuda" else torch.cuda.manual_seed(seed)
+        self._states[name] = self._get()
+        self._set(outer)
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._states = {k: v.clone() for k, v in states.items()}
+
+    @contextmanager
+    def fork(self, name: str = "model-parallel") -> Iterator[None]:
+        """Draw from stream ``name`` inside the block."""
+        if name not in self._states:
+            raise KeyError(f"no RNG state named {name!r}; add it first (tracker.add({name!r}, seed))")
+        outer = self._get()
+        self._set(self._states[name])
+        try:
+            yield
+        finally:
+            self._states[name] = self._get()
+            self._set(outer)

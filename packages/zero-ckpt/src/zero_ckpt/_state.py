@@ -1,0 +1,527 @@
+"""State checkpoints: every rank writes its shards; any number of ranks reads them back.
+
+A checkpoint is a directory ``<root>/<tag>/`` with a data file and a manifest per
+rank and one ``meta.json``. It is written under ``<root>/<tag>.partial-<nonce>/``,
+each file fsynced, and renamed into place by rank 0 only once every rank's files
+are durable; only then does ``<root>/latest`` (replaced atomically) name it. A
+crash at any point leaves the previous checkpoint loadable and ``latest`` on it.
+
+What is saved are *sharded states*: mappings of names to tensors that give a
+global shape and dtype and the pieces (ranges of the flattened tensor) this rank
+holds -- zero-optim's ``sharded_state()`` is one. Loading fills the pieces of the
+loading ranks' sharded states in place, whatever ranges they hold: resharding
+from N ranks to M, or across ZeRO stages, is the normal path. An object with
+``sharded_state()``, ``checkpoint_meta()`` and ``load_checkpoint_meta()`` (a ZeRO
+optimizer) also gets its counters back and refreshes the model from what was loaded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import difflib
+import io
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+import torch
+
+from zero_comm import Communicator
+
+from ._format import (
+    BLOCK,
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointMeta,
+    PieceEntry,
+    RankManifest,
+    TensorEntry,
+    as_bytes,
+    checksum_file,
+    dtype_from_name,
+    dtype_name,
+    fsync_dir,
+    read_exact,
+    write_file,
+)
+
+__all__ = [
+    "CheckpointManager",
+    "Checkpointable",
+    "FullTensor",
+    "ShardedTensorLike",
+    "consolidate",
+    "export",
+    "latest_tag",
+    "module_state",
+]
+
+
+@runtime_checkable
+class ShardedTensorLike(Protocol):
+    """One logical tensor as a rank holds it (zero-optim's ShardedTensor satisfies this)."""
+
+    @property
+    def global_shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def pieces(self) -> Sequence[Any]: ...  # each with .start, .stop and .data (1-D, stop - start elements)
+
+
+ShardedState = Mapping[str, ShardedTensorLike]
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """A component whose state is a sharded state plus a few small values (a ZeRO optimizer)."""
+
+    def sharded_state(self) -> ShardedState: ...
+    def checkpoint_meta(self) -> dict[str, Any]: ...
+    def load_checkpoint_meta(self, meta: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Piece:
+    start: int
+    stop: int
+    data: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FullTensor:
+    """A whole tensor as a sharded state entry: one piece covering it (or none, where another rank
+    writes it)."""
+
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[_Piece]
+
+
+def module_state(module: torch.nn.Module) -> dict[str, FullTensor]:
+    """A module's ``state_dict`` as a sharded state of whole tensors (views: loading writes into the
+    module). Replicated on every rank, it is written once (by the lowest rank) and read by every rank."""
+    out = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        t = value.detach()
+        out[name] = FullTensor(tuple(t.shape), t.dtype, [_Piece(0, t.numel(), t.reshape(-1))])
+    return out
+
+
+def latest_tag(root: str | os.PathLike) -> str:
+    """The tag ``<root>/latest`` names."""
+    path = Path(root) / "latest"
+    try:
+        tag = path.read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint in {root}: it has no 'latest' file") from None
+    if not tag or not (Path(root) / tag / "meta.json").is_file():
+        raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint in {root}")
+    return tag
+
+
+def _items_state(items: Mapping[str, Any]) -> dict[str, ShardedTensorLike]:
+    out = {}
+    for item, obj in items.items():
+        state = obj.sharded_state() if isinstance(obj, Checkpointable) else obj
+        if not isinstance(state, Mapping):
+            raise TypeError(f"checkpoint item {item!r} must be a sharded state (a mapping of names to tensors "
+                            f"with global_shape, dtype and pieces) or have sharded_state(); got {type(obj)}")
+        for name, entry in state.items():
+            out[f"{item}/{name}"] = entry
+    return out
+
+
+def _exchange(comm: Communicator, payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, on every rank."""
+    if comm.world_size == 1:
+        return [payload]
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = comm.all_gather(size).tolist()
+    buf = torch.zeros(max(sizes), dtype=torch.uint8)
+    if payload:
+        buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    gathered = comm.all_gather(buf).view(comm.world_size, -1)
+    return [bytes(gathered[r, :sizes[r]].numpy()) for r in range(comm.world_size)]
+
+
+def _subtract(ranges: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for start, stop in ranges:
+        pos = start
+        for a, b in sorted(covered):
+            if b <= pos or a >= stop:
+                continue
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+        if pos < stop:
+            out.append((pos, stop))
+    return out
+
+
+class _Plan(msgspec.Struct):
+    nonce: str
+    tensors: dict[str, TensorEntry]
+    pieces: list[tuple[str, int, int]]
+
+
+class CheckpointManager:
+    """Saves and loads checkpoints under ``root`` for the ranks of ``comm``.
+
+    ``save(tag, items, client_state=..., async_save=...)`` and ``load(items, tag=None)``;
+    ``items`` maps a name to a sharded state or a :class:`Checkpointable`. Every rank
+    must call both. An async save copies the state to host memory and returns; a
+    background thread writes it, and the next save, ``wait()`` or the interpreter's
+    exit waits for it. ``timeout`` bounds how long rank 0 waits for the other ranks'
+    files before it gives up on committing (the partial checkpoint is never used).
+    """
+
+    def __init__(self, root: str | os.PathLike, comm: Communicator, *, timeout: float = 600.0,
+                 block_size: int = BLOCK):
+        self.root, self.comm, self.timeout, self.block_size = Path(root), comm, timeout, block_size
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_save_blocked_s = 0.0  # how long the last save held up its caller
+        atexit.register(self.wait)
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self, tag: str, items: Mapping[str, Any], *, client_state: Any = None, async_save: bool = False,
+             overwrite: bool = False) -> None:
+        began = time.perf_counter()
+        self.wait()
+        if not tag or "/" in tag or tag.startswith(".") or tag == "latest" or ".partial-" in tag:
+            raise CheckpointError(f"bad checkpoint tag {tag!r}: use a plain name such as 'step100'")
+        state = _items_state(items)
+        metas = {k: v.checkpoint_meta() for k, v in items.items() if isinstance(v, Checkpointable)}
+        mine = self._collect(state)
+        plans = self._agree(tag, state, mine, overwrite)
+        nonce = plans[0].nonce
+        writes = self._dedupe(plans, mine)
+        partial = self.root / f"{tag}.partial-{nonce}"
+        partial.mkdir(parents=True, exist_ok=True)
+        if async_save:
+            writes = [(name, start, stop, _host_copy(data)) for name, start, stop, data in writes]
+        else:
+            writes = [(name, start, stop, data.detach().cpu().contiguous()) for name, start, stop, data in writes]
+        extra = _rng_state()
+        client = {"client_state": client_state, "items": metas} if self.comm.rank == 0 else None
+        job = self._writer(tag, partial, plans, writes, extra, client)
+        if async_save:
+            self._thread = threading.Thread(target=self._run, args=(job,), name=f"zero-ckpt save {tag}",
+                                            daemon=False)
+            self._thread.start()
+            self.last_save_blocked_s = time.perf_counter() - began
+            return
+        job()
+        self.comm.barrier()  # on return the checkpoint is committed, on every rank
+        self.last_save_blocked_s = time.perf_counter() - began
+
+    def _collect(self, state: Mapping[str, ShardedTensorLike]) -> list[tuple[str, int, int, torch.Tensor]]:
+        mine = []
+        for name, entry in state.items():
+            numel = torch.Size(entry.global_shape).numel()
+            for piece in entry.pieces:
+                data = piece.data
+                if not (0 <= piece.start <= piece.stop <= numel) or data.numel() != piece.stop - piece.start:
+                    raise CheckpointError(f"{name}: a piece [{piece.start}, {piece.stop}) of {data.numel()} "
+                                          f"elements does not fit a tensor of {numel} elements")
+                if data.dtype != entry.dtype:
+                    raise CheckpointError(f"{name}: a piece is {data.dtype}, the tensor {entry.dtype}")
+                mine.append((name, piece.start, piece.stop, data.reshape(-1)))
+        return mine
+
+    def _agree(self, tag: str, state: Mapping[str, ShardedTensorLike], mine: list,
+               overwrite: bool) -> list[_Plan]:
+        """Share every rank's tensors and pieces; check they fit together before anything is written."""
+        problem = ""
+        if self.comm.rank == 0:
+            problem = self._prepare_root(tag, overwrite, sum(d.numel() * d.element_size() for *_, d in mine))
+        plan = _Plan(secrets.token_hex(4) if self.comm.rank == 0 else "",
+                     {n: TensorEntry(list(e.global_shape), dtype_name(e.dtype)) for n, e in state.items()},
+                     [(n, s, e) for n, s, e, _ in mine])
+        raw = _exchange(self.comm, msgspec.json.encode([problem, plan]))
+        decoded = [msgspec.json.decode(r, type=tuple[str, _Plan]) for r in raw]
+        if decoded[0][0]:
+            raise CheckpointError(decoded[0][0])
+        plans = [p for _, p in decoded]
+        tensors: dict[str, TensorEntry] = {}  # a rank lists only the tensors it holds part of
+        for r, p in enumerate(plans):
+            for name, entry in p.tensors.items():
+                if tensors.setdefault(name, entry) != entry:
+                    raise CheckpointError(f"{name}: rank {r} saves it as {entry.shape} {entry.dtype}, another rank "
+                                          f"as {tensors[name].shape} {tensors[name].dtype}: every rank must save "
+                                          "the same items of the same model")
+        plans[0].tensors = tensors
+        for name, entry in tensors.items():
+            numel = torch.Size(entry.shape).numel()
+            ranges = sorted((s, e) for p in plans for n, s, e in p.pieces if n == name)
+            if _subtract([(0, numel)], ranges):
+                gap = _subtract([(0, numel)], ranges)[0]
+                raise CheckpointError(f"{name}: no rank holds elements [{gap[0]}, {gap[1]}) of it")
+        return plans
+
+    def _prepare_root(self, tag: str, overwrite: bool, nbytes: int) -> str:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write checkpoints to {self.root}: {exc}"
+        if (self.root / tag).exists() and not overwrite:
+            return f"checkpoint {self.root / tag} exists; pass overwrite=True or use a new tag"
+        for stale in self.root.glob("*.partial-*"):  # left by a save that never committed
+            shutil.rmtree(stale, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free
+        need = nbytes * self.comm.world_size  # a rank's share, taken as typical
+        if free < need:
+            return f"{self.root} has {free / 2**30:.2f} GiB free; this checkpoint needs about {need / 2**30:.2f} GiB"
+        return ""
+
+    def _dedupe(self, plans: list[_Plan], mine: list) -> list[tuple[str, int, int, torch.Tensor]]:
+        """Where lower ranks hold the same elements (replicated state), only the lowest writes them."""
+        r = self.comm.rank
+        covered: dict[str, list[tuple[int, int]]] = {}
+        for p in plans[:r]:
+            for n, s, e in p.pieces:
+                covered.setdefault(n, []).append((s, e))
+        out = []
+        for name, start, stop, data in mine:
+            for s, e in _subtract([(start, stop)], covered.get(name, [])):
+                out.append((name, s, e, data[s - start:e - start]))
+            covered.setdefault(name, []).append((start, stop))
+        return out
+
+    def _writer(self, tag: str, partial: Path, plans: list[_Plan], writes: list, extra: bytes,
+                client: dict | None) -> Callable[[], None]:
+        rank, world, block = self.comm.rank, self.comm.world_size, self.block_size
+
+        def job() -> None:
+            data_file, extra_file = f"rank{rank:05d}.data", f"rank{rank:05d}.extra"
+            pieces, chunks, offset = [], [], 0
+            for name, start, stop, data in writes:
+                pieces.append(PieceEntry(name, start, stop, dtype_name(data.dtype), offset))
+                chunks.append(as_bytes(data))
+                offset += chunks[-1].nbytes
+            size, sums = write_file(partial / data_file, chunks, block)
+            _, extra_sums = write_file(partial / extra_file, [memoryview(extra)], 1 << 62)
+            manifest = RankManifest(rank, data_file, size, block, sums, pieces, extra_file, extra_sums[0])
+            write_file(partial / f"rank{rank:05d}.json", [memoryview(msgspec.json.encode(manifest))])
+            write_file(partial / f"done.{rank}", [memoryview(b"")])
+            if rank == 0:
+                assert client is not None
+                self._commit(tag, partial, plans, world, client)
+
+        return job
+
+    def _commit(self, tag: str, partial: Path, plans: list[_Plan], world: int, client: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(client, buf)
+        write_file(partial / "client.pt", [buf.getbuffer()])
+        deadline = time.monotonic() + self.timeout
+        while not all((partial / f"done.{r}").exists() for r in range(world)):
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world) if not (partial / f"done.{r}").exists()]
+                raise CheckpointError(f"checkpoint {tag}: ranks {missing} did not finish writing within "
+                                      f"{self.timeout:.0f} s; {self.root / 'latest'} still names the previous one")
+            time.sleep(0.01)
+        meta = CheckpointMeta(FORMAT_VERSION, tag, world, plans[0].tensors,
+                              [f"rank{r:05d}.json" for r in range(world)], "client.pt",
+                              checksum_file(partial / "client.pt"))
+        write_file(partial / "meta.json", [memoryview(msgspec.json.encode(meta))])
+        for r in range(world):
+            (partial / f"done.{r}").unlink()
+        fsync_dir(partial)
+        final = self.root / tag
+        old = None
+        if final.exists():  # overwrite=True: move the old one aside, then the new one in
+            old = self.root / f"{tag}.partial-old-{plans[0].nonce}"
+            os.rename(final, old)
+        os.rename(partial, final)
+        fsync_dir(self.root)
+        pointer = self.root / f"latest.partial-{plans[0].nonce}"
+        write_file(pointer, [memoryview(tag.encode())])
+        os.replace(pointer, self.root / "latest")
+        fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # re-raised in the caller's thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Wait for an async save of this rank to be durable (on rank 0: committed); re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"the background save failed: {error}") from error
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, items: Mapping[str, Any], tag: str | None = None, *, restore_rng: bool = True) -> Any:
+        """Fill ``items``' pieces from checkpoint ``tag`` (default: the one ``latest`` names), restore
+        checkpointable items' counters and this rank's RNG, and return the client state."""
+        self.wait()
+        reader = CheckpointReader(self.root, tag)
+        state = _items_state(items)
+        for name, entry in state.items():
+            want = reader.entry(name)
+            if list(entry.global_shape) != want.shape:
+                raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(want.shape)}, this model "
+                                      f"{tuple(entry.global_shape)}")
+            for piece in entry.pieces:
+                reader.read_into(name, piece.start, piece.stop, piece.data)
+        client = reader.client()
+        for key, obj in items.items():
+            if isinstance(obj, Checkpointable):
+                if key not in client["items"]:
+                    raise CheckpointError(f"checkpoint {reader.tag} has no counters for item {key!r}")
+                obj.load_checkpoint_meta(client["items"][key])
+        if restore_rng and self.comm.rank < reader.meta.world_size:
+            _set_rng_state(reader.extra(self.comm.rank))
+        return client["client_state"]
+
+
+class CheckpointReader:
+    """Reads one checkpoint, piece by piece, without a process group."""
+
+    def __init__(self, root: str | os.PathLike, tag: str | None = None):
+        self.root = Path(root)
+        self.tag = tag or latest_tag(self.root)
+        self.dir = self.root / self.tag
+        self.meta = self._decode(self.dir / "meta.json", CheckpointMeta)
+        if self.meta.format_version != FORMAT_VERSION:
+            raise CheckpointError(f"{self.dir}: format version {self.meta.format_version}, this reader reads "
+                                  f"{FORMAT_VERSION}")
+        self.manifests = [self._decode(self.dir / f, RankManifest) for f in self.meta.ranks]
+        self._index: dict[str, list[tuple[PieceEntry, RankManifest]]] = {}
+        for m in self.manifests:
+            for p in m.pieces:
+                self._index.setdefault(p.name, []).append((p, m))
+
+    def _decode(self, path: Path, kind: type) -> Any:
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=kind)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: {self.dir} is not a complete checkpoint") from None
+        except msgspec.DecodeError as exc:
+            raise CheckpointError(f"{path} is corrupted: {exc}") from exc
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.meta.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.meta.tensors:
+            near = difflib.get_close_matches(name, self.names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise CheckpointError(f"checkpoint {self.dir} has no tensor {name!r}{hint}")
+        return self.meta.tensors[name]
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Elements ``[start, stop)`` of the flattened tensor ``name`` into ``out`` (any dtype, 1-D)."""
+        saved = dtype_from_name(self.entry(name).dtype)
+        direct = out.dtype == saved and out.is_contiguous() and out.device.type == "cpu"
+        dest = out if direct else torch.empty(stop - start, dtype=saved)
+        raw = as_bytes(dest)
+        size = dest.element_size()
+        filled = 0
+        for p, m in self._index.get(name, []):
+            lo, hi = max(p.start, start), min(p.stop, stop)
+            if lo >= hi:
+                continue
+            read_exact(self.dir / m.data_file, m, p.offset + (lo - p.start) * size,
+                       raw[(lo - start) * size:(hi - start) * size])
+            filled += hi - lo
+        if filled != stop - start:
+            raise CheckpointError(f"{name}: checkpoint {self.dir} covers {filled} of elements [{start}, {stop})")
+        if not direct:
+            out.copy_(dest)
+
+    def full(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        entry = self.entry(name)
+        out = torch.empty(torch.Size(entry.shape).numel(), dtype=dtype or dtype_from_name(entry.dtype))
+        self.read_into(name, 0, out.numel(), out)
+        return out.view(entry.shape)
+
+    def _verified(self, name: str, checksum: int) -> bytes:
+        path = self.dir / name
+        data = path.read_bytes()
+        import zlib
+
+        if zlib.crc32(data) != checksum:
+            raise CheckpointError(f"{path} fails its checksum: the file is corrupted")
+        return data
+
+    def client(self) -> dict[str, Any]:
+        data = self._verified(self.meta.client_file, self.meta.client_checksum)
+        return torch.load(io.BytesIO(data), weights_only=False)
+
+    def extra(self, rank: int) -> dict[str, Any]:
+        m = self.manifests[rank]
+        return torch.load(io.BytesIO(self._verified(m.extra_file, m.extra_checksum)), weights_only=False)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory (pinned when CUDA is present, so the copy can overlap compute)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    out.copy_(t.detach(), non_blocking=True)
+    if t.device.type == "cuda":
+        torch.cuda.current_stream(t.device).synchronize()
+    return out
+
+
+def _rng_state() -> bytes:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def consolidate(root: str | os.PathLike, tag: str | None = None, *, prefix: str = "optim/master/",
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with ``prefix``, whole, named without the prefix; no process
+    group needed, whatever world size wrote the checkpoint."""
+    reader = CheckpointReader(root, tag)
+    names = [n for n in reader.names if n.startswith(prefix)]
+    if not names:
+        raise CheckpointError(f"checkpoint {reader.dir} has no tensors under {prefix!r} "
+                              f"(it has e.g. {reader.names[:3]})")
+    return {n[len(prefix):]: reader.full(n, dtype) for n in names}
+
+
+def export(root: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, *,
+           prefix: str = "optim/master/", dtype: torch.dtype = torch.float32) -> Path:
+    """Write one ``state_dict`` file that plain ``torch.load`` reads (fp32 by default, or bf16): the
+    consolidated ``prefix`` tensors of the checkpoint. Written atomically."""
+    state = consolidate(root, tag, prefix=prefix, dtype=dtype)
+    out = Path(out)
+    tmp = out.with_name(out.name + f".partial-{secrets.token_hex(4)}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out
