@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import zero_comm
 import zero_ckpt
+import zero_comm
 from zero_ckpt import CheckpointError, CheckpointManager, FullTensor, consolidate, export, latest_tag
 from zero_comm.testing import run_ranks
 

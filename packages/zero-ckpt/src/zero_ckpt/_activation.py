@@ -94,7 +94,7 @@ class ActivationCheckpointing:
     def _policy(names: Sequence[str]) -> Callable[..., Any] | None:
         if not names:
             return None
-        wanted = set()
+        wanted: set[str] = set()
         for n in names:
             wanted.update(_MATMULS if n == "matmul" else (n,))
         ops = [getattr(torch.ops.aten, n).default for n in sorted(wanted) if hasattr(torch.ops.aten, n)]
@@ -160,7 +160,7 @@ class ActivationCheckpointing:
             finally:
                 tracker.set_states(current)
 
-        extra = {"context_fn": self._selective} if self._selective is not None else {}
+        extra: dict[str, Any] = {"context_fn": self._selective} if self._selective is not None else {}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return torch_checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **extra,
                                     **kwargs)
@@ -170,7 +170,7 @@ class ActivationCheckpointing:
         """Run ``functions`` in order, checkpointing ``segments`` runs of them (the config's
         ``number_checkpoints`` by default; the last segment is not checkpointed, its output is needed
         at once)."""
-        fns = list(functions)
+        fns: list[Callable[[Any], Any]] = list(functions)
         segments = segments or self.config.number_checkpoints or len(fns)
         if not 1 <= segments <= max(len(fns), 1):
             raise ValueError(f"segments must be between 1 and {len(fns)}, got {segments}")

@@ -11,6 +11,7 @@ world size that wrote it, the step and each rank's files.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import zlib
 from pathlib import Path
@@ -83,11 +84,16 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    flat = t.reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    """The bytes of a contiguous CPU tensor as a writable buffer, without a copy (and without numpy,
+    which zero-ckpt does not depend on). The buffer keeps the tensor alive."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("as_bytes needs a contiguous CPU tensor")
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    buf = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    buf._tensor = t  # type: ignore[attr-defined]
+    return memoryview(buf).cast("B")
 
 
 def fsync_dir(path: Path) -> None:

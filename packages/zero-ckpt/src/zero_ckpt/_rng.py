@@ -45,10 +45,12 @@ class RNGStatesTracker:
         self._set(outer)
 
     def get_states(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self._states.items()}
+        # The state tensors are never changed in place (a fork stores a new one), so sharing them is a
+        # snapshot; and no tensor op runs, which a selective-checkpoint recomputation would not expect.
+        return dict(self._states)
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._states = {k: v.clone() for k, v in states.items()}
+        self._states = dict(states)
 
     @contextmanager
     def fork(self, name: str = "model-parallel") -> Iterator[None]:
