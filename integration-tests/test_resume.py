@@ -67,11 +67,15 @@ def straight(stage: int) -> dict:
     return {"losses": train(model, opt, comm, range(10)), "weights": masters(model, opt)}
 
 
-def first_half(root: str, stage: int) -> None:
+def first_half(root: str, stage: int, async_save: bool = False) -> None:
     comm = zero_comm.init_distributed()
     model, opt = build(stage, comm)
     train(model, opt, comm, range(5))
-    zero_ckpt.CheckpointManager(root, comm).save("step5", {"optim": opt}, client_state={"next_step": 5})
+    manager = zero_ckpt.CheckpointManager(root, comm)
+    manager.save("step5", {"optim": opt}, client_state={"next_step": 5}, async_save=async_save)
+    if async_save:  # training goes on at once; the checkpoint must still hold step 5's state
+        train(model, opt, comm, range(5, 7))
+        manager.wait()
 
 
 def second_half(root: str, stage: int) -> dict:
@@ -82,12 +86,13 @@ def second_half(root: str, stage: int) -> dict:
     return {"losses": losses, "weights": masters(model, opt), "step": opt.step_count}
 
 
-@pytest.mark.parametrize("saved, loaded", [((2, 2), (2, 2)), ((2, 2), (2, 4)), ((3, 4), (3, 1)),
-                                           ((1, 2), (3, 2)), ((3, 2), (2, 2)), ((2, 2), (0, 2))])
-def test_resume_equals_uninterrupted(tmp_path, saved, loaded):
+@pytest.mark.parametrize("saved, loaded, async_save", [
+    ((2, 2), (2, 2), False), ((2, 2), (2, 2), True), ((2, 2), (2, 4), False), ((3, 4), (3, 1), True),
+    ((1, 2), (3, 2), False), ((3, 2), (2, 2), False), ((2, 2), (0, 2), False)])
+def test_resume_equals_uninterrupted(tmp_path, saved, loaded, async_save):
     (s_stage, s_world), (l_stage, l_world) = saved, loaded
     want = run_ranks(straight, s_world, s_stage)[0]
-    run_ranks(first_half, s_world, str(tmp_path), s_stage)
+    run_ranks(first_half, s_world, str(tmp_path), s_stage, async_save)
     got = run_ranks(second_half, l_world, str(tmp_path), l_stage)[0]
     assert got["step"] == 10
     if saved == loaded:

@@ -190,7 +190,10 @@ class CheckpointManager:
         self.root, self.comm, self.timeout, self.block_size = Path(root), comm, timeout, block_size
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last_save_blocked_s = 0.0  # how long the last save held up its caller
+        self.last_save_blocked_s = 0.0  # how long the last save held up its caller ...
+        self.last_step_wait_s = 0.0  # ... and the next optimizer step, waiting for the copy (async)
+        self._staging: torch.Tensor | None = None  # host memory async saves copy into, reused
+        self._pending_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         atexit.register(self.wait)
 
     # -- saving ----------------------------------------------------------------------------
@@ -202,6 +205,8 @@ class CheckpointManager:
             raise CheckpointError(f"bad checkpoint tag {tag!r}: use a plain name such as 'step100'")
         state = _items_state(items)
         metas = {k: v.checkpoint_meta() for k, v in items.items() if isinstance(v, Checkpointable)}
+        # items that announce their changes (an optimizer's step pre-hook) are copied off the caller's time
+        guarded = {k for k, v in items.items() if callable(getattr(v, "register_step_pre_hook", None))}
         mine = self._collect(state)
         plans = self._agree(tag, state, mine, overwrite)
         nonce = plans[0].nonce
@@ -209,14 +214,26 @@ class CheckpointManager:
         partial = self.root / f"{tag}.partial-{nonce}"
         partial.mkdir(parents=True, exist_ok=True)
         if async_save:
-            writes = [(name, start, stop, _host_copy(data)) for name, start, stop, data in writes]
+            later = [w for w in writes if w[0].split("/", 1)[0] in guarded]
+            writes = self._stage([w for w in writes if w[0].split("/", 1)[0] not in guarded], later)
         else:
             writes = [(name, start, stop, data.detach().cpu().contiguous()) for name, start, stop, data in writes]
         extra = _rng_state()
         client = {"client_state": client_state, "items": metas} if self.comm.rank == 0 else None
         job = self._writer(tag, partial, plans, writes, extra, client)
         if async_save:
-            self._thread = threading.Thread(target=self._run, args=(job,), name=f"zero-ckpt save {tag}",
+            copied = threading.Event()
+            hooks: list[Any] = []
+
+            def before_step(_: Any) -> None:  # the state may not change until the copy is done
+                began = time.perf_counter()
+                copied.wait()
+                self.last_step_wait_s = time.perf_counter() - began
+                for h in hooks:
+                    h.remove()
+
+            hooks.extend(items[k].register_step_pre_hook(before_step) for k in guarded)
+            self._thread = threading.Thread(target=self._run, args=(job, copied), name=f"zero-ckpt save {tag}",
                                             daemon=False)
             self._thread.start()
             self.last_save_blocked_s = time.perf_counter() - began
@@ -316,7 +333,7 @@ class CheckpointManager:
             _, extra_sums = write_file(partial / extra_file, [memoryview(extra)], 1 << 62)
             manifest = RankManifest(rank, data_file, size, block, sums, pieces, extra_file, extra_sums[0])
             write_file(partial / f"rank{rank:05d}.json", [memoryview(msgspec.json.encode(manifest))])
-            write_file(partial / f"done.{rank}", [memoryview(b"")])
+            write_file(partial / f"done.{rank}", [memoryview(b"")], sync=False)  # a signal; the files are synced
             if rank == 0:
                 assert client is not None
                 self._commit(tag, partial, plans, world, client)
@@ -355,8 +372,36 @@ class CheckpointManager:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _run(self, job: Callable[[], None]) -> None:
+    def _stage(self, now: list, later: list) -> list:
+        """Host copies of the pieces, in one buffer (pinned with CUDA) kept for the next async save: a fresh
+        buffer would fault in every page again. ``now`` are copied before returning; ``later`` get their
+        place and are copied by the background thread (their owner waits for it before changing them)."""
+        writes = now + later
+        sizes = [d.numel() * d.element_size() for *_, d in writes]
+        total = sum(-(-s // 64) * 64 for s in sizes)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        out, at = [], 0
+        self._pending_copies = []
+        for i, ((name, start, stop, data), size) in enumerate(zip(writes, sizes, strict=True)):
+            host = self._staging[at:at + size].view(data.dtype)
+            if i < len(now):
+                host.copy_(data.detach().reshape(-1), non_blocking=True)
+            else:
+                self._pending_copies.append((host, data.detach().reshape(-1)))
+            out.append((name, start, stop, host))
+            at += -(-size // 64) * 64
+        if any(d.device.type == "cuda" for *_, d in now):
+            torch.cuda.synchronize()
+        return out
+
+    def _run(self, job: Callable[[], None], copied: threading.Event) -> None:
         try:
+            try:
+                for host, data in self._pending_copies:
+                    host.copy_(data)
+            finally:
+                copied.set()
             job()
         except BaseException as exc:  # re-raised in the caller's thread by wait()
             self._error = exc
@@ -473,15 +518,6 @@ class CheckpointReader:
     def extra(self, rank: int) -> dict[str, Any]:
         m = self.manifests[rank]
         return torch.load(io.BytesIO(self._verified(m.extra_file, m.extra_checksum)), weights_only=False)
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy in host memory (pinned when CUDA is present, so the copy can overlap compute)."""
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-    out.copy_(t.detach(), non_blocking=True)
-    if t.device.type == "cuda":
-        torch.cuda.current_stream(t.device).synchronize()
-    return out
 
 
 def _rng_state() -> bytes:

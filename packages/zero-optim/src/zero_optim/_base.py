@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 import zero_kernels as zk
 from zero_comm import Communicator, Handle
@@ -88,6 +90,8 @@ class ShardedOptimizer:
         self.micro_steps = 0
         self.last_grad_norm: float | None = None
         self.hparams: list[dict[str, Any]] = []
+        # an OrderedDict, as torch keeps hooks: RemovableHandle holds a weak reference to it
+        self._step_pre_hooks: OrderedDict[int, Callable[[ShardedOptimizer], None]] = OrderedDict()
 
     # -- supplied by a stage --------------------------------------------------------------
     def _owners(self) -> list[Any]:
@@ -120,6 +124,13 @@ class ShardedOptimizer:
         drives schedules for a ZeRO optimizer.)"""
         return self.hparams
 
+    def register_step_pre_hook(self, hook: Callable[[ShardedOptimizer], None]) -> RemovableHandle:
+        """Call ``hook(optimizer)`` at the start of every ``step``, before any state changes (torch's
+        optimizer hook of the same name; an async checkpoint uses it to finish copying the state)."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
+
     def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
         sumsq, nonfinite = zk.grad_norm_sq(grads)
         if self.sharded and self.comm.world_size > 1:  # each rank saw only its shard
@@ -134,6 +145,8 @@ class ShardedOptimizer:
         Returns False when the step was skipped because a gradient held inf or NaN on
         some rank (all ranks skip together; fp16 also lowers its loss scale).
         """
+        for hook in list(self._step_pre_hooks.values()):
+            hook(self)
         grads = self._prepare_step()
         scaled_norm, overflow = self._global_norm(grads)
         loss_scale = self.scaler.scale if self.scaler else 1.0
