@@ -141,3 +141,5 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run("python", str(ROOT / "benchmarks" / "kernels.py"), "--quick")
     session.run("python", str(ROOT / "benchmarks" / "zero_step.py"), env={"OMP_NUM_THREADS": "1"})
+    session.run("python", str(ROOT / "benchmarks" / "ckpt.py"), env={"OMP_NUM_THREADS": "1"})
+    session.run("python", str(ROOT / "benchmarks" / "activations.py"))
