@@ -150,7 +150,7 @@ def _exchange(comm: Communicator, payload: bytes) -> list[bytes]:
     if payload:
         buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     gathered = comm.all_gather(buf).view(comm.world_size, -1)
-    return [bytes(gathered[r, :sizes[r]].numpy()) for r in range(comm.world_size)]
+    return [bytes(as_bytes(gathered[r, :sizes[r]].contiguous())) for r in range(comm.world_size)]
 
 
 def _subtract(ranges: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
