@@ -295,7 +295,8 @@ class ZeroOptimizer(ShardedOptimizer):
             assert group.flat_grad is not None
             own = self._own(bucket, group.flat_grad)
             reduced = torch.empty_like(own)
-            handle = self.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True)
+            handle = self.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True,
+                                              consume_input=True)
             self._pending.append((handle, lambda: own.copy_(reduced)))
         else:
             assert group.grad_shard is not None
@@ -303,11 +304,13 @@ class ZeroOptimizer(ShardedOptimizer):
                 staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
             chunk = bucket.chunk_of(group.grad_shard)
             if self.micro_steps == 0:  # the first micro-step since zero_grad: reduce straight into the shard
-                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True)
+                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True,
+                                              consume_input=True)
                 self._pending.append((handle, None))
             else:
                 reduced = torch.empty_like(chunk)
-                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
+                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
+                                              consume_input=True)
                 self._pending.append((handle, lambda: chunk.add_(reduced)))
         if not self.config.overlap_comm:
             self._drain()

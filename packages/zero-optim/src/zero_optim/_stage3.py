@@ -387,11 +387,13 @@ class ZeroStage3(ShardedOptimizer):
         owner.staging = None
         if not owner.reduced_once:  # the first micro-step since zero_grad: reduce straight into the shard
             owner.reduced_once = True
-            handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True)
+            handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True,
+                                              consume_input=True)
             self._pending.append((handle, None))
         else:
             reduced = torch.empty_like(owner.grad)
-            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True)
+            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
+                                              consume_input=True)
             self._pending.append((handle, (owner.grad, reduced)))
         # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight
         self._drain(keep=1 if self.config.overlap_comm else 0)
