@@ -152,6 +152,7 @@ class ZeroOptimizer(ShardedOptimizer):
         super().__init__(rule, comm, config.precision, config.loss_scale, config.clip_grad_norm, store)
         self.stage, self.sharded = config.stage, config.stage >= 1
         self._pending: list[tuple[Handle, Callable[[], object] | None]] = []
+        self._staging_pool: list[torch.Tensor] = []  # stage 2: bucket buffers whose reduction finished
         self._boundary = False  # inside the backward of the last micro-step before a step
         self._reduced = False  # that backward has launched every bucket's reduction
         self._hooks: list[Any] = []
@@ -261,7 +262,7 @@ class ZeroOptimizer(ShardedOptimizer):
             else:  # stage 2: stage the bucket, to be reduce-scattered and dropped
                 staging = group.staging.get(b_index)
                 if staging is None:
-                    staging = torch.zeros(bucket.padded, dtype=self.dtype, device=grad.device)
+                    staging = self._new_staging(bucket.padded, grad.device)
                     group.staging[b_index] = staging
                 staging[offset:offset + param.numel()].view(param.shape).copy_(grad)
             if self._boundary:
@@ -301,26 +302,37 @@ class ZeroOptimizer(ShardedOptimizer):
         else:
             assert group.grad_shard is not None
             if staging is None:  # no parameter of this bucket got a gradient in this micro-step
-                staging = torch.zeros(bucket.padded, dtype=self.dtype, device=group.flat.device)
+                staging = self._new_staging(bucket.padded, group.flat.device)
             chunk = bucket.chunk_of(group.grad_shard)
+            done = staging
             if self.micro_steps == 0:  # the first micro-step since zero_grad: reduce straight into the shard
-                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True,
-                                              consume_input=True)
-                self._pending.append((handle, None))
+                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True, consume_input=True)
+                self._pending.append((handle, lambda: self._staging_pool.append(done)))
             else:
                 reduced = torch.empty_like(chunk)
-                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
-                                              consume_input=True)
-                self._pending.append((handle, lambda: chunk.add_(reduced)))
+                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True, consume_input=True)
+                self._pending.append((handle, lambda: (chunk.add_(reduced), self._staging_pool.append(done))))
+            # each reduction in flight holds a bucket of gradients: at most two in flight
+            self._drain(keep=1 if self.config.overlap_comm else 0)
+            return
         if not self.config.overlap_comm:
             self._drain()
 
-    def _drain(self) -> None:
-        for handle, finish in self._pending:
+    def _new_staging(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A zeroed bucket-sized buffer, reused from a reduction that finished: a new one would fault
+        in its pages every micro-step."""
+        for i, buf in enumerate(self._staging_pool):
+            if buf.numel() == numel and buf.device == device:
+                return self._staging_pool.pop(i).zero_()
+        return torch.zeros(numel, dtype=self.dtype, device=device)
+
+    def _drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            handle, finish = self._pending.pop(0)
             handle.wait()
             if finish is not None:
                 finish()
-        self._pending.clear()
+        del self._staging_pool[3:]  # enough for two in flight and one filling
 
     def _flush(self) -> None:
         for group in self.groups:
