@@ -214,3 +214,24 @@ def bad_saves(root: str) -> None:
 
 def test_bad_input_is_named(tmp_path):
     run_ranks(bad_saves, 1, str(tmp_path))
+
+
+def overwrite_interrupted(root: str) -> bool:
+    comm = zero_comm.init_distributed()
+    manager = CheckpointManager(root, comm)
+    manager.save("t", {"m": sharded(reference_tensors(), 0, 1)})
+    os.rename(Path(root) / "t", Path(root) / "t.partial-old-dead")  # an overwrite died between its two renames
+    assert latest_tag(root) == "t.partial-old-dead", "the moved-aside copy is still found"
+    assert torch.equal(consolidate(root, prefix="m/")["w"], reference_tensors()["w"])
+    manager.save("u", {"m": sharded(reference_tensors(), 0, 1)})  # the next save puts it back
+    assert (Path(root) / "t" / "meta.json").is_file() and not list(Path(root).glob("*.partial-*"))
+    # a load that cannot complete changes nothing
+    state = sharded(reference_tensors(), 0, 1, fill=-1.0)
+    state["extra"] = FullTensor((2,), torch.float32, [Piece(0, 2, torch.zeros(2))])
+    with pytest.raises(CheckpointError, match="has no tensor 'm/extra'"):
+        manager.load({"m": state})
+    return all(torch.all(p.data == -1) for e in state.values() if e.global_shape != (2,) for p in e.pieces)
+
+
+def test_an_interrupted_overwrite_is_recovered_and_a_failed_load_changes_nothing(tmp_path):
+    assert run_ranks(overwrite_interrupted, 1, str(tmp_path))[0]

@@ -150,3 +150,49 @@ def frozen_part() -> float:
 
 def test_frozen_parameters_are_gathered_but_never_stepped():
     assert run_ranks(frozen_part, 2)[0] == 0.0
+
+
+class TiedInParent(nn.Module):
+    """The parent holds no parameters and reads its child's weight itself (a tied output head)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mix = nn.Embedding(16, 8), nn.Linear(8, 8)
+        self.gain = nn.Parameter(torch.ones(1))  # small: the persistent unit; rank 1's share is empty
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.tanh(self.mix(self.emb(idx))) @ self.emb.weight.t() * self.gain
+        return nn.functional.cross_entropy(logits.view(-1, 16), idx.roll(1, 1).view(-1))
+
+
+def edges(plain_backward: bool) -> list[float]:
+    comm = zero_comm.init_distributed()
+    model = TiedInParent()
+    opt = ZeroStage3(model, AdamW(lr=1e-2), comm=comm,
+                     config=ZeroConfig(stage=3, persistence_threshold=1, accumulation_steps=2))
+    with pytest.raises(ValueError, match="already run by a ZeroStage3"):
+        ZeroStage3(model, AdamW(), comm=comm)
+    with pytest.raises(RuntimeError, match="indices"):
+        model(torch.zeros(2, 3))  # a forward that raises inside a module (float indices)
+    with pytest.raises(PartitionedParameterError):
+        model.mix.weight.sum()  # nothing left gathered or running after the exception
+    losses = []
+    for step in range(4):
+        idx = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(step))
+        for micro in idx.chunk(2):
+            loss = model(micro)
+            if plain_backward:
+                (loss / 2).backward()  # without opt.backward: the next forward or step reduces it
+            else:
+                opt.backward(loss)
+            losses.append(comm.all_reduce(loss.detach(), "avg").item())
+        opt.step()
+    return losses
+
+
+def test_tied_weight_in_parent_empty_persistent_share_errors_and_plain_backward():
+    with_opt = run_ranks(edges, 2, False)
+    plain = run_ranks(edges, 2, True)
+    assert with_opt[0] == with_opt[1]
+    assert max_rel(plain[0], with_opt[0]) <= 1e-6, "loss.backward() with accumulation loses nothing"

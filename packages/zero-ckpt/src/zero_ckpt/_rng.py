@@ -20,9 +20,12 @@ __all__ = ["RNGStatesTracker"]
 
 
 class RNGStatesTracker:
-    """Named RNG states for ``device`` (the CPU generator, or a CUDA device's)."""
+    """Named RNG states for ``device`` (default: the current CUDA device when there is one, else the
+    CPU generator)."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str | None = None):
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._states: dict[str, torch.Tensor] = {}
 
@@ -40,7 +43,11 @@ class RNGStatesTracker:
         if name in self._states:
             raise ValueError(f"RNG state {name!r} already exists")
         outer = self._get()
-        torch.manual_seed(seed) if self.device.type != "cuda" else torch.cuda.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
         self._states[name] = self._get()
         self._set(outer)
 

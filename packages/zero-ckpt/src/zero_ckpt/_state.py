@@ -123,6 +123,10 @@ def latest_tag(root: str | os.PathLike) -> str:
         tag = path.read_text().strip()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint in {root}: it has no 'latest' file") from None
+    if tag and not (Path(root) / tag).exists():  # an overwrite died between its renames: the old copy
+        aside = sorted(Path(root).glob(f"{tag}.partial-old-*"))
+        if aside and (aside[0] / "meta.json").is_file():
+            return aside[0].name
     if not tag or not (Path(root) / tag / "meta.json").is_file():
         raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint in {root}")
     return tag
@@ -200,7 +204,11 @@ class CheckpointManager:
     def save(self, tag: str, items: Mapping[str, Any], *, client_state: Any = None, async_save: bool = False,
              overwrite: bool = False) -> None:
         began = time.perf_counter()
-        self.wait()
+        try:
+            self.wait()
+            previous_error = ""
+        except CheckpointError as exc:  # told to every rank in _agree, so none is left waiting for this one
+            previous_error = f"rank {self.comm.rank}: {exc}"
         if not tag or "/" in tag or tag.startswith(".") or tag == "latest" or ".partial-" in tag:
             raise CheckpointError(f"bad checkpoint tag {tag!r}: use a plain name such as 'step100'")
         state = _items_state(items)
@@ -208,7 +216,7 @@ class CheckpointManager:
         # items that announce their changes (an optimizer's step pre-hook) are copied off the caller's time
         guarded = {k for k, v in items.items() if callable(getattr(v, "register_step_pre_hook", None))}
         mine = self._collect(state)
-        plans = self._agree(tag, state, mine, overwrite)
+        plans = self._agree(tag, state, mine, overwrite, previous_error)
         nonce = plans[0].nonce
         writes = self._dedupe(plans, mine)
         partial = self.root / f"{tag}.partial-{nonce}"
@@ -238,8 +246,20 @@ class CheckpointManager:
             self._thread.start()
             self.last_save_blocked_s = time.perf_counter() - began
             return
-        job()
-        self.comm.barrier()  # on return the checkpoint is committed, on every rank
+        failed = torch.zeros(1)
+        try:
+            job()
+        except BaseException as exc:
+            failed += 1
+            error: BaseException | None = exc
+        else:
+            error = None
+        self.comm.all_reduce(failed)  # every rank learns whether the checkpoint was committed
+        if error is not None:
+            raise CheckpointError(f"rank {self.comm.rank} could not write checkpoint {tag}: {error}") from error
+        if failed.item():
+            raise CheckpointError(f"checkpoint {tag} was not committed: another rank failed to write it "
+                                  f"(its error says why); {self.root / 'latest'} still names the previous one")
         self.last_save_blocked_s = time.perf_counter() - began
 
     def _collect(self, state: Mapping[str, ShardedTensorLike]) -> list[tuple[str, int, int, torch.Tensor]]:
@@ -257,18 +277,18 @@ class CheckpointManager:
         return mine
 
     def _agree(self, tag: str, state: Mapping[str, ShardedTensorLike], mine: list,
-               overwrite: bool) -> list[_Plan]:
+               overwrite: bool, problem: str = "") -> list[_Plan]:
         """Share every rank's tensors and pieces; check they fit together before anything is written."""
-        problem = ""
-        if self.comm.rank == 0:
+        if self.comm.rank == 0 and not problem:
             problem = self._prepare_root(tag, overwrite, sum(d.numel() * d.element_size() for *_, d in mine))
         plan = _Plan(secrets.token_hex(4) if self.comm.rank == 0 else "",
                      {n: TensorEntry(list(e.global_shape), dtype_name(e.dtype)) for n, e in state.items()},
                      [(n, s, e) for n, s, e, _ in mine])
         raw = _exchange(self.comm, msgspec.json.encode([problem, plan]))
         decoded = [msgspec.json.decode(r, type=tuple[str, _Plan]) for r in raw]
-        if decoded[0][0]:
-            raise CheckpointError(decoded[0][0])
+        problems = [p for p, _ in decoded if p]
+        if problems:
+            raise CheckpointError("; ".join(problems))
         plans = [p for _, p in decoded]
         tensors: dict[str, TensorEntry] = {}  # a rank lists only the tensors it holds part of
         for r, p in enumerate(plans):
@@ -297,7 +317,13 @@ class CheckpointManager:
         if (self.root / tag).exists() and not overwrite:
             return f"checkpoint {self.root / tag} exists; pass overwrite=True or use a new tag"
         for stale in self.root.glob("*.partial-*"):  # left by a save that never committed
-            shutil.rmtree(stale, ignore_errors=True)
+            tag_of, _, kind = stale.name.partition(".partial-")
+            if kind.startswith("old-") and not (self.root / tag_of).exists():
+                os.rename(stale, self.root / tag_of)  # an overwrite died between its two renames: undo it
+            elif stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         free = shutil.disk_usage(self.root).free
         need = nbytes * self.comm.world_size  # a rank's share, taken as typical
         if free < need:
@@ -420,13 +446,15 @@ class CheckpointManager:
         """Fill ``items``' pieces from checkpoint ``tag`` (default: the one ``latest`` names), restore
         checkpointable items' counters and this rank's RNG, and return the client state."""
         self.wait()
+        self.comm.barrier()  # every rank's earlier saves are committed before any rank reads `latest`
         reader = CheckpointReader(self.root, tag)
         state = _items_state(items)
-        for name, entry in state.items():
+        for name, entry in state.items():  # check everything before changing anything
             want = reader.entry(name)
             if list(entry.global_shape) != want.shape:
                 raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(want.shape)}, this model "
                                       f"{tuple(entry.global_shape)}")
+        for name, entry in state.items():
             for piece in entry.pieces:
                 reader.read_into(name, piece.start, piece.stop, piece.data)
         client = reader.client()

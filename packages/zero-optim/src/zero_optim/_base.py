@@ -108,6 +108,9 @@ class ShardedOptimizer:
         """Every trainable parameter, in an order that is the same on every rank."""
         raise NotImplementedError
 
+    def _after_update(self) -> None:
+        """After every piece was updated and published: a stage's own follow-up (on every rank)."""
+
     def _after_load(self) -> None:
         """Put freshly loaded master weights into the model."""
         raise NotImplementedError
@@ -169,6 +172,7 @@ class ShardedOptimizer:
             handles = self._update(clip / loss_scale)
         for h in handles:
             h.wait()
+        self._after_update()
         if self.scaler:
             self.scaler.update(False)
         self.zero_grad()

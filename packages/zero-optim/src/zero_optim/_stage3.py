@@ -111,6 +111,9 @@ class ZeroStage3(ShardedOptimizer):
             raise ValueError(f"ZeroStage3 needs ZeroConfig(stage=3, ...), got stage {config.stage}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"ZeroStage3 partitions a module's parameters: pass the model, got {type(module)}")
+        if any(isinstance(p, PartitionedParameter) and p.zero.unit.on_released_use is not None
+               for p in module.parameters()):
+            raise ValueError("this module is already run by a ZeroStage3 optimizer: build one per model")
         super().__init__(rule, comm, config.precision, config.loss_scale, config.clip_grad_norm, store)
         self.stage, self.sharded = 3, True
         self.module = module
@@ -239,10 +242,10 @@ class ZeroStage3(ShardedOptimizer):
         for module, _ in self._units_of.items():
             if module is not root:
                 self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
-                self._hooks.append(module.register_forward_hook(self._post_forward))
+                self._hooks.append(module.register_forward_hook(self._post_forward, always_call=True))
         if root in self._units_of:
             self._hooks.append(root.register_forward_pre_hook(self._pre_forward))
-        self._hooks.append(root.register_forward_hook(self._root_post_forward))
+        self._hooks.append(root.register_forward_hook(self._root_post_forward, always_call=True))
         for owner in self.owners:
             for p in owner.unit.params:
                 if p.requires_grad:
@@ -290,9 +293,13 @@ class ZeroStage3(ShardedOptimizer):
         return self._units_of.get(module, []) + self._external.get(module, [])
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._phase == "backward" and torch._C._current_graph_task_id() == -1:
+            self._finish_backward()  # loss.backward() ran without opt.backward: reduce what it produced
         if self._phase == "idle":
             self._phase = "forward"
             self._forward_trace.start()
+        if module not in self._units_of:  # a root holding no parameters runs too (it may read a tied one)
+            self._running.append(module)
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         self._running.append(module)
@@ -323,10 +330,13 @@ class ZeroStage3(ShardedOptimizer):
                 u.release()
 
     def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        # (also called when the forward raised: then nothing is left gathered or marked running)
         if module in self._units_of:
             self._post_forward(module, args, output)
-        elif module in self._external:
-            self._before_backward_of(module, output)
+        else:
+            self._running.pop()
+            if module in self._external:
+                self._before_backward_of(module, output)
         if self._phase == "forward":
             for u in self.units:
                 u.release()
@@ -441,13 +451,12 @@ class ZeroStage3(ShardedOptimizer):
     def _pieces(self, owner: _Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
         pieces = [Piece(self.hparams[g], master[a:b], owner.grad[a:b], {n: t[a:b] for n, t in state.items()},
                         owner.unit.shard[a:b], self._segments(owner, a, b)) for g, a, b in owner.runs]
-        if pieces and owner.unit.persistent:
-            pieces[-1].publish = lambda: self._refresh(owner.unit)
         return pieces
 
-    def _refresh(self, unit: GatherUnit) -> list[Handle]:
-        unit.refresh()
-        return []
+    def _after_update(self) -> None:
+        for unit in self.units:  # every rank, whether or not its share of the unit had anything to update
+            if unit.persistent:
+                unit.refresh()
 
     def _segments(self, owner: _Owner, a: int, b: int) -> list[Segment]:
         out = []
