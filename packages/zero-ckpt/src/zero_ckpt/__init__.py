@@ -9,18 +9,9 @@ checkpoint from N ranks that M ranks read back; :func:`consolidate` and
 
 from ._activation import ActivationCheckpointConfig, ActivationCheckpointing, CheckpointStats
 from ._format import CheckpointError
+from ._reader import CheckpointReader, consolidate, export, latest_tag
 from ._rng import RNGStatesTracker
-from ._state import (
-    Checkpointable,
-    CheckpointManager,
-    CheckpointReader,
-    FullTensor,
-    ShardedTensorLike,
-    consolidate,
-    export,
-    latest_tag,
-    module_state,
-)
+from ._state import Checkpointable, CheckpointManager, FullTensor, ShardedTensorLike, module_state
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ each knowing which parameter elements it holds.
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from collections import OrderedDict
@@ -71,7 +72,7 @@ def check_rule_and_comm(rule: Any, comm: Any) -> None:
         raise TypeError(f"comm must be a zero_comm Communicator (e.g. zero_comm.init_distributed()), got {comm!r}")
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(abc.ABC):
     """The step, state views and state dicts of a ZeRO optimizer; subclasses supply the layout."""
 
     stage: int
@@ -94,29 +95,33 @@ class ShardedOptimizer:
         self._step_pre_hooks: OrderedDict[int, Callable[[ShardedOptimizer], None]] = OrderedDict()
 
     # -- supplied by a stage --------------------------------------------------------------
+    @abc.abstractmethod
     def _owners(self) -> list[Any]:
-        raise NotImplementedError
+        """Where the state lives (each with a master key and state keys), in the same order on every rank."""
 
+    @abc.abstractmethod
     def _pieces(self, owner: Any, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
-        raise NotImplementedError
+        """The runs of ``owner``'s shard that one call of the rule updates."""
 
+    @abc.abstractmethod
     def _prepare_step(self) -> list[torch.Tensor]:
         """Finish reducing gradients; return this rank's reduced gradient tensors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _parameters(self) -> list[torch.nn.Parameter]:
         """Every trainable parameter, in an order that is the same on every rank."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _after_update(self) -> None:
         """After every piece was updated and published: a stage's own follow-up (on every rank)."""
 
+    @abc.abstractmethod
     def _after_load(self) -> None:
         """Put freshly loaded master weights into the model."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def zero_grad(self) -> None:
-        raise NotImplementedError
+        """Clear the accumulated gradients (``step`` does this itself)."""
 
     # -- shared ---------------------------------------------------------------------------
     @property
@@ -233,8 +238,9 @@ class ShardedOptimizer:
             self._store_back(owner, master, state)
         return handles
 
+    @abc.abstractmethod
     def _names(self) -> dict[int, str]:
-        raise NotImplementedError
+        """Each parameter's name (by ``id``) for the ShardedState view."""
 
     def sharded_state(self) -> dict[str, ShardedTensor]:
         """This rank's pieces of every master weight and rule state, by ``"<state>/<name>"``.

@@ -311,7 +311,12 @@ class ZeroOptimizer(ShardedOptimizer):
             else:
                 reduced = torch.empty_like(chunk)
                 handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True, consume_input=True)
-                self._pending.append((handle, lambda: (chunk.add_(reduced), self._staging_pool.append(done))))
+
+                def finish() -> None:
+                    chunk.add_(reduced)
+                    self._staging_pool.append(done)
+
+                self._pending.append((handle, finish))
             # each reduction in flight holds a bucket of gradients: at most two in flight
             self._drain(keep=1 if self.config.overlap_comm else 0)
             return
@@ -405,6 +410,9 @@ class ZeroOptimizer(ShardedOptimizer):
 
     def _names(self) -> dict[int, str]:
         return self.names
+
+    def _after_update(self) -> None:
+        """Nothing: ``_publisher`` already sent every bucket's new weights."""
 
     def _after_load(self) -> None:
         for group in self.groups:
