@@ -32,6 +32,29 @@ def reference(name: str, accum: int, clip: float | None,
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, evals
 
 
+def train(model, opt, comm, name: str, accum: int, steps: int = STEPS) -> tuple[list[float], list[float]]:
+    """The distributed side of the parity: each rank its slice of the same global batches, ``accum``
+    micro-steps through ``opt.backward`` then ``opt.step``; the mean loss of every step and the no-grad
+    evaluations the reference makes too."""
+    per_rank = BATCH // comm.world_size
+    mine = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
+    losses, evals = [], []
+    for step in range(steps):
+        zero_models.before_step(model, step)
+        x, y = zero_models.batch(name, step, BATCH)
+        total = torch.zeros(())
+        for xm, ym in zip(x[mine].chunk(accum), y[mine].chunk(accum)):
+            loss = model(xm, ym)
+            opt.backward(loss)
+            total += loss.detach().float() / accum
+        assert opt.step(), f"step {step} was skipped"
+        losses.append(comm.all_reduce(total, "avg").item())
+        if step % EVAL_EVERY == EVAL_EVERY - 1:
+            with torch.no_grad():
+                evals.append(model(*zero_models.batch(name, -1, BATCH)).item())
+    return losses, evals
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative difference of a whole tensor, ||a - b|| / ||b||.
 

@@ -10,7 +10,7 @@ track the fp32 loss curve to a stated tolerance.
 import pytest
 import torch
 import zero_models
-from parity import BATCH, LR, STEPS, WD, max_rel, reference, rel
+from parity import LR, WD, max_rel, reference, rel, train
 
 import zero_comm
 from zero_comm.testing import WORLD_SIZES, run_ranks
@@ -26,18 +26,7 @@ def train_zero(name: str, stage: int, accum: int, clip: float | None, precision:
     config = ZeroConfig(stage=stage, precision=precision, accumulation_steps=accum, clip_grad_norm=clip,
                         bucket_numel=bucket_numel)
     opt = ZeroOptimizer(model.parameters(), AdamW(lr=LR, weight_decay=WD), comm=comm, config=config)
-    per_rank = BATCH // comm.world_size
-    losses = []
-    for step in range(STEPS):
-        x, y = zero_models.batch(name, step, BATCH)
-        x, y = x[comm.rank * per_rank:(comm.rank + 1) * per_rank], y[comm.rank * per_rank:(comm.rank + 1) * per_rank]
-        total = torch.zeros(())
-        for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
-            loss = model(xm, ym)
-            opt.backward(loss)
-            total += loss.detach().float() / accum
-        assert opt.step(), f"step {step} was skipped"
-        losses.append(comm.all_reduce(total, "avg").item())
+    losses, _ = train(model, opt, comm, name, accum)
     return losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 

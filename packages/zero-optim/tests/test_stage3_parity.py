@@ -11,7 +11,7 @@ step match as well.
 import pytest
 import torch
 import zero_models
-from parity import BATCH, EVAL_EVERY, LR, STEPS, WD, max_rel, reference, rel
+from parity import LR, STEPS, WD, max_rel, reference, rel, train
 
 import zero_comm
 from zero_comm.testing import WORLD_SIZES, run_ranks
@@ -32,22 +32,7 @@ def train_stage3(name: str, accum: int = 1, clip: float | None = None, *, prefet
                         prefetch_numel=prefetch, max_live_numel=max_live, persistence_threshold=persist,
                         unit_numel=units)
     opt = ZeroStage3(model, AdamW(lr=LR, weight_decay=WD), comm=comm, config=config)
-    per_rank = BATCH // comm.world_size
-    losses, evals = [], []
-    for step in range(steps):
-        zero_models.before_step(model, step)
-        x, y = zero_models.batch(name, step, BATCH)
-        x, y = x[comm.rank * per_rank:(comm.rank + 1) * per_rank], y[comm.rank * per_rank:(comm.rank + 1) * per_rank]
-        total = torch.zeros(())
-        for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
-            loss = model(xm, ym)
-            opt.backward(loss)
-            total += loss.detach().float() / accum
-        assert opt.step(), f"step {step} was skipped"
-        losses.append(comm.all_reduce(total, "avg").item())
-        if step % EVAL_EVERY == EVAL_EVERY - 1:
-            with torch.no_grad():
-                evals.append(model(*zero_models.batch(name, -1, BATCH)).item())
+    losses, evals = train(model, opt, comm, name, accum, steps)
     weights = {k: v.float() for k, v in opt.consolidated_state_dict(rank0_only=False).items()}
     return losses, weights, evals
 

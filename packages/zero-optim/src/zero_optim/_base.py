@@ -269,11 +269,7 @@ class ShardedOptimizer(abc.ABC):
     def load_checkpoint_meta(self, meta: Mapping[str, Any]) -> None:
         """After a checkpoint reader filled ``sharded_state()``'s pieces in place: restore the counters
         and put the loaded master weights into the model. Any stage and world size may have saved it."""
-        if meta["rule"] != self.rule.name:
-            raise ValueError(f"the checkpoint was saved by {meta['rule']}; this optimizer runs {self.rule.name}")
-        if len(meta["hparams"]) != len(self.hparams):
-            raise ValueError(f"the checkpoint has {len(meta['hparams'])} parameter groups; this optimizer has "
-                             f"{len(self.hparams)}")
+        self._check_meta(meta)
         for group, saved in zip(self.hparams, meta["hparams"], strict=True):
             group.update(saved)
         self.step_count, self.skipped_steps = meta["step"], meta["skipped_steps"]
@@ -281,15 +277,18 @@ class ShardedOptimizer(abc.ABC):
             self.scaler.load_state_dict(meta["scaler"])
         self._after_load()
 
+    def _check_meta(self, meta: Mapping[str, Any]) -> None:
+        if meta.get("rule", self.rule.name) != self.rule.name:
+            raise ValueError(f"the state was saved by {meta['rule']}; this optimizer runs {self.rule.name}")
+        if len(meta["hparams"]) != len(self.hparams):
+            raise ValueError(f"the state has {len(meta['hparams'])} parameter groups; this optimizer has "
+                             f"{len(self.hparams)}")
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
         owners = self._owners()
         return {
-            "stage": self.stage, "world_size": self.comm.world_size, "rank": self.comm.rank,
-            "step": self.step_count, "skipped_steps": self.skipped_steps,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "hparams": [dict(h) for h in self.hparams],
-            "rule": self.rule.name,
+            **self.checkpoint_meta(), "world_size": self.comm.world_size, "rank": self.comm.rank,
             "layout": [o.shapes for o in owners],
             "shards": [{"master": self.store.get(o.master_key).clone(),
                         **{n: self.store.get(k).clone() for n, k in o.state_keys.items()}} for o in owners],
@@ -303,16 +302,14 @@ class ShardedOptimizer(abc.ABC):
                              f"{self.comm.world_size} ranks (reshard it with zero-ckpt)")
         if state["rank"] != self.comm.rank:
             raise ValueError(f"this shard belongs to rank {state['rank']}, not rank {self.comm.rank}")
-        if state.get("rule", self.rule.name) != self.rule.name:
-            raise ValueError(f"optimizer state was saved by {state['rule']}; this optimizer runs {self.rule.name}")
         owners = self._owners()
         mine_layout = [o.shapes for o in owners]
         if "layout" in state and [[tuple(s) for s in g] for g in state["layout"]] != mine_layout:
             raise ValueError(f"optimizer state was saved for parameters of shapes {state['layout']}; this "
                              f"optimizer has {mine_layout} (a different model or parameter grouping)")
-        if len(state["shards"]) != len(owners) or len(state["hparams"]) != len(self.hparams):
-            raise ValueError(f"state has {len(state['shards'])} shards and {len(state['hparams'])} parameter "
-                             f"groups; this optimizer has {len(owners)} and {len(self.hparams)}")
+        if len(state["shards"]) != len(owners):
+            raise ValueError(f"state has {len(state['shards'])} shards; this optimizer has {len(owners)}")
+        self._check_meta(state)
         for g, (owner, shard) in enumerate(zip(owners, state["shards"], strict=True)):
             for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
                 mine = self.store.get(key)
@@ -322,9 +319,4 @@ class ShardedOptimizer(abc.ABC):
         for owner, shard in zip(owners, state["shards"], strict=True):
             for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
                 self.store.put(key, shard[name].to(self.store.get(key).device))
-        for group, saved in zip(self.hparams, state["hparams"], strict=True):
-            group.update(saved)
-        self.step_count, self.skipped_steps = state["step"], state["skipped_steps"]
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self._after_load()
+        self.load_checkpoint_meta(state)  # counters, loss scale, hyper-parameters; weights into the model
