@@ -1,0 +1,158 @@
+"""NVMeStore: named flat tensors in files, streamed through a bounded pool of host buffers.
+
+ZeRO-Infinity's tier below host memory. Each key is one file in a private swap
+directory under the path given; :class:`~zero_offload._swapper.Swapper` decides
+what is in host memory. The store satisfies zero-optim's ``StateStore`` protocol
+structurally: ``create`` (write the first value), ``get`` (borrow the tensor, read
+ahead if it was prefetched), ``put`` (write it back, asynchronously) or ``release``
+(drop a read-only borrow), ``prefetch`` (the order keys will be used), ``flush``,
+``reserve`` (refuse, before anything is written, bytes the disk cannot hold).
+
+The swap directory is removed by :meth:`close`, when the store is garbage
+collected, and at interpreter exit -- also when training ended in an error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from ._io import BlockIO, probe_direct
+from ._swapper import Swapper, SwapStats, _Entry, padded
+
+__all__ = ["NVMeStore"]
+
+
+def _cleanup(directory: Path, io: BlockIO) -> None:
+    io.shutdown()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class NVMeStore:
+    """Flat tensors kept in files under ``path``, at most ``buffer_bytes`` of them in host memory.
+
+    Args:
+        path: an existing, writable directory on the fast disk; the store works in a
+            fresh ``zero-swap-*`` directory inside it.
+        buffer_bytes: the host-memory budget for buffers (reads ahead, borrowed
+            tensors, writes in flight). It must hold the largest set of keys a caller
+            borrows at once (an optimizer step holds a shard's weights and states).
+        io_threads: system calls in flight at once.
+        block_bytes: bytes per system call.
+        direct: ``O_DIRECT`` (page cache bypassed); ``None`` uses it where the
+            filesystem allows it.
+        pin: page-lock the buffers (default: when CUDA is available), so copies to
+            the GPU are asynchronous.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, buffer_bytes: int = 1 << 30, io_threads: int = 4,
+                 block_bytes: int = 8 << 20, direct: bool | None = None, pin: bool | None = None):
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(errno.ENOENT, f"NVMe offload path {root} does not exist", str(root))
+        if not root.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"NVMe offload path {root} is not a directory", str(root))
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"NVMe offload path {root} is not writable", str(root))
+        if buffer_bytes < 1:
+            raise ValueError(f"buffer_bytes must be positive, got {buffer_bytes}")
+        self.root = root
+        try:
+            self.directory = Path(tempfile.mkdtemp(prefix="zero-swap-", dir=root))
+        except OSError as exc:
+            raise PermissionError(exc.errno, f"NVMe offload path {root} is not writable: {exc.strerror}",
+                                  str(root)) from exc
+        try:
+            supported = probe_direct(self.directory)
+            if direct and not supported:
+                raise OSError(errno.EINVAL, f"the filesystem of {root} does not support O_DIRECT (direct=True)")
+            self.direct = supported if direct is None else direct
+            self._io = BlockIO(threads=io_threads, block_bytes=block_bytes, direct=self.direct)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io)
+        pin = torch.cuda.is_available() if pin is None else pin
+        self._swap = Swapper(self._io, buffer_bytes, pin)
+        self._reserved = 0  # bytes promised by reserve() and not yet created
+        self.device = torch.device("cpu")
+
+    # -- StateStore ---------------------------------------------------------------------------
+    def reserve(self, nbytes: int) -> None:
+        """Check, before anything is written, that ``nbytes`` more of state fit on the disk."""
+        free = shutil.disk_usage(self.directory).free
+        if nbytes > free:
+            raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {free / 2**30:.2f} GiB free; the "
+                                        f"offloaded state needs {nbytes / 2**30:.2f} GiB")
+        self._reserved += nbytes
+
+    def create(self, key: str, value: torch.Tensor) -> None:
+        if key in self._swap.entries:
+            raise KeyError(f"state {key!r} already exists")
+        nbytes = padded(value.numel() * value.element_size())
+        if self._reserved >= nbytes:
+            self._reserved -= nbytes
+        else:
+            self.reserve(nbytes)
+            self._reserved -= nbytes
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:100]
+        path = self.directory / f"{len(self._swap.entries):06d}-{name}.swp"
+        self._swap.entries[key] = _Entry(key, path, value.dtype, value.numel(), nbytes)
+        self._swap.put(key, value.detach())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._swap.get(key)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self._swap.put(key, value)
+
+    def release(self, key: str) -> None:
+        self._swap.release(key)
+
+    def prefetch(self, keys: list[str]) -> None:
+        self._swap.prefetch(keys)
+
+    def flush(self) -> None:
+        self._swap.flush()
+
+    def keys(self) -> list[str]:
+        return list(self._swap.entries)
+
+    # -- the rest -----------------------------------------------------------------------------
+    @property
+    def stats(self) -> SwapStats:
+        return self._swap.stats
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self._swap.budget
+
+    def nbytes(self) -> int:
+        """Bytes of all swap files."""
+        return sum(e.nbytes for e in self._swap.entries.values())
+
+    def close(self) -> None:
+        """Finish writes, drop the buffers, remove the swap files."""
+        try:
+            if self._finalizer.alive:
+                self._swap.drop_buffers()
+        finally:
+            self._finalizer()
+
+    def __enter__(self) -> NVMeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "O_DIRECT" if self.direct else "buffered"
+        return (f"NVMeStore({str(self.directory)!r}, {len(self._swap.entries)} keys, "
+                f"{self.nbytes() / 2**20:.1f} MiB on disk, buffers {self.buffer_bytes / 2**20:.0f} MiB, {mode})")

@@ -1,0 +1,229 @@
+"""The swapper: which tensors are in host buffers, reading ahead and writing back within a budget.
+
+Every key is a file. A key's bytes are in a host buffer while they are being read,
+held by a caller (between ``get`` and ``put``/``release``), being written, or kept
+as a clean copy that may be dropped at any time. All buffers together never exceed
+``budget`` bytes: to make room the swapper first drops clean copies (those not
+about to be used first), then waits for writes to finish; a ``get`` that still
+cannot fit raises, naming what is held. Told the order keys will be used
+(``prefetch``), it reads ahead in that order as far as the budget allows -- with a
+budget of two layers' state this is double buffering -- and keeps doing so as
+buffers come free. ``put`` writes back only what the caller changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._io import ALIGN, BlockIO, IOHandle, aligned_empty
+
+__all__ = ["SwapStats", "Swapper"]
+
+
+@dataclass
+class SwapStats:
+    """Counters since the store was made (bytes are the padded sizes that moved)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reads_prefetched: int = 0  # gets served by a read started ahead of time
+    reads_on_demand: int = 0  # gets that had to start their read and wait for it
+    peak_buffer_bytes: int = 0
+
+
+@dataclass
+class _Entry:
+    key: str
+    path: Path
+    dtype: torch.dtype
+    numel: int
+    nbytes: int  # padded to ALIGN
+    state: str = "disk"  # disk | reading | resident | held | writing
+    buffer: torch.Tensor | None = None
+    io: IOHandle | None = None
+    prefetched: bool = False
+    last_use: int = 0
+
+    def view(self) -> torch.Tensor:
+        assert self.buffer is not None
+        return self.buffer[:self.numel * self.dtype.itemsize].view(self.dtype)
+
+
+@dataclass
+class Swapper:
+    io: BlockIO
+    budget: int
+    pin: bool = False
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    stats: SwapStats = field(default_factory=SwapStats)
+    _used: int = 0  # bytes of every buffer allocated, free ones included
+    _free: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _queue: deque[str] = field(default_factory=deque)
+    _clock: itertools.count = field(default_factory=itertools.count)
+
+    # -- the caller's view ------------------------------------------------------------------
+    def get(self, key: str) -> torch.Tensor:
+        entry = self._entry(key)
+        self._dequeue(key)
+        if entry.state == "disk":
+            self.stats.reads_on_demand += 1
+            self._read(entry, self._acquire(entry, prefetch=False))
+        if entry.state in ("reading", "writing"):
+            self._finish(entry)
+        if entry.prefetched:
+            entry.prefetched = False
+            self.stats.reads_prefetched += 1
+        entry.state, entry.last_use = "held", next(self._clock)
+        self._advance()
+        return entry.view()
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        entry = self._entry(key)
+        if value.numel() != entry.numel or value.dtype != entry.dtype:
+            raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
+                             f"{entry.numel} elements of {entry.dtype}")
+        if entry.state in ("reading", "writing"):
+            self._finish(entry)
+        if entry.buffer is None:
+            entry.buffer = self._acquire(entry, prefetch=False)
+        view = entry.view()
+        if value.data_ptr() != view.data_ptr():
+            view.copy_(value.reshape(-1))
+        entry.state, entry.last_use = "writing", next(self._clock)
+        entry.io = self.io.submit(entry.path, entry.buffer, write=True)
+        self.stats.bytes_written += entry.nbytes
+
+    def release(self, key: str) -> None:
+        entry = self._entry(key)
+        if entry.state == "held":
+            entry.state = "resident"
+            self._advance()
+
+    def prefetch(self, keys: list[str]) -> None:
+        self._queue = deque(k for k in dict.fromkeys(keys) if k in self.entries)
+        self._advance()
+
+    def flush(self) -> None:
+        """Wait for every write (raising the first error); clean copies stay cached."""
+        for entry in list(self.entries.values()):
+            if entry.state == "writing":
+                self._finish(entry)
+
+    def drop_buffers(self) -> None:
+        self.flush()
+        for entry in self.entries.values():
+            if entry.state == "reading":
+                self._finish(entry)
+            entry.buffer, entry.state = None, "disk"
+        self._free.clear()
+        self._used = 0
+
+    def held(self) -> list[str]:
+        return [k for k, e in self.entries.items() if e.state == "held"]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _entry(self, key: str) -> _Entry:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise KeyError(f"no state named {key!r} in the store") from None
+
+    def _dequeue(self, key: str) -> None:
+        if key in self._queue:
+            while self._queue and self._queue.popleft() != key:
+                pass
+
+    def _read(self, entry: _Entry, buffer: torch.Tensor) -> None:
+        entry.buffer, entry.state = buffer, "reading"
+        entry.io = self.io.submit(entry.path, buffer, write=False)
+        self.stats.bytes_read += entry.nbytes
+
+    def _finish(self, entry: _Entry) -> None:
+        """Wait for ``entry``'s I/O; the buffer then holds the file's bytes (a clean copy)."""
+        io, entry.io = entry.io, None
+        if io is not None:
+            try:
+                io.wait()
+            except BaseException:
+                entry.state = "disk"  # never serve a buffer whose read or write failed
+                self._recycle(entry)
+                raise
+        entry.state = "resident"
+
+    def _reap(self) -> None:
+        for entry in self.entries.values():
+            if entry.state in ("reading", "writing") and entry.io is not None and entry.io.done():
+                self._finish(entry)
+
+    def _recycle(self, entry: _Entry) -> None:
+        if entry.buffer is not None:
+            self._free.setdefault(entry.buffer.numel(), []).append(entry.buffer)
+            entry.buffer = None
+        entry.state = "disk"
+        entry.prefetched = False
+
+    def _advance(self) -> None:
+        """Start reads for the queued keys, in order, while the budget allows."""
+        self._reap()
+        for key in self._queue:
+            entry = self.entries[key]
+            if entry.state != "disk":
+                continue
+            buffer = self._acquire(entry, prefetch=True)
+            if buffer is None:
+                return
+            self._read(entry, buffer)
+            entry.prefetched = True
+
+    def _acquire(self, entry: _Entry, prefetch: bool) -> torch.Tensor | None:
+        """A buffer of ``entry.nbytes`` within the budget (None for a prefetch that does not fit)."""
+        n = entry.nbytes
+        while True:
+            if self._free.get(n):
+                return self._free[n].pop()
+            if self._used + n <= self.budget:
+                self._used += n
+                self.stats.peak_buffer_bytes = max(self.stats.peak_buffer_bytes, self._used)
+                return aligned_empty(n, pin=self.pin)
+            spare = next((size for size, bufs in self._free.items() if bufs), None)
+            if spare is not None:  # a free buffer of another size: give its bytes back
+                self._free[spare].pop()
+                self._used -= spare
+                continue
+            victim = self._victim(protect_queue=prefetch)
+            if victim is not None:
+                self._recycle(victim)
+                continue
+            writing = [e for e in self.entries.values() if e.state == "writing"]
+            if writing and not prefetch:
+                self._finish(min(writing, key=lambda e: e.last_use))
+                continue
+            if prefetch:
+                return None
+            held = self.held()
+            raise MemoryError(
+                f"the NVMe store's buffer budget of {self.budget / 2**20:.1f} MiB cannot hold {entry.key!r} "
+                f"({n / 2**20:.1f} MiB): {len(held)} keys are held by get() without put()/release() "
+                f"({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}). Raise buffer_bytes.")
+
+    def _victim(self, protect_queue: bool) -> _Entry | None:
+        """The clean copy to drop: one not queued for use, least recently used; then (for a demand
+        read) queued ones, the one needed last first."""
+        queued = set(self._queue)
+        clean = [e for e in self.entries.values() if e.state == "resident"]
+        unqueued = [e for e in clean if e.key not in queued]
+        if unqueued:
+            return min(unqueued, key=lambda e: e.last_use)
+        if protect_queue or not clean:
+            return None
+        order = {k: i for i, k in enumerate(self._queue)}
+        return max(clean, key=lambda e: order.get(e.key, -1))
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN

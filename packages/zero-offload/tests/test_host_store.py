@@ -1,0 +1,36 @@
+"""HostStore: state in host memory, handed out in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zero_offload import HostStore
+
+
+def test_state_lives_in_host_memory_and_put_writes_it():
+    store = HostStore()
+    value = torch.arange(6.0)
+    store.create("m", value)
+    got = store.get("m")
+    assert got.device.type == "cpu" and torch.equal(got, value)
+    assert got.data_ptr() != value.data_ptr()  # the store holds its own copy
+    got.mul_(2)
+    store.put("m", got)  # in place: nothing to copy
+    assert torch.equal(store.get("m"), value * 2)
+    store.put("m", torch.ones(6))
+    assert torch.equal(store.get("m"), torch.ones(6))
+    assert store.keys() == ["m"] and store.nbytes() == 24
+
+
+def test_unknown_and_duplicate_keys_are_refused():
+    store = HostStore()
+    store.create("a", torch.zeros(1))
+    with pytest.raises(KeyError, match="already exists"):
+        store.create("a", torch.zeros(1))
+    with pytest.raises(KeyError, match="no state named 'b'"):
+        store.get("b")
+
+
+def test_pinning_follows_cuda():
+    assert HostStore().pin == torch.cuda.is_available()

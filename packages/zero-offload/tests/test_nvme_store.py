@@ -1,0 +1,154 @@
+"""NVMeStore: what is put comes back, within the buffer budget, and failures are loud and clean."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zero_offload import NVMeStore, SwapIOError
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+
+
+def _value(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(numel, generator=g).to(dtype)
+    return torch.randint(-(2**40), 2**40, (numel,), generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("direct", [None, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_what_is_created_and_put_comes_back_from_disk(tmp_path: Path, dtype: torch.dtype, direct: bool | None):
+    with NVMeStore(tmp_path, buffer_bytes=1 << 20, direct=direct, block_bytes=8192) as store:
+        values = {f"t{n}": _value(n, dtype, seed=n) for n in (1, 1000, 4099, 20_000)}
+        for key, v in values.items():
+            store.create(key, v)
+        store._swap.drop_buffers()  # nothing cached: every get reads its file
+        for key, v in values.items():
+            got = store.get(key)
+            assert got.dtype == dtype and torch.equal(got, v)
+            got.copy_(_value(v.numel(), dtype, seed=99))
+            store.put(key, got)
+        store._swap.drop_buffers()
+        for key, v in values.items():
+            assert torch.equal(store.get(key), _value(v.numel(), dtype, seed=99))
+            store.release(key)
+
+
+def test_o_direct_is_used_where_the_filesystem_allows_it(tmp_path: Path):
+    with NVMeStore(tmp_path) as store:
+        flag = getattr(os, "O_DIRECT", 0)
+        try:
+            os.close(os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT | flag))
+            expected = bool(flag)
+        except OSError:
+            expected = False
+        assert store.direct is expected
+        store.create("x", torch.arange(10.0))
+        assert torch.equal(store.get("x"), torch.arange(10.0))
+
+
+def test_buffers_never_exceed_the_budget_and_prefetch_reads_ahead(tmp_path: Path):
+    mib = 1 << 20
+    with NVMeStore(tmp_path, buffer_bytes=3 * mib, block_bytes=256 << 10) as store:
+        keys = [f"layer{i}" for i in range(12)]
+        for i, key in enumerate(keys):
+            store.create(key, torch.full((mib // 4,), float(i)))
+        store.flush()
+        store._swap.drop_buffers()
+        for step in range(3):
+            store.prefetch(keys)
+            for i, key in enumerate(keys):
+                t = store.get(key)
+                assert torch.all(t == i + step)
+                t.add_(1)
+                store.put(key, t)
+            store.flush()
+        stats = store.stats
+        assert stats.peak_buffer_bytes <= 3 * mib
+        assert stats.reads_prefetched > stats.reads_on_demand  # most reads were under way when asked for
+        assert stats.bytes_written >= 4 * len(keys) * mib  # created once, written back three times
+
+
+def test_a_borrowed_set_larger_than_the_budget_is_refused_by_name(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=2 << 20) as store:
+        for i in range(3):
+            store.create(f"state{i}", torch.zeros(1 << 18))
+        store.get("state0")
+        store.get("state1")
+        with pytest.raises(MemoryError, match=r"cannot hold 'state2'.*state0, state1.*buffer_bytes"):
+            store.get("state2")
+        store.release("state0")
+        assert torch.all(store.get("state2") == 0)
+
+
+def test_put_of_the_wrong_size_or_dtype_is_refused(tmp_path: Path):
+    with NVMeStore(tmp_path) as store:
+        store.create("w", torch.zeros(10))
+        with pytest.raises(ValueError, match="put 'w': got 11 elements"):
+            store.put("w", torch.zeros(11))
+        with pytest.raises(ValueError, match="torch.float16"):
+            store.put("w", torch.zeros(10, dtype=torch.float16))
+        with pytest.raises(KeyError, match="no state named 'v'"):
+            store.get("v")
+
+
+def test_a_missing_or_unusable_path_is_refused_before_anything_is_written(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        NVMeStore(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        NVMeStore(tmp_path / "file")
+    with pytest.raises(PermissionError, match="not writable"):
+        NVMeStore("/proc")
+
+
+def test_more_state_than_free_space_is_refused_before_writing(tmp_path: Path):
+    with NVMeStore(tmp_path) as store:
+        free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+        with pytest.raises(OSError, match=r"GiB free; the offloaded state needs"):
+            store.reserve(free + (1 << 40))
+        assert list(store.directory.iterdir()) == []
+
+
+def test_a_truncated_swap_file_is_an_error_naming_the_file_not_wrong_weights(tmp_path: Path):
+    with NVMeStore(tmp_path) as store:
+        store.create("master", torch.randn(50_000))
+        store.flush()
+        store._swap.drop_buffers()
+        path = store._swap.entries["master"].path
+        os.truncate(path, 4096)
+        with pytest.raises(SwapIOError, match=str(path.name)):
+            store.get("master")
+        with pytest.raises(SwapIOError):  # and again: no half-read buffer is ever handed out
+            store.get("master")
+
+
+def test_swap_files_are_removed_on_close_on_collection_and_at_exit_after_an_error(tmp_path: Path):
+    store = NVMeStore(tmp_path)
+    store.create("x", torch.zeros(100))
+    directory = store.directory
+    assert any(directory.iterdir())
+    store.close()
+    assert not directory.exists()
+
+    store = NVMeStore(tmp_path)
+    store.create("x", torch.zeros(100))
+    directory = store.directory
+    del store
+    gc.collect()
+    assert not directory.exists()
+
+    script = ("import torch, zero_offload; s = zero_offload.NVMeStore(%r); s.create('x', torch.zeros(1000)); "
+              "print(s.directory, flush=True); raise RuntimeError('training failed')" % str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "training failed" in run.stderr
+    assert not Path(run.stdout.strip()).exists()
+    assert not list(tmp_path.glob("zero-swap-*"))
