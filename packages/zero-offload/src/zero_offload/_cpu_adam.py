@@ -18,8 +18,8 @@ zero-optim's ``AdamW``/``Adam``, so checkpoints move between the two).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch

@@ -52,7 +52,7 @@ def probe_direct(directory: Path) -> bool:
         raise
     try:
         buf = aligned_empty(ALIGN)
-        os.pwritev(fd, [memoryview(buf.numpy())], 0)
+        os.pwritev(fd, [buf.numpy().data], 0)
         return True
     except OSError:
         return False
@@ -116,7 +116,7 @@ class BlockIO:
             raise ValueError(f"O_DIRECT I/O needs a {ALIGN}-byte aligned buffer, length and offset "
                              f"(address {buffer.data_ptr():#x}, {buffer.numel()} bytes, offset {offset})")
         fd = self._open(path, write)
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data
         futures = []
         for start in range(0, buffer.numel(), self.block_bytes):
             block = view[start:start + self.block_bytes]

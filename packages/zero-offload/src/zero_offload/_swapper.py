@@ -72,7 +72,7 @@ class Swapper:
         self._dequeue(key)
         if entry.state == "disk":
             self.stats.reads_on_demand += 1
-            self._read(entry, self._acquire(entry, prefetch=False))
+            self._read(entry, self._demand(entry))
         if entry.state in ("reading", "writing"):
             self._finish(entry)
         if entry.prefetched:
@@ -89,13 +89,13 @@ class Swapper:
                              f"{entry.numel} elements of {entry.dtype}")
         if entry.state in ("reading", "writing"):
             self._finish(entry)
-        if entry.buffer is None:
-            entry.buffer = self._acquire(entry, prefetch=False)
+        buffer = entry.buffer if entry.buffer is not None else self._demand(entry)
+        entry.buffer = buffer
         view = entry.view()
         if value.data_ptr() != view.data_ptr():
             view.copy_(value.reshape(-1))
         entry.state, entry.last_use = "writing", next(self._clock)
-        entry.io = self.io.submit(entry.path, entry.buffer, write=True)
+        entry.io = self.io.submit(entry.path, buffer, write=True)
         self.stats.bytes_written += entry.nbytes
 
     def release(self, key: str) -> None:
@@ -179,6 +179,11 @@ class Swapper:
                 return
             self._read(entry, buffer)
             entry.prefetched = True
+
+    def _demand(self, entry: _Entry) -> torch.Tensor:
+        buffer = self._acquire(entry, prefetch=False)
+        assert buffer is not None  # a demand either gets a buffer or raises
+        return buffer
 
     def _acquire(self, entry: _Entry, prefetch: bool) -> torch.Tensor | None:
         """A buffer of ``entry.nbytes`` within the budget (None for a prefetch that does not fit)."""
