@@ -30,13 +30,13 @@ def test_what_is_created_and_put_comes_back_from_disk(tmp_path: Path, dtype: tor
         values = {f"t{n}": _value(n, dtype, seed=n) for n in (1, 1000, 4099, 20_000)}
         for key, v in values.items():
             store.create(key, v)
-        store._swap.drop_buffers()  # nothing cached: every get reads its file
+        store.drop_cache()  # nothing cached: every get reads its file
         for key, v in values.items():
             got = store.get(key)
             assert got.dtype == dtype and torch.equal(got, v)
             got.copy_(_value(v.numel(), dtype, seed=99))
             store.put(key, got)
-        store._swap.drop_buffers()
+        store.drop_cache()
         for key, v in values.items():
             assert torch.equal(store.get(key), _value(v.numel(), dtype, seed=99))
             store.release(key)
@@ -62,7 +62,7 @@ def test_buffers_never_exceed_the_budget_and_prefetch_reads_ahead(tmp_path: Path
         for i, key in enumerate(keys):
             store.create(key, torch.full((mib // 4,), float(i)))
         store.flush()
-        store._swap.drop_buffers()
+        store.drop_cache()
         for step in range(3):
             store.prefetch(keys)
             for i, key in enumerate(keys):
@@ -122,7 +122,7 @@ def test_a_truncated_swap_file_is_an_error_naming_the_file_not_wrong_weights(tmp
     with NVMeStore(tmp_path) as store:
         store.create("master", torch.randn(50_000))
         store.flush()
-        store._swap.drop_buffers()
+        store.drop_cache()
         path = store._swap.entries["master"].path
         os.truncate(path, 4096)
         with pytest.raises(SwapIOError, match=str(path.name)):

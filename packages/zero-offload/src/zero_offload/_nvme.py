@@ -134,6 +134,11 @@ class NVMeStore:
     def buffer_bytes(self) -> int:
         return self._swap.budget
 
+    def drop_cache(self) -> None:
+        """Finish writes and give back every buffer not borrowed: host memory shrinks to what is held,
+        and the next ``get`` of anything else reads its file."""
+        self._swap.drop_buffers()
+
     def nbytes(self) -> int:
         """Bytes of all swap files."""
         return sum(e.nbytes for e in self._swap.entries.values())

@@ -115,13 +115,15 @@ class Swapper:
                 self._finish(entry)
 
     def drop_buffers(self) -> None:
+        """Give back every buffer that is not held (after finishing all I/O)."""
         self.flush()
         for entry in self.entries.values():
             if entry.state == "reading":
                 self._finish(entry)
-            entry.buffer, entry.state = None, "disk"
+            if entry.state == "resident":
+                entry.buffer, entry.state, entry.prefetched = None, "disk", False
         self._free.clear()
-        self._used = 0
+        self._used = sum(e.nbytes for e in self.entries.values() if e.buffer is not None)
 
     def held(self) -> list[str]:
         return [k for k, e in self.entries.items() if e.state == "held"]

@@ -19,7 +19,7 @@ import abc
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,8 +104,9 @@ class ShardedOptimizer(abc.ABC):
         """The runs of ``owner``'s shard that one call of the rule updates."""
 
     @abc.abstractmethod
-    def _prepare_step(self) -> list[torch.Tensor]:
-        """Finish reducing gradients; return this rank's reduced gradient tensors."""
+    def _prepare_step(self) -> list[torch.Tensor] | Iterator[torch.Tensor]:
+        """Finish reducing gradients; return this rank's reduced gradient tensors (an iterator where
+        they are streamed from a store)."""
 
     @abc.abstractmethod
     def _parameters(self) -> list[torch.nn.Parameter]:
@@ -139,8 +140,14 @@ class ShardedOptimizer(abc.ABC):
         self._step_pre_hooks[handle.id] = hook
         return handle
 
-    def _global_norm(self, grads: list[torch.Tensor]) -> tuple[float, bool]:
-        sumsq, nonfinite = zk.grad_norm_sq(grads)
+    def _global_norm(self, grads: Iterable[torch.Tensor]) -> tuple[float, bool]:
+        if isinstance(grads, list):
+            sumsq, nonfinite = zk.grad_norm_sq(grads)
+        else:  # streamed from an offload store, one shard at a time
+            sumsq, nonfinite = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.bool)
+            for grad in grads:
+                s, f = zk.grad_norm_sq([grad])
+                sumsq, nonfinite = sumsq + s.cpu(), nonfinite | f.cpu()
         if self.sharded and self.comm.world_size > 1:  # each rank saw only its shard
             both = torch.stack([sumsq, nonfinite.float()])
             self.comm.all_reduce(both)
@@ -183,6 +190,10 @@ class ShardedOptimizer(abc.ABC):
         self.zero_grad()
         return True
 
+    def _keys(self, owner: Owner) -> list[str]:
+        """The store keys a step reads for ``owner``, in the order it reads them."""
+        return [owner.master_key, *owner.state_keys.values()]
+
     def _fetch(self, owner: Owner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.store.get(owner.master_key), {n: self.store.get(k) for n, k in owner.state_keys.items()}
 
@@ -191,17 +202,55 @@ class ShardedOptimizer(abc.ABC):
         for name, key in owner.state_keys.items():
             self.store.put(key, state[name])
 
+    def _release(self, owner: Owner) -> None:
+        for key in self._keys(owner):
+            self.store.release(key)
+
+    @staticmethod
+    def _where_state_lives(piece: Piece, copies_back: list[tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The piece's gradient and weight copy on the device of its master weights: an offloaded
+        optimizer steps where its state is, so the gradient goes there and the new weights come back
+        (queued in ``copies_back``)."""
+        device = piece.master.device
+        if piece.grad.device == device:
+            return piece.grad, piece.lowp_out
+        grad = piece.grad.to(device)
+        if piece.lowp_out is None:
+            return grad, None
+        lowp = torch.empty(piece.lowp_out.shape, dtype=piece.lowp_out.dtype, device=device,
+                           pin_memory=piece.lowp_out.device.type == "cuda")
+        copies_back.append((piece.lowp_out, lowp))
+        return grad, lowp
+
+    @staticmethod
+    def _copy_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=True)
+        for dst, _ in copies:
+            if dst.device.type == "cuda":
+                torch.cuda.current_stream(dst.device).synchronize()  # the host buffers may go after this
+                break
+        copies.clear()
+
     def _update(self, grad_scale: float) -> list[Handle]:
         """One fused pass per piece, writing the new weights in place; returns the publishing collectives."""
-        handles = []
-        for owner in self._owners():
+        handles: list[Handle] = []
+        owners = self._owners()
+        self.store.prefetch([k for owner in owners for k in self._keys(owner)])
+        for owner in owners:
             master, state = self._fetch(owner)
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             for piece in self._pieces(owner, master, state):
-                self.rule.update(piece.master, piece.grad, piece.state, step=self.step_count,
-                                 hparams=piece.hparams, grad_scale=grad_scale, lowp_out=piece.lowp_out)
+                grad, lowp = self._where_state_lives(piece, copies)
+                self.rule.update(piece.master, grad, piece.state, step=self.step_count,
+                                 hparams=piece.hparams, grad_scale=grad_scale, lowp_out=lowp)
+                if copies:
+                    self._copy_back(copies)
                 if piece.publish is not None:
                     handles += piece.publish()
             self._store_back(owner, master, state)
+        self.store.flush()  # an I/O error surfaces at this step, naming its file
         return handles
 
     def _trust_ratio_update(self, grad_scale: float) -> list[Handle]:
@@ -214,11 +263,13 @@ class ShardedOptimizer(abc.ABC):
             master, state = self._fetch(owner)
             fetched.append((owner, master, state))
             for piece in self._pieces(owner, master, state):
-                u = rule.direction(piece.master, piece.grad, piece.state, step=self.step_count,
+                copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+                grad, lowp = self._where_state_lives(piece, copies)
+                u = rule.direction(piece.master, grad, piece.state, step=self.step_count,
                                    hparams=piece.hparams, grad_scale=grad_scale)
-                work.append((piece, u))
-        sums = torch.zeros(2, len(index), dtype=torch.float64, device=self._parameters()[0].device)
-        for piece, u in work:
+                work.append((piece, u, lowp, copies))
+        sums = torch.zeros(2, len(index), dtype=torch.float64, device=fetched[0][1].device)
+        for piece, u, _, _ in work:
             for p, _, at, n in piece.segments:
                 sums[0, index[id(p)]] += piece.master[at:at + n].double().square().sum()
                 sums[1, index[id(p)]] += u[at:at + n].double().square().sum()
@@ -226,16 +277,18 @@ class ShardedOptimizer(abc.ABC):
             self.comm.all_reduce(sums)
         norms = sums.sqrt().float()
         handles = []
-        for piece, u in work:
+        for piece, u, lowp, copies in work:
             ratio = torch.ones_like(u)
             for p, _, at, n in piece.segments:
                 k = index[id(p)]
-                ratio[at:at + n] = rule.trust(norms[0, k], norms[1, k], piece.hparams)
-            rule.apply(piece.master, u, ratio, hparams=piece.hparams, lowp_out=piece.lowp_out)
+                ratio[at:at + n] = rule.trust(norms[0, k].to(u.device), norms[1, k].to(u.device), piece.hparams)
+            rule.apply(piece.master, u, ratio, hparams=piece.hparams, lowp_out=lowp)
+            self._copy_back(copies)
             if piece.publish is not None:
                 handles += piece.publish()
         for owner, master, state in fetched:
             self._store_back(owner, master, state)
+        self.store.flush()
         return handles
 
     @abc.abstractmethod
@@ -287,11 +340,14 @@ class ShardedOptimizer(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer: master weights, rule state, counters, loss scale."""
         owners = self._owners()
+        shards = []
+        for o in owners:
+            shards.append({"master": self.store.get(o.master_key).clone(),
+                           **{n: self.store.get(k).clone() for n, k in o.state_keys.items()}})
+            self._release(o)
         return {
             **self.checkpoint_meta(), "world_size": self.comm.world_size, "rank": self.comm.rank,
-            "layout": [o.shapes for o in owners],
-            "shards": [{"master": self.store.get(o.master_key).clone(),
-                        **{n: self.store.get(k).clone() for n, k in o.state_keys.items()}} for o in owners],
+            "layout": [o.shapes for o in owners], "shards": shards,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -313,10 +369,11 @@ class ShardedOptimizer(abc.ABC):
         for g, (owner, shard) in enumerate(zip(owners, state["shards"], strict=True)):
             for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
                 mine = self.store.get(key)
+                self.store.release(key)
                 if shard[name].shape != mine.shape:
                     raise ValueError(f"shard {g} {name}: saved shard has {shard[name].numel()} elements, "
                                      f"this layout {mine.numel()} (bucket or alignment settings differ)")
         for owner, shard in zip(owners, state["shards"], strict=True):
             for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
-                self.store.put(key, shard[name].to(self.store.get(key).device))
+                self.store.put(key, shard[name])
         self.load_checkpoint_meta(state)  # counters, loss scale, hyper-parameters; weights into the model

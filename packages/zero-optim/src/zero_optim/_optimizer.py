@@ -62,6 +62,10 @@ class ZeroConfig:
             0, the largest subtrees of at most this many elements (a transformer
             block) are gathered as one unit each: fewer, larger all-gathers and fewer
             hooks, at the price of that much live memory.
+        offload_param: stage 3: keep this rank's parameter and gradient shards in the
+            optimizer's store too (ZeRO-Infinity with an NVMe store: the device and host
+            hold only the modules in use and the store's buffers); the store is told the
+            recorded order and reads each layer's shard ahead of its gather.
     """
 
     stage: int = 0
@@ -76,6 +80,7 @@ class ZeroConfig:
     max_live_numel: int = 1_000_000_000
     persistence_threshold: int = 100_000
     unit_numel: int = 0
+    offload_param: bool = False
 
     def __post_init__(self) -> None:
         for name in ("stage", "bucket_numel", "align", "accumulation_steps", "prefetch_numel", "max_live_numel",
@@ -85,6 +90,11 @@ class ZeroConfig:
                 raise ValueError(f"ZeroConfig.{name} must be an integer, got {value!r}")
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeroConfig.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if not isinstance(self.offload_param, bool):
+            raise ValueError(f"ZeroConfig.offload_param must be True or False, got {self.offload_param!r}")
+        if self.offload_param and self.stage != 3:
+            raise ValueError(f"ZeroConfig.offload_param offloads partitioned parameters: it needs stage 3, "
+                             f"got stage {self.stage} (offload the optimizer with a store instead)")
         if self.precision not in DTYPES:
             raise ValueError(f"ZeroConfig.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         for name in ("prefetch_numel", "max_live_numel", "persistence_threshold", "unit_numel"):
@@ -218,6 +228,7 @@ class ZeroOptimizer(ShardedOptimizer):
         if self.comm.world_size > 1:
             self.comm.broadcast(flat, 0)  # every rank starts from rank 0's weights
         master = self._own_chunks(layout, flat).float()
+        self.store.reserve(master.numel() * master.element_size() * (1 + len(self.rule.state_names)))
         master_key = f"group{g}.master"
         self.store.create(master_key, master)
         state_keys = {}
@@ -419,6 +430,7 @@ class ZeroOptimizer(ShardedOptimizer):
             master = self.store.get(group.master_key)
             for bucket in group.layout.buckets:
                 self._own(bucket, group.flat).copy_(bucket.chunk_of(master))
+            self.store.release(group.master_key)
         if self.config.stage >= 1:
             for group in self.groups:
                 for bucket in group.layout.buckets:

@@ -30,6 +30,8 @@ from torch import nn
 
 from zero_comm import Communicator, Handle
 
+from ._store import StateStore
+
 __all__ = ["GatherUnit", "ParamShard", "PartitionedParameter", "PartitionedParameterError", "gathered"]
 
 
@@ -50,6 +52,9 @@ class ParamShard:
     @property
     def shard(self) -> torch.Tensor:
         """This rank's elements of the parameter (a view into the unit's shard; may be empty)."""
+        if self.unit.home is not None:
+            raise RuntimeError(f"parameter {self.name!r}'s shard is offloaded to a store: read it inside "
+                               "`with unit.local_shard() as shard:`")
         return self.unit.shard[self.at:self.at + self.stop - self.start]
 
 
@@ -148,7 +153,9 @@ class GatherUnit:
         self.shard = self.full[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
         self.on_change: list[Callable[[GatherUnit], None]] = []  # called after gathered(modifier_rank=...)
         self.on_released_use: Callable[[GatherUnit, PartitionedParameter], bool] | None = None
+        self.home: tuple[StateStore, str] | None = None  # where the shard lives when offloaded
         self._handle: Handle | None = None
+        self._borrowed: str | None = None  # the store key an all-gather in flight reads from
         lo = r * self.shard_numel
         for i, (p, off, is_plain) in enumerate(zip(params, self.offsets, plain, strict=True)):
             start = min(max(lo - off, 0), p.numel())
@@ -182,7 +189,16 @@ class GatherUnit:
             return
         if self._handle is None:
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
-            self._handle = self.comm.all_gather(self.shard, out=self.full, async_op=True)
+            shard = self.shard
+            if self.home is not None:  # offloaded: the store reads it (ahead, if it was told the order)
+                store, key = self.home
+                shard = store.get(key)
+                if shard.device != self.full.device:
+                    shard = shard.to(self.full.device)
+                    store.release(key)
+                else:
+                    self._borrowed = key
+            self._handle = self.comm.all_gather(shard, out=self.full, async_op=True)
         if not async_op:
             self.wait()
 
@@ -193,6 +209,37 @@ class GatherUnit:
         self._handle.wait()
         self._handle = None
         self.gathered = True
+        if self._borrowed is not None and self.home is not None:
+            self.home[0].release(self._borrowed)
+            self._borrowed = None
+
+    def offload(self, store: StateStore, key: str) -> None:
+        """Move this rank's shard into ``store`` under ``key`` (ZeRO-Infinity): from now on it is read
+        from there for each gather and written there by each update."""
+        if self.persistent:
+            raise ValueError("a persistent unit stays whole on the device; it has nothing to offload")
+        store.create(key, self.shard)
+        self.home = (store, key)
+        self.shard = self.shard.new_empty(0)
+
+    @contextmanager
+    def local_shard(self, write: bool = False) -> Iterator[torch.Tensor]:
+        """This rank's shard for the body of a ``with`` block, wherever it lives; with ``write`` the
+        body's changes are kept (written back to the store)."""
+        if self.home is None:
+            yield self.shard
+            return
+        store, key = self.home
+        shard = store.get(key)
+        try:
+            yield shard
+        except BaseException:
+            store.release(key)
+            raise
+        if write:
+            store.put(key, shard)
+        else:
+            store.release(key)
 
     def release(self, force: bool = False) -> None:
         """Drop the full parameters (persistent units keep them unless forced); this rank's shard stays."""
@@ -215,7 +262,8 @@ class GatherUnit:
         if self.comm.world_size > 1:
             self.comm.broadcast(self.full, src_rank)
         r = self.comm.rank
-        self.shard.copy_(self.full[r * self.shard_numel:(r + 1) * self.shard_numel])
+        with self.local_shard(write=True) as shard:
+            shard.copy_(self.full[r * self.shard_numel:(r + 1) * self.shard_numel])
         for callback in self.on_change:
             callback(self)
 

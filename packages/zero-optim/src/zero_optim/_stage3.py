@@ -23,7 +23,7 @@ which every rank shares, as a unit and all units before it are ready.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +49,14 @@ class _Owner:
     unit: GatherUnit
     master_key: str
     state_keys: dict[str, str]
-    grad: torch.Tensor  # the reduced gradient of this rank's shard, accumulated over micro-steps
+    grad: torch.Tensor | None  # the reduced gradient of this rank's shard, accumulated over micro-steps
     runs: list[tuple[int, int, int]]  # (group index, start, stop) in the shard: runs of trainable params
     trainable: int  # parameters that get a gradient
+    grad_key: str | None = None  # offload_param: the gradient shard lives in the store instead
     arrived: int = 0
     staging: torch.Tensor | None = None  # full-size gradients of this micro-step, rank-major
     reduced_once: bool = False
+    borrowed: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded shards during a step
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -220,6 +222,9 @@ class ZeroStage3(ShardedOptimizer):
     def _make_owner(self, i: int, unit: GatherUnit) -> _Owner:
         master = unit.shard.float()
         master_key, state_keys = f"unit{i}.master", {n: f"unit{i}.{n}" for n in self.rule.state_names}
+        offload = self.config.offload_param and not unit.persistent
+        self.store.reserve(master.numel() * (4 * (1 + len(state_keys)) + (2 * unit.shard.element_size()
+                                                                         if offload else 0)))
         self.store.create(master_key, master)
         for key in state_keys.values():
             self.store.create(key, torch.zeros_like(master))
@@ -234,6 +239,11 @@ class ZeroStage3(ShardedOptimizer):
             else:
                 runs.append((g, z.at, end))
         trainable = sum(p.requires_grad for p in unit.params)
+        if offload:  # ZeRO-Infinity: the parameter and gradient shards live in the store
+            grad_key = f"unit{i}.grad"
+            self.store.create(grad_key, torch.zeros_like(unit.shard))
+            unit.offload(self.store, f"unit{i}.param")
+            return _Owner(unit, master_key, state_keys, None, runs, trainable, grad_key)
         return _Owner(unit, master_key, state_keys, torch.zeros_like(unit.shard), runs, trainable)
 
     def _install_hooks(self) -> None:
@@ -298,6 +308,7 @@ class ZeroStage3(ShardedOptimizer):
         if self._phase == "idle":
             self._phase = "forward"
             self._forward_trace.start()
+            self._prefetch_shards(self._forward_trace)
         if module not in self._units_of:  # a root holding no parameters runs too (it may read a tied one)
             self._running.append(module)
 
@@ -343,10 +354,19 @@ class ZeroStage3(ShardedOptimizer):
             self._forward_trace.finish()
             self._phase = "idle"
 
+    def _start_backward(self) -> None:
+        self._phase = "backward"
+        self._backward_trace.start()
+        self._prefetch_shards(self._backward_trace)
+
+    def _prefetch_shards(self, trace: _Trace) -> None:
+        """Offloaded parameters: tell the store the order their shards will be gathered in."""
+        if self.config.offload_param:
+            self.store.prefetch([u.home[1] for u in trace.order if u.home is not None])
+
     def _pre_backward(self, module: nn.Module) -> None:
         if self._phase != "backward":
-            self._phase = "backward"
-            self._backward_trace.start()
+            self._start_backward()
         self._need(self._units_for(module), self._backward_trace)
 
     # -- gradients ------------------------------------------------------------------------------
@@ -361,8 +381,7 @@ class ZeroStage3(ShardedOptimizer):
             if grad is None:
                 return
             if self._phase != "backward":
-                self._phase = "backward"
-                self._backward_trace.start()
+                self._start_backward()
             if owner.staging is None:
                 owner.staging = torch.zeros(unit.padded, dtype=self.dtype, device=grad.device)
             owner.staging[off:off + numel].view(param.shape).copy_(grad)
@@ -393,27 +412,43 @@ class ZeroStage3(ShardedOptimizer):
     def _reduce(self, owner: _Owner) -> None:
         staging = owner.staging
         if staging is None:  # no parameter of this unit got a gradient in this micro-step
-            staging = torch.zeros(owner.unit.padded, dtype=self.dtype, device=owner.grad.device)
+            staging = torch.zeros(owner.unit.padded, dtype=self.dtype, device=owner.unit.full.device)
         owner.staging = None
-        if not owner.reduced_once:  # the first micro-step since zero_grad: reduce straight into the shard
-            owner.reduced_once = True
+        first, owner.reduced_once = not owner.reduced_once, True
+        if first and owner.grad is not None:  # the first micro-step since zero_grad: straight into the shard
             handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True,
                                               consume_input=True)
             self._pending.append((handle, None))
         else:
-            reduced = torch.empty_like(owner.grad)
+            reduced = torch.empty(owner.unit.shard_numel, dtype=self.dtype, device=staging.device)
             handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
                                               consume_input=True)
-            self._pending.append((handle, (owner.grad, reduced)))
+            self._pending.append((handle, self._accumulate(owner, reduced, first)))
         # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight
         self._drain(keep=1 if self.config.overlap_comm else 0)
 
+    def _accumulate(self, owner: _Owner, reduced: torch.Tensor, first: bool) -> Callable[[], None]:
+        """Add a micro-step's reduced gradient to the owner's shard, on the device or in the store."""
+        def finish() -> None:
+            if owner.grad is not None:
+                owner.grad.add_(reduced)
+                return
+            assert owner.grad_key is not None
+            if first:
+                self.store.put(owner.grad_key, reduced)
+                return
+            grad = self.store.get(owner.grad_key)
+            grad.add_(reduced.to(grad.device))
+            self.store.put(owner.grad_key, grad)
+
+        return finish
+
     def _drain(self, keep: int = 0) -> None:
         while len(self._pending) > keep:
-            handle, add = self._pending.pop(0)
+            handle, finish = self._pending.pop(0)
             handle.wait()
-            if add is not None:
-                add[0].add_(add[1])
+            if finish is not None:
+                finish()
 
     def _finish_backward(self) -> None:
         if self._phase != "backward":
@@ -432,8 +467,7 @@ class ZeroStage3(ShardedOptimizer):
         """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation); each unit's
         gradients are reduce-scattered once all of them are ready, overlapping the rest of backward."""
         scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
-        self._phase = "backward"
-        self._backward_trace.start()
+        self._start_backward()
         try:
             (loss * scale).backward()
         finally:
@@ -441,17 +475,51 @@ class ZeroStage3(ShardedOptimizer):
         self.micro_steps += 1
 
     # -- step -------------------------------------------------------------------------------------
-    def _prepare_step(self) -> list[torch.Tensor]:
+    def _prepare_step(self) -> list[torch.Tensor] | Iterator[torch.Tensor]:
         self._finish_backward()  # in case loss.backward() ran without opt.backward
-        return [o.grad for o in self.owners]
+        if not self.config.offload_param:
+            return [o.grad for o in self.owners if o.grad is not None]
+        for o in self.owners:
+            if o.grad_key is not None and not o.reduced_once:  # no backward since zero_grad
+                self.store.put(o.grad_key, torch.zeros(o.unit.shard_numel, dtype=self.dtype))
+        return self._stream_grads()
+
+    def _stream_grads(self) -> Iterator[torch.Tensor]:
+        self.store.prefetch([o.grad_key for o in self.owners if o.grad_key is not None])
+        for o in self.owners:
+            if o.grad is not None:
+                yield o.grad
+            elif o.grad_key is not None:
+                yield self.store.get(o.grad_key)
+                self.store.release(o.grad_key)
 
     def _owners(self) -> list[_Owner]:
         return self.owners
 
+    def _keys(self, owner: _Owner) -> list[str]:  # type: ignore[override]
+        extra = [owner.grad_key, owner.unit.home[1]] if owner.grad_key and owner.unit.home else []
+        return [*super()._keys(owner), *extra]
+
+    def _fetch(self, owner: _Owner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[override]
+        fetched = super()._fetch(owner)
+        if owner.grad_key is not None and owner.unit.home is not None:
+            owner.borrowed = {"grad": self.store.get(owner.grad_key), "shard": self.store.get(owner.unit.home[1])}
+        return fetched
+
+    def _store_back(self, owner: _Owner, master: torch.Tensor,  # type: ignore[override]
+                    state: dict[str, torch.Tensor]) -> None:
+        super()._store_back(owner, master, state)
+        if owner.borrowed and owner.grad_key is not None and owner.unit.home is not None:
+            self.store.put(owner.unit.home[1], owner.borrowed["shard"])  # the new weights
+            self.store.release(owner.grad_key)
+            owner.borrowed = {}
+
     def _pieces(self, owner: _Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
-        pieces = [Piece(self.hparams[g], master[a:b], owner.grad[a:b], {n: t[a:b] for n, t in state.items()},
-                        owner.unit.shard[a:b], self._segments(owner, a, b)) for g, a, b in owner.runs]
-        return pieces
+        grad = owner.borrowed["grad"] if owner.borrowed else owner.grad
+        shard = owner.borrowed["shard"] if owner.borrowed else owner.unit.shard
+        assert grad is not None
+        return [Piece(self.hparams[g], master[a:b], grad[a:b], {n: t[a:b] for n, t in state.items()},
+                      shard[a:b], self._segments(owner, a, b)) for g, a, b in owner.runs]
 
     def _after_update(self) -> None:
         for unit in self.units:  # every rank, whether or not its share of the unit had anything to update
@@ -475,18 +543,22 @@ class ZeroStage3(ShardedOptimizer):
     def _reload_master(self, unit: GatherUnit) -> None:
         owner = self._owner_of.get(id(unit))
         if owner is not None:
-            self.store.put(owner.master_key, unit.shard.float())
+            with unit.local_shard() as shard:
+                self.store.put(owner.master_key, shard.float())
 
     def _after_load(self) -> None:
         for owner in self.owners:
-            owner.unit.shard.copy_(self.store.get(owner.master_key))
+            with owner.unit.local_shard(write=True) as shard:
+                shard.copy_(self.store.get(owner.master_key))
+            self.store.release(owner.master_key)
             owner.unit.refresh()
 
     def zero_grad(self) -> None:
         """Clear the accumulated gradient shards (``step`` does this itself)."""
         self._drain()
         for owner in self.owners:
-            owner.grad.zero_()
+            if owner.grad is not None:
+                owner.grad.zero_()
             owner.reduced_once = False
         self.micro_steps = 0
 
