@@ -1,0 +1,323 @@
+"""PipelineEngine: the one interpreter that runs any schedule on this rank's stage.
+
+``train_batch`` pulls ``micro_batches`` micro-batches, walks this rank's
+instruction list of the training schedule (forward, backward, sends and receives
+through a :class:`~zero_pipe._transport.Transport`), sums the gradients of tied
+layers across the stages that hold them, averages gradients across the
+data-parallel group if one is given, and steps the optimizer -- DeepSpeed's
+``PipelineEngine.train_batch``. The loss of each micro-batch is scaled by
+``1 / micro_batches`` before its backward, so the gradients are those of the mean
+loss, as if the whole batch went through one model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from zero_comm import Communicator, all_reduce_coalesced
+
+from ._module import PipelineModule
+from ._schedule import Action, Op, Schedule
+from ._schedules import make_schedule
+from ._simulate import message_key, simulate
+from ._transport import PipelineAborted, PipelineError, Transport, spec
+
+__all__ = ["BatchTiming", "Optimizer", "PipelineEngine"]
+
+Batch = tuple[Any, Any]  # (inputs, labels)
+
+
+class Optimizer(Protocol):
+    """What the engine needs from an optimizer: a torch optimizer, or anything that steps and zeroes."""
+
+    def step(self) -> Any: ...
+    def zero_grad(self) -> Any: ...
+
+
+@dataclass
+class BatchTiming:
+    """Where this rank's time in the last batch went (seconds).
+
+    ``compute`` is forward plus backward; ``wall - compute`` is time spent waiting on
+    other stages, sending and in the batch-wide tail. The pipeline's measured bubble
+    is ``1 - sum(compute over ranks) / (ranks * wall)``.
+    """
+
+    wall: float = 0.0
+    compute: float = 0.0
+
+
+@dataclass
+class _Batch:
+    inputs: dict[int, Any] = field(default_factory=dict)
+    labels: dict[int, Any] = field(default_factory=dict)
+    received: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    saved: dict[tuple[int, int], tuple[Any, Any]] = field(default_factory=dict)  # (input, output or loss)
+    input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    loaded: int = 0
+
+
+class PipelineEngine:
+    """Train and evaluate a :class:`PipelineModule` over a pipeline group.
+
+    Args:
+        module: this rank's stage; ``module.stage_id`` must be this rank in ``comm``.
+        comm: the pipeline-parallel group (one rank per stage).
+        micro_batches: micro-batches per batch (DeepSpeed's gradient accumulation steps).
+        schedule: "gpipe", "1f1b" or "interleaved" (needs ``module.chunks >= 2``), or a
+            function ``(stages, micro_batches, *, train) -> Schedule``.
+        optimizer: stepped and zeroed at the end of :meth:`train_batch`; ``None``
+            leaves the gradients in ``.grad`` for the caller.
+        dp_comm: the data-parallel group; gradients are averaged across it before the
+            step. Leave it ``None`` when the optimizer reduces gradients itself (a
+            ZeRO optimizer over the data-parallel group).
+        dynamic_shapes: by default the first batch fixes the shape of every
+            activation between stages, and a later one that differs is an error (as
+            in DeepSpeed); ``True`` allows shapes to change from batch to batch.
+    """
+
+    def __init__(self, module: PipelineModule, comm: Communicator, *, micro_batches: int,
+                 schedule: str | Callable[..., Schedule] = "1f1b", optimizer: Optimizer | None = None,
+                 dp_comm: Communicator | None = None, dynamic_shapes: bool = False):
+        if comm.world_size != module.num_stages or comm.rank != module.stage_id:
+            raise ValueError(f"the module is stage {module.stage_id} of {module.num_stages} but this rank is "
+                             f"{comm.rank} of a pipeline group of {comm.world_size}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.module, self.comm, self.micro_batches = module, comm, micro_batches
+        self.optimizer, self.dp_comm, self.dynamic_shapes = optimizer, dp_comm, dynamic_shapes
+        self.train_schedule = self._schedule(schedule, train=True)
+        self.eval_schedule = self._schedule(schedule, train=False)
+        self.transport = Transport(comm)
+        self.timing = BatchTiming()
+        self._shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}  # virtual stage -> its input
+        self._run_guarded(self._sync_tied_weights)
+
+    def _schedule(self, schedule: str | Callable[..., Schedule], *, train: bool) -> Schedule:
+        p, v = self.module.num_stages, self.module.chunks
+        if isinstance(schedule, str):
+            if (schedule == "interleaved") != (v > 1):
+                raise ValueError(f"the {schedule} schedule needs a module with "
+                                 f"{'several model chunks (chunks >= 2)' if schedule == 'interleaved' else 'one chunk'}"
+                                 f"; this one has chunks={v}")
+            made = make_schedule(schedule, p, self.micro_batches, chunks=v, train=train)
+        else:
+            made = schedule(p, self.micro_batches, train=train)
+        if (made.stages, made.micro_batches, made.chunks) != (p, self.micro_batches, v):
+            raise ValueError(f"the schedule is for {made.stages} stages x {made.chunks} chunks and "
+                             f"{made.micro_batches} micro-batches; the engine has {p} x {v} and {self.micro_batches}")
+        simulate(made)  # a schedule that cannot finish fails here, not as a hang
+        return made
+
+    # -- public API --------------------------------------------------------------------------
+    def train_batch(self, data_iter: Iterable[Batch] | None = None, *, batch: Batch | None = None) -> float:
+        """Forward and backward ``micro_batches`` micro-batches, then step; return their mean loss.
+
+        Data comes from ``data_iter`` (one ``(inputs, labels)`` micro-batch per item)
+        or from ``batch``, split into ``micro_batches`` equal parts along dimension 0.
+        Only the first and last stage read data; the others may pass nothing.
+        """
+        self.module.train()
+        return self._run_guarded(lambda: self._run(self.train_schedule, self._micro_batches(data_iter, batch)))
+
+    def eval_batch(self, data_iter: Iterable[Batch] | None = None, *, batch: Batch | None = None) -> float:
+        """Forward only, without gradients; return the mean loss of ``micro_batches`` micro-batches."""
+        self.module.eval()
+        with torch.no_grad():
+            return self._run_guarded(lambda: self._run(self.eval_schedule, self._micro_batches(data_iter, batch)))
+
+    # -- running -------------------------------------------------------------------------------
+    def _run_guarded(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except PipelineAborted:
+            raise
+        except BaseException:
+            self.transport.abort([r for r in range(self.comm.world_size) if r != self.comm.rank])
+            raise
+
+    def _micro_batches(self, data_iter: Iterable[Batch] | None, batch: Batch | None) -> Iterator[Batch] | None:
+        if batch is None:
+            return iter(data_iter) if data_iter is not None else None
+        if data_iter is not None:
+            raise ValueError("pass data_iter or batch, not both")
+        m = self.micro_batches
+        parts: list[Sequence[Any]] = []
+        for name, t in zip(("inputs", "labels"), batch):
+            if isinstance(t, torch.Tensor):
+                if t.shape[0] % m:
+                    raise ValueError(f"a batch of {t.shape[0]} ({name}) cannot be split into {m} equal "
+                                     f"micro-batches; use a batch size divisible by {m}")
+                parts.append(t.chunk(m))
+            else:
+                parts.append([t] * m)
+        return iter(list(zip(*parts)))
+
+    def _run(self, schedule: Schedule, data: Iterator[Batch] | None) -> float:
+        start, compute = time.perf_counter(), 0.0
+        state = _Batch()
+        for action in schedule.actions[self.comm.rank]:
+            if action.op in (Op.FORWARD, Op.BACKWARD):
+                t0 = time.perf_counter()
+                (self._forward if action.op == Op.FORWARD else self._backward)(schedule, action, state)
+                compute += time.perf_counter() - t0
+            else:
+                self._other(schedule, action, state, data)
+        self.transport.flush()
+        loss = self._mean_loss(schedule, state)
+        self.timing = BatchTiming(time.perf_counter() - start, compute)
+        return loss
+
+    def _other(self, schedule: Schedule, a: Action, state: _Batch, data: Iterator[Batch] | None) -> None:
+        rank = self.comm.rank
+        if a.op == Op.LOAD:
+            if data is None:
+                raise ValueError(f"stage {rank} reads data but was given no data_iter or batch")
+            try:
+                state.inputs[a.micro_batch], state.labels[a.micro_batch] = next(data)
+            except StopIteration:
+                raise ValueError(f"the data iterator ran out after {state.loaded} micro-batches; a batch needs "
+                                 f"{schedule.micro_batches}") from None
+            state.loaded += 1
+        elif a.op == Op.RECV_ACT:
+            vs = schedule.virtual_stage(rank, a.chunk)
+            expect = None if self.dynamic_shapes else self._shapes.get(vs)
+            t = self.transport.recv(message_key(schedule, rank, a), schedule.place(vs - 1)[0], expect=expect,
+                                    what=f"the activation of micro-batch {a.micro_batch} into "
+                                         f"{self._where(a.chunk)}")
+            self._shapes.setdefault(vs, (t.shape, t.dtype))
+            if schedule.train and t.is_floating_point():
+                t.requires_grad_(True)
+            state.received[(a.micro_batch, a.chunk)] = t
+        elif a.op == Op.SEND_ACT:
+            vs = schedule.virtual_stage(rank, a.chunk)
+            out = state.saved[(a.micro_batch, a.chunk)][1]
+            if not schedule.train:
+                del state.saved[(a.micro_batch, a.chunk)]
+            self.transport.send(message_key(schedule, rank, a), out, schedule.place(vs + 1)[0])
+        elif a.op == Op.RECV_GRAD:
+            vs = schedule.virtual_stage(rank, a.chunk)
+            out = state.saved[(a.micro_batch, a.chunk)][1]
+            state.received[(a.micro_batch, -1 - a.chunk)] = self.transport.recv(
+                message_key(schedule, rank, a), schedule.place(vs + 1)[0], expect=(out.shape, out.dtype),
+                what=f"the gradient of micro-batch {a.micro_batch}'s output of {self._where(a.chunk)}")
+        elif a.op == Op.SEND_GRAD:
+            vs = schedule.virtual_stage(rank, a.chunk)
+            grad = state.input_grads.pop((a.micro_batch, a.chunk))
+            self.transport.send(message_key(schedule, rank, a), grad, schedule.place(vs - 1)[0])
+        elif a.op == Op.REDUCE_TIED:
+            self._reduce_tied()
+        elif a.op == Op.REDUCE_GRADS:
+            if self.dp_comm is not None and self.dp_comm.world_size > 1:
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                if grads:
+                    all_reduce_coalesced(self.dp_comm, grads, "avg")
+        elif a.op == Op.STEP:
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        else:  # pragma: no cover - every Op is handled above
+            raise PipelineError(f"stage {rank} cannot run {a}")
+
+    def _forward(self, schedule: Schedule, a: Action, state: _Batch) -> None:
+        vs = schedule.virtual_stage(self.comm.rank, a.chunk)
+        unit = (a.micro_batch, a.chunk)
+        x = state.inputs[a.micro_batch] if vs == 0 else state.received.pop(unit)
+        try:
+            out = self.module.forward_chunk(a.chunk, x)
+        except Exception as exc:
+            got = spec(x) if isinstance(x, torch.Tensor) else type(x).__name__
+            source = "its input" if vs == 0 else f"the activation from stage {schedule.place(vs - 1)[0]}"
+            raise PipelineError(f"{self._where(a.chunk)} failed in the forward of micro-batch {a.micro_batch} on "
+                                f"{source} ({got}): {exc}") from exc
+        if vs == schedule.virtual_stages - 1:
+            if self.module.loss_fn is None:
+                raise PipelineError("the last stage needs a loss_fn (PipelineModule(..., loss_fn=...)) to train "
+                                    "or evaluate")
+            out = self.module.loss_fn(out, state.labels.pop(a.micro_batch))
+            state.losses.append(out.detach())
+            state.inputs.pop(a.micro_batch, None)
+        elif not isinstance(out, torch.Tensor):
+            raise PipelineError(f"{self._where(a.chunk)} returned a {type(out).__name__}; a stage passes exactly "
+                                "one tensor to the next")
+        if vs == 0:
+            state.inputs.pop(a.micro_batch, None)
+        if schedule.train or vs < schedule.virtual_stages - 1:
+            state.saved[unit] = (x, out)
+
+    def _backward(self, schedule: Schedule, a: Action, state: _Batch) -> None:
+        vs = schedule.virtual_stage(self.comm.rank, a.chunk)
+        x, out = state.saved.pop((a.micro_batch, a.chunk))
+        if vs == schedule.virtual_stages - 1:
+            torch.autograd.backward(out / schedule.micro_batches)
+        else:
+            torch.autograd.backward(out, state.received.pop((a.micro_batch, -1 - a.chunk)))
+        if vs > 0:
+            if x.grad is None:
+                raise PipelineError(f"{self._where(a.chunk)}'s input got no gradient in micro-batch "
+                                    f"{a.micro_batch}: its output does not depend on it")
+            state.input_grads[(a.micro_batch, a.chunk)] = x.grad
+
+    def _mean_loss(self, schedule: Schedule, state: _Batch) -> float:
+        last = schedule.place(schedule.virtual_stages - 1)[0]
+        loss = torch.zeros((), dtype=torch.float64)
+        if self.comm.rank == last:
+            loss += torch.stack([t.double() for t in state.losses]).mean()
+        if self.comm.world_size > 1:
+            self.comm.broadcast(loss, last)
+        if self.dp_comm is not None and self.dp_comm.world_size > 1:
+            self.dp_comm.all_reduce(loss, "avg")
+        return float(loss)
+
+    # -- tied layers ---------------------------------------------------------------------------
+    def _reduce_tied(self) -> None:
+        """Sum each tie's gradients over the stages holding it: the holders send to the first, which
+        adds them up and sends the sum back."""
+        for index, (key, params) in enumerate(self.module.tied_parameters().items()):
+            holders = self.module.tie_holders[key]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            flat = self._tie_exchange(index, holders, flat, "tied", add=True)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+    def _sync_tied_weights(self) -> None:
+        """Make every copy of a tied module start from the first holder's weights."""
+        with torch.no_grad():
+            for index, (_, params) in enumerate(self.module.tied_parameters().items()):
+                holders = self.module.tie_holders[_]
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+                flat = self._tie_exchange(index, holders, flat, "tied_init", add=False)
+                offset = 0
+                for p in params:
+                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        self.transport.flush()
+
+    def _tie_exchange(self, index: int, holders: list[int], flat: torch.Tensor, kind: str, *,
+                      add: bool) -> torch.Tensor:
+        rank, root = self.comm.rank, holders[0]
+        if rank == root:
+            for other in holders[1:]:
+                got = self.transport.recv((kind, index, other), other, expect=(flat.shape, flat.dtype),
+                                          what=f"tie {index}'s {kind} values") if add else None
+                if got is not None:
+                    flat = flat + got
+            for other in holders[1:]:
+                self.transport.send((kind, index, root), flat, other)
+            return flat
+        if add:
+            self.transport.send((kind, index, rank), flat, root)
+        return self.transport.recv((kind, index, root), root, expect=(flat.shape, flat.dtype),
+                                   what=f"tie {index}'s {kind} values")
+
+    def _where(self, chunk: int) -> str:
+        text = self.module.describe_stage()
+        return text if self.module.chunks == 1 else f"{text}, chunk {chunk}"

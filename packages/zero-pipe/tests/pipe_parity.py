@@ -1,0 +1,44 @@
+"""The distributed side of the parity tests: train the tiny GPT through a PipelineEngine on this rank."""
+
+from __future__ import annotations
+
+import tiny_gpt
+import torch
+
+import zero_comm
+from zero_pipe import PipelineEngine, PipelineModule
+
+
+def build(comm: zero_comm.Communicator, n_blocks: int, *, chunks: int = 1, tied: bool = True,
+          interval: int = 0, partition: str = "parameters") -> PipelineModule:
+    return PipelineModule(tiny_gpt.layers(n_blocks, tied=tied), comm.world_size, stage_id=comm.rank,
+                          loss_fn=tiny_gpt.loss_fn, partition_method=partition, chunks=chunks,
+                          activation_checkpoint_interval=interval, seed=tiny_gpt.SEED)
+
+
+def train(module: PipelineModule, comm: zero_comm.Communicator, schedule: str, micro_batches: int, steps: int,
+          lr: float = 0.1, dp_comm: zero_comm.Communicator | None = None, batch_size: int = 8,
+          ) -> tuple[list[float], float, dict[str, torch.Tensor]]:
+    """``steps`` train batches and one eval batch; every rank in a data-parallel group takes its slice."""
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+    engine = PipelineEngine(module, comm, micro_batches=micro_batches, schedule=schedule, optimizer=opt,
+                            dp_comm=dp_comm)
+    data = tiny_gpt.batches(steps + 1, batch_size)
+    if dp_comm is not None:
+        per = batch_size // dp_comm.world_size
+        mine = slice(dp_comm.rank * per, (dp_comm.rank + 1) * per)
+        data = [(x[mine], y[mine]) for x, y in data]
+    losses = [engine.train_batch(batch=b) for b in data[:steps]]
+    evaluation = engine.eval_batch(iter(zip(data[steps][0].chunk(micro_batches),
+                                            data[steps][1].chunk(micro_batches))))
+    return losses, evaluation, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def schedules_run(n_blocks: int, steps: int, cases: list[tuple[str, int]]) -> dict:
+    """Every (schedule, micro_batches) case on the world as one pipeline."""
+    comm = zero_comm.init_distributed()
+    out = {}
+    for schedule, m in cases:
+        chunks = 2 if schedule == "interleaved" else 1
+        out[(schedule, m)] = train(build(comm, n_blocks, chunks=chunks), comm, schedule, m, steps)
+    return out
