@@ -42,3 +42,17 @@ def schedules_run(n_blocks: int, steps: int, cases: list[tuple[str, int]]) -> di
         chunks = 2 if schedule == "interleaved" else 1
         out[(schedule, m)] = train(build(comm, n_blocks, chunks=chunks), comm, schedule, m, steps)
     return out
+
+
+def grid_run(n_blocks: int, steps: int, schedule: str, micro_batches: int) -> tuple:
+    """Pipeline 2 x data 2 on four ranks: each data-parallel replica takes half of every batch."""
+    comm = zero_comm.init_distributed()
+    mesh = zero_comm.build_mesh(zero_comm.ParallelDims(comm.world_size, pp=2, dp=2))
+    return train(build(mesh.pp, n_blocks), mesh.pp, schedule, micro_batches, steps, dp_comm=mesh.dp)
+
+
+def options_run(n_blocks: int, steps: int, tied: bool, interval: int, partition: str) -> tuple:
+    """One 1F1B pipeline over the world with the given module options."""
+    comm = zero_comm.init_distributed()
+    module = build(comm, n_blocks, tied=tied, interval=interval, partition=partition)
+    return train(module, comm, "1f1b", 4, steps)

@@ -39,3 +39,18 @@ def test_schedules_match_single_process(world_size: int) -> None:
             assert_matches(got, want, f"{case} rank {rank}")
             seen |= set(got[2])
         assert seen == set(want[2]), case  # the stages together hold every parameter
+
+
+def test_pipeline_by_data_parallel_grid_matches_single_process() -> None:
+    """pp 2 x dp 2 on four ranks: gradients averaged over the data-parallel group give the whole-batch step."""
+    want = tiny_gpt.reference_run(2, STEPS)
+    for rank, got in enumerate(run_ranks(pipe_parity.grid_run, 4, 2, STEPS, "1f1b", 4, timeout=120)):
+        assert_matches(got, want, f"rank {rank}")
+
+
+@pytest.mark.parametrize(("tied", "interval", "partition"), [(False, 1, "uniform"), (True, 2, "type:block")])
+def test_untied_checkpointed_and_partitioned_variants_match(tied: bool, interval: int, partition: str) -> None:
+    want = tiny_gpt.reference_run(3, STEPS, tied=tied)
+    for rank, got in enumerate(run_ranks(pipe_parity.options_run, 2, 3, STEPS, tied, interval, partition,
+                                         timeout=120)):
+        assert_matches(got, want, f"rank {rank}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zero_comm import P2P, Communicator
+from zero_comm import P2P, CommError, Communicator
 
 __all__ = ["MessageKey", "PipelineAborted", "PipelineError", "Transport"]
 
@@ -39,8 +39,11 @@ class PipelineError(RuntimeError):
     """A pipeline stage could not go on: names the stage, the micro-batch and what was wrong."""
 
 
-class PipelineAborted(PipelineError):
-    """Another stage failed and told this one to stop; that stage's error is the one to read."""
+class PipelineAborted(PipelineError, CommError):
+    """Another stage failed and told this one to stop; that stage's error is the one to read.
+
+    It is also a :class:`zero_comm.CommError`, so harnesses that rank failures (``run_ranks``)
+    report the stage that failed first as the cause."""
 
 
 def spec(tensor: torch.Tensor) -> str:

@@ -1,0 +1,39 @@
+"""Rank functions that feed a pipeline bad input; each is expected to fail on every rank."""
+
+from __future__ import annotations
+
+import tiny_gpt
+
+import zero_comm
+from zero_pipe import PipelineEngine, PipelineModule
+
+
+def _engine(comm: zero_comm.Communicator, layers: list, micro_batches: int = 2) -> PipelineEngine:
+    module = PipelineModule(layers, comm.world_size, stage_id=comm.rank, loss_fn=tiny_gpt.loss_fn,
+                            partition_method="uniform", seed=tiny_gpt.SEED)
+    return PipelineEngine(module, comm, micro_batches=micro_batches, schedule="1f1b")
+
+
+def indivisible_batch() -> None:
+    comm = zero_comm.init_distributed()
+    engine = _engine(comm, tiny_gpt.layers(2), micro_batches=4)
+    x, y = tiny_gpt.batches(1, size=6)[0]
+    engine.train_batch(batch=(x, y))
+
+
+def changed_shape() -> None:
+    """The second batch has shorter sequences: the middle stage receives an activation of another shape."""
+    comm = zero_comm.init_distributed()
+    engine = _engine(comm, tiny_gpt.layers(2))
+    x, y = tiny_gpt.batches(1, size=4)[0]
+    engine.train_batch(batch=(x, y))
+    engine.train_batch(batch=(x[:, :6], y[:, :6]))
+
+
+def wrong_dtype() -> None:
+    """Stage 0 ends in a layer that casts to float64; stage 1's float32 layers cannot take it."""
+    comm = zero_comm.init_distributed()
+    layers = tiny_gpt.layers(2, tied=False)
+    layers.insert(2, lambda x: x.double())  # the end of stage 0 under a uniform cut of 6 layers
+    engine = _engine(comm, layers)
+    engine.train_batch(batch=tiny_gpt.batches(1, size=4)[0])

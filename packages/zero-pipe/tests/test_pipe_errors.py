@@ -1,0 +1,47 @@
+"""Bad input gives a clear error that names the stage and what is wrong, on every rank, in bounded time."""
+
+import time
+
+import pipe_errors
+import pytest
+import tiny_gpt
+
+from zero_comm.testing import RankFailure, run_ranks
+from zero_pipe import PipelineModule
+
+# run_ranks would let a rank blocked in a receive wait this long; the pipeline must end far sooner
+COLLECTIVE_TIMEOUT = 60.0
+
+
+def fails_fast(fn) -> RankFailure:
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(fn, 2, timeout=90, grace=COLLECTIVE_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT)
+    assert time.monotonic() - start < 30, "the ranks waited for a timeout instead of failing together"
+    return info.value
+
+
+def test_more_stages_than_layers() -> None:
+    with pytest.raises(ValueError, match="cannot cut 5 layers into 8 stages"):
+        PipelineModule(tiny_gpt.layers(2), 8, stage_id=0)
+    with pytest.raises(ValueError, match="matches 2 layers, fewer than the 3 parts"):
+        PipelineModule(tiny_gpt.layers(2), 3, stage_id=0, partition_method="type:block")
+
+
+def test_batch_not_divisible_into_micro_batches() -> None:
+    err = fails_fast(pipe_errors.indivisible_batch)
+    assert "a batch of 6 (inputs) cannot be split into 4 equal micro-batches" in str(err)
+
+
+def test_changed_activation_shape_names_both_stages() -> None:
+    err = fails_fast(pipe_errors.changed_shape)
+    assert ("stage 1 expected the activation of micro-batch 0 into stage 1 (layers 2-4) from stage 0 as "
+            "float32[2, 8, 16] but received float32[2, 6, 16]") in str(err)
+    assert "PipelineAborted: stage 1 failed and aborted the pipeline" in str(err)
+    assert err.failed_ranks == [1, 0]  # the cause first, then the stage it aborted
+
+
+def test_wrong_dtype_names_the_stage_and_the_tensor() -> None:
+    err = fails_fast(pipe_errors.wrong_dtype)
+    assert "stage 1 (layers 3-5) failed in the forward of micro-batch 0 on the activation from stage 0 " \
+           "(float64[2, 8, 16])" in str(err)
