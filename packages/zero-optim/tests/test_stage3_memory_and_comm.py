@@ -104,3 +104,29 @@ def test_a_step_moves_three_psi(world_size):
     assert abs(gathered - 2 * psi_bytes) <= 0.05 * 2 * psi_bytes, "one all-gather in forward, one in backward"
     assert abs(scattered - psi_bytes) <= 0.05 * psi_bytes, "one reduce-scatter of the gradients"
     assert r["payload"]["all_reduce"] <= 16, "only the gradient norm is all-reduced"
+
+
+def backward_peak(layers: int) -> dict:
+    import zero_models
+
+    comm = zero_comm.init_distributed()
+    torch.manual_seed(0)
+    model = zero_models.GPT(layers=layers, recompute=True)  # the head reads the token embedding (tied)
+    config = ZeroConfig(stage=3, unit_numel=250_000, persistence_threshold=1000, prefetch_numel=0)
+    opt = ZeroStage3(model, AdamW(), comm=comm, config=config)
+    x, y = zero_models.batch("gpt", 0, 2)
+    opt.backward(model(x, y))  # record the order
+    opt.step()
+    loss = model(x, y)
+    block = sum(p.numel() for p in model.blocks[0].parameters()) * 4
+    return {"peak": peak_memory(lambda: opt.backward(loss)), "block": block}
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_backward_memory_does_not_grow_with_depth_when_embeddings_are_tied(world_size):
+    """Each block's gradients go to their owners as soon as they are complete. A tied embedding
+    completes only at the very end of backward; it must not hold back the blocks reduced before it."""
+    shallow, = run_ranks(backward_peak, world_size, 2)[:1]
+    deep, = run_ranks(backward_peak, world_size, 8)[:1]
+    assert deep["peak"] - shallow["peak"] <= deep["block"], (
+        f"backward peak grows by {(deep['peak'] - shallow['peak']) / deep['block']:.1f} blocks over 6 more blocks")

@@ -17,8 +17,9 @@ kept whole in one persistent unit. A parameter used outside its own module's
 forward (a tied weight read by the parent) is fetched on use and remembered, so
 the next step gathers it with that module.
 
-Reduce-scatters launch in one fixed order (the reverse of the recorded forward),
-which every rank shares, as a unit and all units before it are ready.
+Reduce-scatters launch in one fixed order (the reverse of each unit's first use in
+the recorded forward, which is when its gradients complete), which every rank
+shares, as a unit and all units before it are ready.
 """
 
 from __future__ import annotations
@@ -396,10 +397,12 @@ class ZeroStage3(ShardedOptimizer):
         """Reduce-scatter complete units in the shared order; with ``flush`` the rest too (a gradient
         that never came counts as zero)."""
         if self._reduce_order is None:
+            # a unit's gradients are complete once the backward of its *first* use in forward has run
+            # (a tied embedding, read again by the head, completes last): reduce in reverse first use
             order = []
-            for u in reversed(self._forward_trace.order):
+            for u in reversed(list(dict.fromkeys(self._forward_trace.order))):
                 owner = self._owner_of.get(id(u))
-                if owner is not None and owner not in order:
+                if owner is not None:
                     order.append(owner)
             self._reduce_order = order + [o for o in self.owners if o not in order]
         while self._next_reduce < len(self._reduce_order):
