@@ -4,6 +4,10 @@ A pipeline schedule is a list of instructions per stage made by a pure function
 (:func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved_1f1b`), checked without
 processes by :func:`simulate`, and run by one interpreter, :class:`PipelineEngine`,
 over zero-comm's point-to-point operations.
+
+Tensor parallelism: :class:`ColumnParallelLinear`, :class:`RowParallelLinear`,
+:class:`VocabParallelEmbedding`, :func:`vocab_parallel_cross_entropy`, and
+:func:`tensor_parallelize`, which rewrites a GPT-style model's linears in place.
 """
 
 from ._engine import BatchTiming, Optimizer, PipelineEngine
@@ -13,14 +17,20 @@ from ._partition import layer_weights, partition_balanced
 from ._schedule import Action, Op, Schedule
 from ._schedules import SCHEDULES, gpipe, interleaved_1f1b, make_schedule, one_f_one_b
 from ._simulate import ScheduleError, SimResult, simulate, theoretical_bubble
+from ._tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from ._tp_loss import vocab_parallel_cross_entropy
+from ._tp_ops import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from ._tp_rewrite import GPT_PLAN, tensor_parallelize
 from ._transport import PipelineAborted, PipelineError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT_PLAN",
     "SCHEDULES",
     "Action",
     "BatchTiming",
+    "ColumnParallelLinear",
     "LayerSpec",
     "Op",
     "Optimizer",
@@ -28,16 +38,24 @@ __all__ = [
     "PipelineEngine",
     "PipelineError",
     "PipelineModule",
+    "RowParallelLinear",
     "Schedule",
     "ScheduleError",
     "SimResult",
     "TiedLayerSpec",
+    "VocabParallelEmbedding",
+    "copy_to_tp",
+    "gather_from_tp",
     "gpipe",
     "interleaved_1f1b",
     "layer_weights",
     "make_schedule",
     "one_f_one_b",
     "partition_balanced",
+    "reduce_from_tp",
+    "scatter_to_tp",
     "simulate",
+    "tensor_parallelize",
     "theoretical_bubble",
+    "vocab_parallel_cross_entropy",
 ]
