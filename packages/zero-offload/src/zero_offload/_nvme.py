@@ -135,9 +135,9 @@ class NVMeStore:
         return self._swap.budget
 
     def drop_cache(self) -> None:
-        """Finish writes and give back every buffer not borrowed: host memory shrinks to what is held,
-        and the next ``get`` of anything else reads its file."""
-        self._swap.drop_buffers()
+        """Finish all I/O and forget what is cached: the next ``get`` of a key not borrowed reads its
+        file. (The buffers stay allocated, within the budget, for reuse; ``close`` frees them.)"""
+        self._swap.forget()
 
     def nbytes(self) -> int:
         """Bytes of all swap files."""
@@ -147,7 +147,7 @@ class NVMeStore:
         """Finish writes, drop the buffers, remove the swap files."""
         try:
             if self._finalizer.alive:
-                self._swap.drop_buffers()
+                self._swap.free_all()
         finally:
             self._finalizer()
 

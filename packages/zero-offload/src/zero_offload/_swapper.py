@@ -114,16 +114,23 @@ class Swapper:
             if entry.state == "writing":
                 self._finish(entry)
 
-    def drop_buffers(self) -> None:
-        """Give back every buffer that is not held (after finishing all I/O)."""
+    def forget(self) -> None:
+        """Finish all I/O and forget every clean copy: the next get of a key not held reads its file.
+        The buffers stay in the pool, to be reused without faulting in new pages."""
         self.flush()
         for entry in self.entries.values():
             if entry.state == "reading":
                 self._finish(entry)
             if entry.state == "resident":
-                entry.buffer, entry.state, entry.prefetched = None, "disk", False
+                self._recycle(entry)
+
+    def free_all(self) -> None:
+        """Give every buffer back to the allocator (nothing may be held)."""
+        self.forget()
+        for entry in self.entries.values():
+            entry.buffer, entry.state = None, "disk"
         self._free.clear()
-        self._used = sum(e.nbytes for e in self.entries.values() if e.buffer is not None)
+        self._used = 0
 
     def held(self) -> list[str]:
         return [k for k, e in self.entries.items() if e.state == "held"]
