@@ -4,12 +4,14 @@
 #   2. a training run on CUDA (the demo GPT over NCCL, one rank) whose loss must halve
 #   3. ZeRO stage 3 on CUDA: parity with torch AdamW, and a bf16 run built partitioned
 #   4. zero-ckpt on CUDA: checkpointing bitwise equal with the CUDA RNG, device bytes held, async save
-#   5. the kernel benchmark table (benchmarks/kernels.py)
+#   5. zero-offload on CUDA: stage 2 with the optimizer in pinned host memory (parity), stage 3 with
+#      everything on NVMe (bf16, loss must fall), device peak against the model's states
+#   6. the kernel benchmark table (benchmarks/kernels.py)
 # Runs from the source tree (PYTHONPATH), as on the lent GPU machine, which has torch, triton
 # and pytest installed and no network. Results go to $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/packages/zero-comm/src:$PWD/kernels/src:$PWD/packages/zero-optim/src:$PWD/packages/zero-ckpt/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/packages/zero-comm/src:$PWD/kernels/src:$PWD/packages/zero-optim/src:$PWD/packages/zero-ckpt/src:$PWD/packages/zero-offload/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -28,6 +30,7 @@ step "kernels: Triton on CUDA vs references" 240 python3 -m pytest -q -p no:cach
 step "training on CUDA: demo GPT, NCCL" 120 torchrun --standalone --nproc-per-node 1 examples/train_gpt.py --steps 200
 step "ZeRO stage 3 on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_stage3_check.py
 step "zero-ckpt on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_ckpt_check.py
+step "zero-offload on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_offload_check.py
 step "kernel benchmark table" 180 python3 benchmarks/kernels.py --out "$OUT"
 
 echo
