@@ -13,6 +13,7 @@ loss, as if the whole batch went through one model.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,12 +44,15 @@ class Optimizer(Protocol):
 class BatchTiming:
     """Where this rank's time in the last batch went (seconds).
 
-    ``compute`` is forward plus backward; ``wall - compute`` is time spent waiting on
-    other stages, sending and in the batch-wide tail. The pipeline's measured bubble
-    is ``1 - sum(compute over ranks) / (ranks * wall)``.
+    ``compute`` is forward plus backward; ``pipeline`` runs from the start of the
+    batch to the end of this rank's last forward or backward, so ``pipeline - compute``
+    is time spent waiting on other stages and sending; ``wall`` adds the batch-wide
+    tail (tied and data-parallel reductions, the step, the loss broadcast). The
+    pipeline's measured bubble is ``1 - sum(compute) / (ranks * max(pipeline))``.
     """
 
     wall: float = 0.0
+    pipeline: float = 0.0
     compute: float = 0.0
 
 
@@ -160,19 +164,40 @@ class PipelineEngine:
         return iter(list(zip(*parts)))
 
     def _run(self, schedule: Schedule, data: Iterator[Batch] | None) -> float:
-        start, compute = time.perf_counter(), 0.0
+        start = last_compute = time.perf_counter()
+        compute = 0.0
         state = _Batch()
-        for action in schedule.actions[self.comm.rank]:
+        actions = schedule.actions[self.comm.rank]
+        sources = self._sources(schedule)
+        self.transport.expect(dict(Counter(s for s in sources if s is not None)))
+        next_source: int | None = None
+        for i in range(len(actions) - 1, -1, -1):  # the peer of the next receive at or after each step
+            next_source = sources[i] if sources[i] is not None else next_source
+            sources[i] = next_source
+        for i, action in enumerate(actions):
             if action.op in (Op.FORWARD, Op.BACKWARD):
+                src = sources[i]
+                if src is not None:
+                    self.transport.prefetch(src)
                 t0 = time.perf_counter()
                 (self._forward if action.op == Op.FORWARD else self._backward)(schedule, action, state)
-                compute += time.perf_counter() - t0
+                last_compute = time.perf_counter()
+                compute += last_compute - t0
             else:
                 self._other(schedule, action, state, data)
         self.transport.flush()
         loss = self._mean_loss(schedule, state)
-        self.timing = BatchTiming(time.perf_counter() - start, compute)
+        self.timing = BatchTiming(time.perf_counter() - start, last_compute - start, compute)
         return loss
+
+    def _sources(self, schedule: Schedule) -> list[int | None]:
+        """For each of this rank's instructions, the peer it receives from (None if it receives nothing)."""
+        rank, out = self.comm.rank, []
+        for a in schedule.actions[rank]:
+            vs = schedule.virtual_stage(rank, a.chunk)
+            out.append(schedule.place(vs - 1)[0] if a.op == Op.RECV_ACT else
+                       schedule.place(vs + 1)[0] if a.op == Op.RECV_GRAD else None)
+        return out
 
     def _other(self, schedule: Schedule, a: Action, state: _Batch, data: Iterator[Batch] | None) -> None:
         rank = self.comm.rank

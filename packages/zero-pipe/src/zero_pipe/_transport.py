@@ -9,7 +9,12 @@ messages in whatever order they arrive: one that comes before it is wanted is
 stashed until its receive (schedules then only need to be deadlock-free, not to
 match send and receive order, which is what ``simulate`` checks).
 
-Sends are asynchronous and waited on at the end of the batch; receives block.
+Sends are asynchronous and waited on at the end of the batch; receives block. The
+interpreter may post the next header's receive from a peer ahead of time
+(:meth:`Transport.prefetch`, before a forward or backward), so the header's latency
+hides behind compute and only the payload's is paid when the receive comes; it
+does so only while the schedule still expects messages from that peer, so no
+receive is left posted when a batch ends.
 When a stage fails it sends an ``abort`` header to every other stage, and a stage
 that receives one raises :class:`PipelineAborted` at once, so one rank's error
 ends the whole pipeline in bounded time rather than at the process-group timeout.
@@ -57,6 +62,18 @@ class Transport:
         self.comm = comm
         self._stash: dict[tuple[int, MessageKey], torch.Tensor] = {}
         self._pending: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        self._posted: dict[int, tuple[Any, torch.Tensor]] = {}  # src -> (handle, header buffer)
+        self._expected: dict[int, int] = {}  # src -> messages still to come this batch
+
+    def expect(self, counts: dict[int, int]) -> None:
+        """How many messages each peer will send this batch; bounds :meth:`prefetch`."""
+        self._expected = dict(counts)
+
+    def prefetch(self, src: int) -> None:
+        """Post the receive of the next header from ``src`` now, if one is still to come and none is posted."""
+        if src not in self._posted and self._expected.get(src, 0) > 0:
+            header = torch.empty(_HEADER, dtype=torch.int64)
+            self._posted[src] = (self.comm.recv(header, src, async_op=True), header)
 
     def send(self, key: MessageKey, tensor: torch.Tensor, dst: int) -> None:
         if tensor.dtype not in _DTYPES:
@@ -90,8 +107,14 @@ class Transport:
         return tensor
 
     def _recv_one(self, src: int) -> tuple[MessageKey, torch.Tensor]:
-        header = torch.empty(_HEADER, dtype=torch.int64)
-        self.comm.recv(header, src)
+        posted = self._posted.pop(src, None)
+        if posted is not None:
+            posted[0].wait()
+            header = posted[1]
+        else:
+            header = torch.empty(_HEADER, dtype=torch.int64)
+            self.comm.recv(header, src)
+        self._expected[src] = self._expected.get(src, 0) - 1
         kind, index, target, dtype, ndim = (int(v) for v in header[:5])
         if not 0 <= kind < len(_KINDS) or not 0 <= dtype < len(_DTYPES) or not 0 <= ndim <= MAX_DIMS:
             raise PipelineError(f"stage {self.comm.rank} received a malformed header from stage {src}: "
