@@ -1,6 +1,7 @@
 """zero-offload against its baselines, measured in the same run.
 
-    python benchmarks/offload.py [--mib 1024] [--params 100_000_000] [--rounds 3] [--dir /tmp] [--out benchmarks/results]
+    python benchmarks/offload.py [--mib 1024] [--params 100_000_000] [--rounds 3] [--dir /tmp]
+                                 [--out benchmarks/results]
 
 NVMe: ``mib`` MiB moved as 16 keys through an ``NVMeStore`` (writes: ``put`` of each
 key then ``flush``; reads: the cache dropped, ``prefetch`` of every key then ``get`` +

@@ -6,7 +6,8 @@ A GPT of about 2.4 billion parameters (the defaults) is built under ``partitione
 in bf16 on one rank, handed to ZeRO stage 3 with ``offload_param``: parameter shards,
 gradient shards, fp32 master weights and both Adam moments all live in an
 ``NVMeStore`` under ``--dir``; the CPU Adam steps them shard by shard through a
-``--budget-gib`` buffer pool. Model states at 16 bytes per parameter are compared
+``--budget-gib`` buffer pool, on one batch again and again (its loss must
+fall). Model states at 16 bytes per parameter are compared
 with the machine's RAM; the run reports the time of each phase, peak RSS and the
 bytes moved to and from the files. A benchmark run, not a test: it takes minutes.
 Writes ``offload_scale.json``.
@@ -106,9 +107,9 @@ def main() -> None:
           f"{store.nbytes() / 2**30:.1f} GiB in {build_s:.0f} s; peak RSS {_rss_gib():.1f} GiB", flush=True)
 
     g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # one batch: its loss must fall
     steps = []
     for step in range(args.steps):
-        x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
         before = (store.stats.bytes_read, store.stats.bytes_written)
         t = time.perf_counter()
         loss = model(x[:, :-1], x[:, 1:])

@@ -30,6 +30,10 @@ from ._swapper import Swapper, SwapStats, _Entry, padded
 __all__ = ["NVMeStore"]
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
 def _cleanup(directory: Path, io: BlockIO) -> None:
     io.shutdown()
     shutil.rmtree(directory, ignore_errors=True)
@@ -89,8 +93,8 @@ class NVMeStore:
         """Check, before anything is written, that ``nbytes`` more of state fit on the disk."""
         free = shutil.disk_usage(self.directory).free
         if nbytes > free:
-            raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {free / 2**30:.2f} GiB free; the "
-                                        f"offloaded state needs {nbytes / 2**30:.2f} GiB")
+            raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {_size(free)} free; the offloaded "
+                                        f"state needs {_size(nbytes)}")
         self._reserved += nbytes
 
     def create(self, key: str, value: torch.Tensor) -> None:

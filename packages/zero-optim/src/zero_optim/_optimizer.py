@@ -169,9 +169,12 @@ class ZeroOptimizer(ShardedOptimizer):
         self._given_names: Mapping[torch.nn.Parameter, str] = {}
         shard_world = 1 if self.config.stage == 0 else comm.world_size
         self._shard_rank = 0 if self.config.stage == 0 else comm.rank
-        self.groups: list[_Group] = []
-        for g, (group_params, hparams) in enumerate(self._split_groups(params)):
-            self.groups.append(self._build_group(g, group_params, hparams, shard_world))
+        split = self._split_groups(params)
+        layouts = [build_layout(ps, shard_world, config.bucket_numel, config.align) for ps, _ in split]
+        # master weights and rule state, fp32: refused now if the store cannot hold them
+        self.store.reserve(sum(lay.shard_numel for lay in layouts) * 4 * (1 + len(self.rule.state_names)))
+        self.groups: list[_Group] = [self._build_group(g, ps, hparams, layout)
+                                     for g, ((ps, hparams), layout) in enumerate(zip(split, layouts))]
         if not self.groups:
             raise ValueError("ZeroOptimizer got no parameters that require grad")
         self.hparams = [g.hparams for g in self.groups]
@@ -216,8 +219,7 @@ class ZeroOptimizer(ShardedOptimizer):
         return out
 
     def _build_group(self, g: int, params: list[torch.nn.Parameter], hparams: dict[str, Any],
-                     shard_world: int) -> _Group:
-        layout = build_layout(params, shard_world, self.config.bucket_numel, self.config.align)
+                     layout: GroupLayout) -> _Group:
         device = params[0].device
         flat = torch.zeros(layout.total, dtype=self.dtype, device=device)
         for bucket in layout.buckets:
@@ -228,7 +230,6 @@ class ZeroOptimizer(ShardedOptimizer):
         if self.comm.world_size > 1:
             self.comm.broadcast(flat, 0)  # every rank starts from rank 0's weights
         master = self._own_chunks(layout, flat).float()
-        self.store.reserve(master.numel() * master.element_size() * (1 + len(self.rule.state_names)))
         master_key = f"group{g}.master"
         self.store.create(master_key, master)
         state_keys = {}

@@ -126,8 +126,9 @@ class ZeroStage3(ShardedOptimizer):
         self.units: list[GatherUnit] = []
         self._units_of: dict[nn.Module, list[GatherUnit]] = {}
         self._build_units()
-        self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in enumerate(self.units)
-                                     if any(p.requires_grad for p in u.params)]
+        trained = [(i, u) for i, u in enumerate(self.units) if any(p.requires_grad for p in u.params)]
+        self.store.reserve(sum(self._state_bytes(u) for _, u in trained))  # before anything is written
+        self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in trained]
         self._owner_of = {id(o.unit): o for o in self.owners}
         self._external: dict[nn.Module, list[GatherUnit]] = {}
         self._running: list[nn.Module] = []
@@ -220,12 +221,16 @@ class ZeroStage3(ShardedOptimizer):
             if units:
                 self._units_of[module] = units
 
+    def _state_bytes(self, unit: GatherUnit) -> int:
+        """What the store will hold for ``unit``: fp32 master and rule state, and with ``offload_param``
+        the parameter and gradient shards."""
+        offload = self.config.offload_param and not unit.persistent
+        return unit.shard_numel * (4 * (1 + len(self.rule.state_names)) + (2 * unit.dtype.itemsize if offload else 0))
+
     def _make_owner(self, i: int, unit: GatherUnit) -> _Owner:
         master = unit.shard.float()
         master_key, state_keys = f"unit{i}.master", {n: f"unit{i}.{n}" for n in self.rule.state_names}
         offload = self.config.offload_param and not unit.persistent
-        self.store.reserve(master.numel() * (4 * (1 + len(state_keys)) + (2 * unit.shard.element_size()
-                                                                         if offload else 0)))
         self.store.create(master_key, master)
         for key in state_keys.values():
             self.store.create(key, torch.zeros_like(master))
