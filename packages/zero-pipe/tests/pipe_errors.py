@@ -37,3 +37,13 @@ def wrong_dtype() -> None:
     layers.insert(2, lambda x: x.double())  # the end of stage 0 under a uniform cut of 6 layers
     engine = _engine(comm, layers)
     engine.train_batch(batch=tiny_gpt.batches(1, size=4)[0])
+
+
+def changed_shape_allowed() -> list[float]:
+    """With dynamic_shapes=True the same change is fine: shapes travel in each message's header."""
+    comm = zero_comm.init_distributed()
+    module = PipelineModule(tiny_gpt.layers(2), comm.world_size, stage_id=comm.rank, loss_fn=tiny_gpt.loss_fn,
+                            partition_method="uniform", seed=tiny_gpt.SEED)
+    engine = PipelineEngine(module, comm, micro_batches=2, schedule="gpipe", dynamic_shapes=True)
+    x, y = tiny_gpt.batches(1, size=4)[0]
+    return [engine.eval_batch(batch=(x, y)), engine.eval_batch(batch=(x[:, :6], y[:, :6]))]

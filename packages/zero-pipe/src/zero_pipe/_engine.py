@@ -13,7 +13,6 @@ loss, as if the whole batch went through one model.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from ._module import PipelineModule
 from ._schedule import Action, Op, Schedule
 from ._schedules import make_schedule
 from ._simulate import message_key, simulate
-from ._transport import PipelineAborted, PipelineError, Transport, spec
+from ._transport import MessageKey, PipelineAborted, PipelineError, Transport, spec
 
 __all__ = ["BatchTiming", "Optimizer", "PipelineEngine"]
 
@@ -82,8 +81,10 @@ class PipelineEngine:
             step. Leave it ``None`` when the optimizer reduces gradients itself (a
             ZeRO optimizer over the data-parallel group).
         dynamic_shapes: by default the first batch fixes the shape of every
-            activation between stages, and a later one that differs is an error (as
-            in DeepSpeed); ``True`` allows shapes to change from batch to batch.
+            activation and gradient between stages, and a later one that differs is
+            an error raised by the stage that would send it (as in DeepSpeed); the
+            fixed sizes let receives be posted ahead of time. ``True`` allows shapes
+            to change from batch to batch, for one extra round trip per message.
     """
 
     def __init__(self, module: PipelineModule, comm: Communicator, *, micro_batches: int,
@@ -98,9 +99,8 @@ class PipelineEngine:
         self.optimizer, self.dp_comm, self.dynamic_shapes = optimizer, dp_comm, dynamic_shapes
         self.train_schedule = self._schedule(schedule, train=True)
         self.eval_schedule = self._schedule(schedule, train=False)
-        self.transport = Transport(comm)
+        self.transport = Transport(comm, static_shapes=not dynamic_shapes)
         self.timing = BatchTiming()
-        self._shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}  # virtual stage -> its input
         self._run_guarded(self._sync_tied_weights)
 
     def _schedule(self, schedule: str | Callable[..., Schedule], *, train: bool) -> Schedule:
@@ -169,7 +169,7 @@ class PipelineEngine:
         state = _Batch()
         actions = schedule.actions[self.comm.rank]
         sources = self._sources(schedule)
-        self.transport.expect(dict(Counter(s for s in sources if s is not None)))
+        self.transport.expect(self._incoming(schedule))
         next_source: int | None = None
         for i in range(len(actions) - 1, -1, -1):  # the peer of the next receive at or after each step
             next_source = sources[i] if sources[i] is not None else next_source
@@ -199,6 +199,17 @@ class PipelineEngine:
                        schedule.place(vs + 1)[0] if a.op == Op.RECV_GRAD else None)
         return out
 
+    def _incoming(self, schedule: Schedule) -> dict[int, list[MessageKey]]:
+        """Per peer, the messages it will send this rank this batch, in its order (read off its schedule)."""
+        out: dict[int, list[MessageKey]] = {}
+        for src, actions in enumerate(schedule.actions):
+            for a in actions:
+                if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                    key = message_key(schedule, src, a)
+                    if schedule.place(key[2])[0] == self.comm.rank:
+                        out.setdefault(src, []).append(key)
+        return out
+
     def _other(self, schedule: Schedule, a: Action, state: _Batch, data: Iterator[Batch] | None) -> None:
         rank = self.comm.rank
         if a.op == Op.LOAD:
@@ -212,11 +223,9 @@ class PipelineEngine:
             state.loaded += 1
         elif a.op == Op.RECV_ACT:
             vs = schedule.virtual_stage(rank, a.chunk)
-            expect = None if self.dynamic_shapes else self._shapes.get(vs)
-            t = self.transport.recv(message_key(schedule, rank, a), schedule.place(vs - 1)[0], expect=expect,
+            t = self.transport.recv(message_key(schedule, rank, a), schedule.place(vs - 1)[0],
                                     what=f"the activation of micro-batch {a.micro_batch} into "
                                          f"{self._where(a.chunk)}")
-            self._shapes.setdefault(vs, (t.shape, t.dtype))
             if schedule.train and t.is_floating_point():
                 t.requires_grad_(True)
             state.received[(a.micro_batch, a.chunk)] = t

@@ -10,11 +10,13 @@ stashed until its receive (schedules then only need to be deadlock-free, not to
 match send and receive order, which is what ``simulate`` checks).
 
 Sends are asynchronous and waited on at the end of the batch; receives block. The
-interpreter may post the next header's receive from a peer ahead of time
-(:meth:`Transport.prefetch`, before a forward or backward), so the header's latency
-hides behind compute and only the payload's is paid when the receive comes; it
-does so only while the schedule still expects messages from that peer, so no
-receive is left posted when a batch ends.
+interpreter posts the receive of a peer's next message ahead of time
+(:meth:`Transport.prefetch`, before each forward or backward): every rank knows
+every schedule, so it knows the order in which a peer will send, and with static
+shapes (the default, as in DeepSpeed) it knows each message's size after the first
+batch, so header and payload land while the stage computes. Gloo's sends wait for
+the matching receive, so a receive posted only when needed costs a round trip of
+thread wake-ups per message; posting ahead removes it from the critical path.
 When a stage fails it sends an ``abort`` header to every other stage, and a stage
 that receives one raises :class:`PipelineAborted` at once, so one rank's error
 ends the whole pipeline in bounded time rather than at the process-group timeout.
@@ -23,6 +25,8 @@ ends the whole pipeline in bounded time rather than at the process-group timeout
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,28 +56,65 @@ class PipelineAborted(PipelineError, CommError):
 
 
 def spec(tensor: torch.Tensor) -> str:
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
+    return _spec(tensor.shape, tensor.dtype)
+
+
+def _spec(shape: torch.Size, dtype: torch.dtype) -> str:
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
+
+
+@dataclass
+class _Posted:
+    """A message whose receive was posted ahead: its header, and its payload once its size is known."""
+
+    key: MessageKey
+    header: torch.Tensor
+    header_handle: Any
+    payload: torch.Tensor | None
+    payload_handle: Any
 
 
 class Transport:
-    """Header-framed, stash-on-arrival point-to-point messages between pipeline stages."""
+    """Header-framed, stash-on-arrival point-to-point messages between pipeline stages.
 
-    def __init__(self, comm: Communicator):
+    Args:
+        static_shapes: the first message of each kind into each virtual stage fixes
+            its shape and dtype; a later one that differs is refused by its *sender*
+            (naming both stages), and receives can be posted, payload included,
+            before the message is sent.
+    """
+
+    def __init__(self, comm: Communicator, *, static_shapes: bool = True):
         self.comm = comm
+        self.static_shapes = static_shapes
         self._stash: dict[tuple[int, MessageKey], torch.Tensor] = {}
         self._pending: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
-        self._posted: dict[int, tuple[Any, torch.Tensor]] = {}  # src -> (handle, header buffer)
-        self._expected: dict[int, int] = {}  # src -> messages still to come this batch
+        self._posted: dict[int, _Posted] = {}
+        self._incoming: dict[int, deque[MessageKey]] = {}  # src -> act/grad messages still to come, in order
+        self._shapes: dict[tuple[str, int, int], tuple[torch.Size, torch.dtype]] = {}  # (kind, peer, target)
 
-    def expect(self, counts: dict[int, int]) -> None:
-        """How many messages each peer will send this batch; bounds :meth:`prefetch`."""
-        self._expected = dict(counts)
+    def expect(self, incoming: dict[int, list[MessageKey]]) -> None:
+        """The activation and gradient messages each peer will send this batch, in its sending order."""
+        if self._posted:
+            raise PipelineError(f"stage {self.comm.rank} starts a batch with receives still posted from "
+                                f"stages {sorted(self._posted)}")
+        self._incoming = {src: deque(keys) for src, keys in incoming.items()}
 
     def prefetch(self, src: int) -> None:
-        """Post the receive of the next header from ``src`` now, if one is still to come and none is posted."""
-        if src not in self._posted and self._expected.get(src, 0) > 0:
-            header = torch.empty(_HEADER, dtype=torch.int64)
-            self._posted[src] = (self.comm.recv(header, src, async_op=True), header)
+        """Post the receive of the next message from ``src`` now, so it lands while this stage computes.
+
+        The header is always posted; the payload too once static shapes know its size.
+        """
+        queue = self._incoming.get(src)
+        if src in self._posted or not queue:
+            return
+        key = queue.popleft()
+        header = torch.empty(_HEADER, dtype=torch.int64)
+        header_handle = self.comm.recv(header, src, async_op=True)
+        known = self._shapes.get((key[0], src, key[2])) if self.static_shapes else None
+        payload = torch.empty(known[0], dtype=known[1]) if known is not None else None
+        payload_handle = self.comm.recv(payload, src, async_op=True) if payload is not None else None
+        self._posted[src] = _Posted(key, header, header_handle, payload, payload_handle)
 
     def send(self, key: MessageKey, tensor: torch.Tensor, dst: int) -> None:
         if tensor.dtype not in _DTYPES:
@@ -82,6 +123,14 @@ class Transport:
             raise PipelineError(f"stage {self.comm.rank} cannot send a {tensor.dim()}-d tensor to stage {dst} "
                                 f"(at most {MAX_DIMS} dimensions)")
         payload = tensor.detach().contiguous()
+        if self.static_shapes and key[0] in ("act", "grad"):
+            fixed = self._shapes.setdefault((key[0], dst, key[2]), (payload.shape, payload.dtype))
+            if fixed != (payload.shape, payload.dtype):
+                what = "activation" if key[0] == "act" else "gradient"
+                raise PipelineError(
+                    f"stage {self.comm.rank} would send stage {dst} the {what} of micro-batch {key[1]} as "
+                    f"{spec(payload)}, but the first batch fixed it as {_spec(*fixed)}; pipeline shapes are static "
+                    "(give every batch the same shapes, or build the engine with dynamic_shapes=True)")
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[:5] = torch.tensor([_KINDS.index(key[0]), key[1], key[2], _DTYPES.index(payload.dtype),
                                    payload.dim()])
@@ -101,7 +150,7 @@ class Transport:
             else:
                 self._stash[(src, got_key)] = got
         if expect is not None and (tensor.shape != expect[0] or tensor.dtype != expect[1]):
-            want = f"{str(expect[1]).removeprefix('torch.')}{list(expect[0])}"
+            want = _spec(*expect)
             raise PipelineError(f"stage {self.comm.rank} expected {what} from stage {src} as {want} but received "
                                 f"{spec(tensor)}")
         return tensor
@@ -109,21 +158,34 @@ class Transport:
     def _recv_one(self, src: int) -> tuple[MessageKey, torch.Tensor]:
         posted = self._posted.pop(src, None)
         if posted is not None:
-            posted[0].wait()
-            header = posted[1]
+            posted.header_handle.wait()
+            header = posted.header
         else:
             header = torch.empty(_HEADER, dtype=torch.int64)
             self.comm.recv(header, src)
-        self._expected[src] = self._expected.get(src, 0) - 1
         kind, index, target, dtype, ndim = (int(v) for v in header[:5])
         if not 0 <= kind < len(_KINDS) or not 0 <= dtype < len(_DTYPES) or not 0 <= ndim <= MAX_DIMS:
             raise PipelineError(f"stage {self.comm.rank} received a malformed header from stage {src}: "
                                 f"{header.tolist()} (do all stages run the same zero-pipe version and schedule?)")
         if _KINDS[kind] == "abort":
             raise PipelineAborted(f"stage {src} failed and aborted the pipeline; read its error")
-        payload = torch.empty([int(d) for d in header[5:5 + ndim]], dtype=_DTYPES[dtype])
-        self.comm.recv(payload, src)
-        return (_KINDS[kind], index, target), payload
+        key, shape = (_KINDS[kind], index, target), torch.Size(int(d) for d in header[5:5 + ndim])
+        if posted is None and key[0] in ("act", "grad") and self._incoming.get(src):
+            self._incoming[src].popleft()  # taken without prefetch: keep the expected order in step
+        if posted is not None and posted.payload is not None:
+            if (key, shape, _DTYPES[dtype]) != (posted.key, posted.payload.shape, posted.payload.dtype):
+                raise PipelineError(f"stage {self.comm.rank} posted a receive for {posted.key} as "
+                                    f"{spec(posted.payload)} but stage {src} sent {key} as "
+                                    f"{_spec(shape, _DTYPES[dtype])} (do all stages run the same schedule?)")
+            assert posted.payload_handle is not None
+            posted.payload_handle.wait()
+            payload = posted.payload
+        else:
+            payload = torch.empty(shape, dtype=_DTYPES[dtype])
+            self.comm.recv(payload, src)
+        if self.static_shapes and key[0] in ("act", "grad"):
+            self._shapes.setdefault((key[0], src, key[2]), (payload.shape, payload.dtype))
+        return key, payload
 
     def flush(self) -> None:
         """Wait until every message sent so far has been received."""
