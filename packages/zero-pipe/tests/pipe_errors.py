@@ -39,6 +39,23 @@ def wrong_dtype() -> None:
     engine.train_batch(batch=tiny_gpt.batches(1, size=4)[0])
 
 
+def _boom(x):
+    raise ValueError("boom: this layer always fails")
+
+
+def failing_middle_stage() -> None:
+    """Four stages; stage 2 fails in its first forward. Stage 0 is then waiting on stage 1, which must pass
+    the abort on."""
+    comm = zero_comm.init_distributed()
+    layers = tiny_gpt.layers(3, tied=False)  # 6 layers; with the failure as layer 4, stage 2 holds 3-4
+    layers.insert(4, _boom)
+    module = PipelineModule(layers, comm.world_size, stage_id=comm.rank, loss_fn=tiny_gpt.loss_fn,
+                            partition_method="uniform", seed=tiny_gpt.SEED)
+    assert module.stage_of_layer(4) == 2, module.boundaries
+    engine = PipelineEngine(module, comm, micro_batches=4, schedule="1f1b")
+    engine.train_batch(batch=tiny_gpt.batches(1, size=4)[0])
+
+
 def changed_shape_allowed() -> list[float]:
     """With dynamic_shapes=True the same change is fine: shapes travel in each message's header."""
     comm = zero_comm.init_distributed()

@@ -14,10 +14,10 @@ from zero_pipe import PipelineModule
 COLLECTIVE_TIMEOUT = 60.0
 
 
-def fails_fast(fn) -> RankFailure:
+def fails_fast(fn, world_size: int = 2) -> RankFailure:
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(fn, 2, timeout=90, grace=COLLECTIVE_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT)
+        run_ranks(fn, world_size, timeout=90, grace=COLLECTIVE_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT)
     assert time.monotonic() - start < 30, "the ranks waited for a timeout instead of failing together"
     return info.value
 
@@ -46,6 +46,13 @@ def test_wrong_dtype_names_the_stage_and_the_tensor() -> None:
     err = fails_fast(pipe_errors.wrong_dtype)
     assert "stage 1 (layers 3-5) failed in the forward of micro-batch 0 on the activation from stage 0 " \
            "(float64[2, 8, 16])" in str(err)
+
+
+def test_a_failure_reaches_stages_waiting_on_others() -> None:
+    err = fails_fast(pipe_errors.failing_middle_stage, 4)
+    assert "stage 2 (layers 3-4) failed in the forward of micro-batch 0" in str(err)
+    assert "boom: this layer always fails" in str(err)
+    assert err.failed_ranks[0] == 2 and sorted(err.failed_ranks) == [0, 1, 2, 3]
 
 
 def test_dynamic_shapes_accept_a_changed_shape() -> None:

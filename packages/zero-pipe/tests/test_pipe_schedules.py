@@ -88,3 +88,10 @@ def test_unknown_schedule_and_bad_sizes() -> None:
         gpipe(2, 0)
     with pytest.raises(ValueError, match="interleaved"):
         make_schedule("1f1b", 2, 4, chunks=2)
+
+
+def test_timeline_draws_the_1f1b_picture() -> None:
+    assert simulate(one_f_one_b(2, 3)).timeline(2).splitlines() == [
+        "stage 0: 01..aa2bb.cc",
+        "stage 1: .0aa1bb2cc..",
+    ]

@@ -25,7 +25,7 @@ from ._module import PipelineModule
 from ._schedule import Action, Op, Schedule
 from ._schedules import make_schedule
 from ._simulate import message_key, simulate
-from ._transport import MessageKey, PipelineAborted, PipelineError, Transport, spec
+from ._transport import MessageKey, PipelineError, Transport, spec
 
 __all__ = ["BatchTiming", "Optimizer", "PipelineEngine"]
 
@@ -99,6 +99,9 @@ class PipelineEngine:
         self.optimizer, self.dp_comm, self.dynamic_shapes = optimizer, dp_comm, dynamic_shapes
         self.train_schedule = self._schedule(schedule, train=True)
         self.eval_schedule = self._schedule(schedule, train=False)
+        # per schedule (keyed by train): the peer of the next receive after each step; what each peer sends here
+        self._plans = {s.train: (self._sources(s), self._incoming(s))
+                       for s in (self.train_schedule, self.eval_schedule)}
         self.transport = Transport(comm, static_shapes=not dynamic_shapes)
         self.timing = BatchTiming()
         self._run_guarded(self._sync_tied_weights)
@@ -140,9 +143,7 @@ class PipelineEngine:
     def _run_guarded(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except PipelineAborted:
-            raise
-        except BaseException:
+        except BaseException:  # a stage that was itself aborted passes it on: its peers may wait on it
             self.transport.abort([r for r in range(self.comm.world_size) if r != self.comm.rank])
             raise
 
@@ -167,14 +168,9 @@ class PipelineEngine:
         start = last_compute = time.perf_counter()
         compute = 0.0
         state = _Batch()
-        actions = schedule.actions[self.comm.rank]
-        sources = self._sources(schedule)
-        self.transport.expect(self._incoming(schedule))
-        next_source: int | None = None
-        for i in range(len(actions) - 1, -1, -1):  # the peer of the next receive at or after each step
-            next_source = sources[i] if sources[i] is not None else next_source
-            sources[i] = next_source
-        for i, action in enumerate(actions):
+        sources, incoming = self._plans[schedule.train]
+        self.transport.expect(incoming)
+        for i, action in enumerate(schedule.actions[self.comm.rank]):
             if action.op in (Op.FORWARD, Op.BACKWARD):
                 src = sources[i]
                 if src is not None:
@@ -191,13 +187,15 @@ class PipelineEngine:
         return loss
 
     def _sources(self, schedule: Schedule) -> list[int | None]:
-        """For each of this rank's instructions, the peer it receives from (None if it receives nothing)."""
+        """For each of this rank's instructions, the peer of the next receive at or after it (None: no more)."""
         rank, out = self.comm.rank, []
-        for a in schedule.actions[rank]:
+        following: int | None = None
+        for a in reversed(schedule.actions[rank]):
             vs = schedule.virtual_stage(rank, a.chunk)
-            out.append(schedule.place(vs - 1)[0] if a.op == Op.RECV_ACT else
-                       schedule.place(vs + 1)[0] if a.op == Op.RECV_GRAD else None)
-        return out
+            if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                following = schedule.place(vs - 1 if a.op == Op.RECV_ACT else vs + 1)[0]
+            out.append(following)
+        return out[::-1]
 
     def _incoming(self, schedule: Schedule) -> dict[int, list[MessageKey]]:
         """Per peer, the messages it will send this rank this batch, in its order (read off its schedule)."""

@@ -40,6 +40,18 @@ class SimResult:
     busy: tuple[float, ...]
     peak_activations: tuple[int, ...]
     bubble_fraction: float
+    spans: tuple[tuple[int, float, float, Action], ...] = ()  # (rank, start, end, forward or backward)
+
+    def timeline(self, stages: int) -> str:
+        """One text row per rank, one character per time unit: a forward of micro-batch ``k`` is the
+        digit ``k % 10``, its backward the letter ``"abcdefghij"[k % 10]``, idle time ``.``."""
+        end = round(self.makespan)
+        rows = [["."] * end for _ in range(stages)]
+        for rank, start, stop, a in self.spans:
+            mark = str(a.micro_batch % 10) if a.op == Op.FORWARD else "abcdefghij"[a.micro_batch % 10]
+            for t in range(round(start), round(stop)):
+                rows[rank][t] = mark
+        return "\n".join(f"stage {r}: {''.join(row)}" for r, row in enumerate(rows))
 
 
 def theoretical_bubble(stages: int, micro_batches: int, chunks: int = 1) -> float:
@@ -57,6 +69,7 @@ def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: fl
     peak = [0] * p
     channels: dict[tuple[int, int], dict[tuple[str, int, int], float]] = {}
     done_compute: set[tuple[Op, int, int]] = set()
+    spans: list[tuple[int, float, float, Action]] = []
     progressed = True
     while progressed:
         progressed = False
@@ -79,6 +92,7 @@ def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: fl
                 elif a.op in (Op.FORWARD, Op.BACKWARD):
                     _check_compute(schedule, rank, a, done_compute, held[rank])
                     cost = forward_cost if a.op == Op.FORWARD else backward_cost
+                    spans.append((rank, clock[rank], clock[rank] + cost, a))
                     clock[rank] += cost
                     busy[rank] += cost
                     peak[rank] = max(peak[rank], len(held[rank]))
@@ -95,7 +109,7 @@ def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: fl
     _check_complete(schedule, done_compute)
     makespan = max(clock)
     bubble = 1.0 - sum(busy) / (p * makespan) if makespan > 0 else 0.0
-    return SimResult(makespan, tuple(busy), tuple(peak), bubble)
+    return SimResult(makespan, tuple(busy), tuple(peak), bubble, tuple(spans))
 
 
 def _peer(schedule: Schedule, rank: int, a: Action) -> int:
