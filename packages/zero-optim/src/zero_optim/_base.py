@@ -207,49 +207,66 @@ class ShardedOptimizer(abc.ABC):
             self.store.release(key)
 
     @staticmethod
-    def _where_state_lives(piece: Piece, copies_back: list[tuple[torch.Tensor, torch.Tensor]]
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The piece's gradient and weight copy on the device of its master weights: an offloaded
-        optimizer steps where its state is, so the gradient goes there and the new weights come back
-        (queued in ``copies_back``)."""
-        device = piece.master.device
-        if piece.grad.device == device:
-            return piece.grad, piece.lowp_out
-        grad = piece.grad.to(device)
-        if piece.lowp_out is None:
-            return grad, None
-        lowp = torch.empty(piece.lowp_out.shape, dtype=piece.lowp_out.dtype, device=device,
-                           pin_memory=piece.lowp_out.device.type == "cuda")
-        copies_back.append((piece.lowp_out, lowp))
-        return grad, lowp
+    def _where_state_lives(pieces: list[Piece]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each piece's gradient and weight copy on the device of its master weights: an offloaded
+        optimizer steps where its state is. Gradients leave the GPU all at once (into pinned host
+        memory, one wait for the lot); each piece's new weights go back (``_send_weights``) while
+        the next piece steps."""
+        out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        wait: torch.device | None = None
+        for piece in pieces:
+            device = piece.master.device
+            if piece.grad.device == device:
+                out.append((piece.grad, piece.lowp_out))
+                continue
+            pin = piece.grad.device.type == "cuda"
+            grad = torch.empty(piece.grad.shape, dtype=piece.grad.dtype, device=device, pin_memory=pin)
+            grad.copy_(piece.grad, non_blocking=pin)
+            wait = piece.grad.device if pin else wait
+            lowp = None
+            if piece.lowp_out is not None:
+                lowp = torch.empty(piece.lowp_out.shape, dtype=piece.lowp_out.dtype, device=device, pin_memory=pin)
+            out.append((grad, lowp))
+        if wait is not None:
+            torch.cuda.current_stream(wait).synchronize()  # the gradients are on the host now
+        return out
 
     @staticmethod
-    def _copy_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for dst, src in copies:
-            dst.copy_(src, non_blocking=True)
-        for dst, _ in copies:
-            if dst.device.type == "cuda":
-                torch.cuda.current_stream(dst.device).synchronize()  # the host buffers may go after this
-                break
-        copies.clear()
+    def _send_weights(piece: Piece, lowp: torch.Tensor | None, in_flight: list[torch.Tensor]) -> None:
+        """Queue the copy of a piece's new weights from where they were computed to the model; on the
+        copy's stream, so the all-gather that publishes them comes after it."""
+        if lowp is None or piece.lowp_out is None or lowp is piece.lowp_out:
+            return
+        piece.lowp_out.copy_(lowp, non_blocking=lowp.is_pinned())
+        in_flight.append(lowp)  # the host buffer must outlive the copy
+
+    @staticmethod
+    def _settle(in_flight: list[torch.Tensor], devices: set[torch.device]) -> None:
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        in_flight.clear()
 
     def _update(self, grad_scale: float) -> list[Handle]:
         """One fused pass per piece, writing the new weights in place; returns the publishing collectives."""
         handles: list[Handle] = []
         owners = self._owners()
         self.store.prefetch([k for owner in owners for k in self._keys(owner)])
+        in_flight: list[torch.Tensor] = []
+        devices: set[torch.device] = set()
         for owner in owners:
             master, state = self._fetch(owner)
-            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for piece in self._pieces(owner, master, state):
-                grad, lowp = self._where_state_lives(piece, copies)
+            pieces = self._pieces(owner, master, state)
+            for piece, (grad, lowp) in zip(pieces, self._where_state_lives(pieces), strict=True):
                 self.rule.update(piece.master, grad, piece.state, step=self.step_count,
                                  hparams=piece.hparams, grad_scale=grad_scale, lowp_out=lowp)
-                if copies:
-                    self._copy_back(copies)
+                self._send_weights(piece, lowp, in_flight)
+                if piece.lowp_out is not None:
+                    devices.add(piece.lowp_out.device)
                 if piece.publish is not None:
                     handles += piece.publish()
             self._store_back(owner, master, state)
+        self._settle(in_flight, devices)
         self.store.flush()  # an I/O error surfaces at this step, naming its file
         return handles
 
@@ -262,14 +279,13 @@ class ShardedOptimizer(abc.ABC):
         for owner in self._owners():
             master, state = self._fetch(owner)
             fetched.append((owner, master, state))
-            for piece in self._pieces(owner, master, state):
-                copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-                grad, lowp = self._where_state_lives(piece, copies)
+            pieces = self._pieces(owner, master, state)
+            for piece, (grad, lowp) in zip(pieces, self._where_state_lives(pieces), strict=True):
                 u = rule.direction(piece.master, grad, piece.state, step=self.step_count,
                                    hparams=piece.hparams, grad_scale=grad_scale)
-                work.append((piece, u, lowp, copies))
+                work.append((piece, u, lowp))
         sums = torch.zeros(2, len(index), dtype=torch.float64, device=fetched[0][1].device)
-        for piece, u, _, _ in work:
+        for piece, u, _ in work:
             for p, _, at, n in piece.segments:
                 sums[0, index[id(p)]] += piece.master[at:at + n].double().square().sum()
                 sums[1, index[id(p)]] += u[at:at + n].double().square().sum()
@@ -277,17 +293,19 @@ class ShardedOptimizer(abc.ABC):
             self.comm.all_reduce(sums)
         norms = sums.sqrt().float()
         handles = []
-        for piece, u, lowp, copies in work:
+        in_flight: list[torch.Tensor] = []
+        for piece, u, lowp in work:
             ratio = torch.ones_like(u)
             for p, _, at, n in piece.segments:
                 k = index[id(p)]
                 ratio[at:at + n] = rule.trust(norms[0, k].to(u.device), norms[1, k].to(u.device), piece.hparams)
             rule.apply(piece.master, u, ratio, hparams=piece.hparams, lowp_out=lowp)
-            self._copy_back(copies)
+            self._send_weights(piece, lowp, in_flight)
             if piece.publish is not None:
                 handles += piece.publish()
         for owner, master, state in fetched:
             self._store_back(owner, master, state)
+        self._settle(in_flight, {piece.lowp_out.device for piece, _, _ in work if piece.lowp_out is not None})
         self.store.flush()
         return handles
 
