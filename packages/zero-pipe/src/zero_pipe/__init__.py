@@ -11,6 +11,7 @@ Tensor parallelism: :class:`ColumnParallelLinear`, :class:`RowParallelLinear`,
 """
 
 from ._engine import BatchTiming, Optimizer, PipelineEngine
+from ._errors import PipelineAborted, PipelineError
 from ._layers import LayerSpec, TiedLayerSpec
 from ._module import PipelineModule
 from ._partition import layer_weights, partition_balanced
@@ -21,7 +22,6 @@ from ._tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEm
 from ._tp_loss import vocab_parallel_cross_entropy
 from ._tp_ops import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from ._tp_rewrite import GPT_PLAN, tensor_parallelize
-from ._transport import PipelineAborted, PipelineError
 
 __version__ = "0.1.0"
 

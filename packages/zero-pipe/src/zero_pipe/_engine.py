@@ -21,11 +21,12 @@ import torch
 
 from zero_comm import Communicator, all_reduce_coalesced
 
+from ._errors import PipelineError
 from ._module import PipelineModule
 from ._schedule import Action, Op, Schedule
 from ._schedules import make_schedule
 from ._simulate import message_key, simulate
-from ._transport import MessageKey, PipelineError, Transport, spec
+from ._transport import MessageKey, Transport, spec
 
 __all__ = ["BatchTiming", "Optimizer", "PipelineEngine"]
 
@@ -99,8 +100,8 @@ class PipelineEngine:
         self.optimizer, self.dp_comm, self.dynamic_shapes = optimizer, dp_comm, dynamic_shapes
         self.train_schedule = self._schedule(schedule, train=True)
         self.eval_schedule = self._schedule(schedule, train=False)
-        # per schedule (keyed by train): the peer of the next receive after each step; what each peer sends here
-        self._plans = {s.train: (self._sources(s), self._incoming(s))
+        # per schedule (keyed by train): the peer of the next receive after each step; the messages in and out
+        self._plans = {s.train: (self._sources(s), *self._messages(s))
                        for s in (self.train_schedule, self.eval_schedule)}
         self.transport = Transport(comm, static_shapes=not dynamic_shapes)
         self.timing = BatchTiming()
@@ -168,8 +169,8 @@ class PipelineEngine:
         start = last_compute = time.perf_counter()
         compute = 0.0
         state = _Batch()
-        sources, incoming = self._plans[schedule.train]
-        self.transport.expect(incoming)
+        sources, incoming, outgoing = self._plans[schedule.train]
+        self.transport.expect(incoming, outgoing)
         for i, action in enumerate(schedule.actions[self.comm.rank]):
             if action.op in (Op.FORWARD, Op.BACKWARD):
                 src = sources[i]
@@ -197,16 +198,21 @@ class PipelineEngine:
             out.append(following)
         return out[::-1]
 
-    def _incoming(self, schedule: Schedule) -> dict[int, list[MessageKey]]:
-        """Per peer, the messages it will send this rank this batch, in its order (read off its schedule)."""
-        out: dict[int, list[MessageKey]] = {}
+    def _messages(self, schedule: Schedule) -> tuple[dict[int, list[MessageKey]], dict[int, list[MessageKey]]]:
+        """Per peer, the messages it sends this rank and this rank sends it, in sending order (read off
+        the schedules of both)."""
+        incoming: dict[int, list[MessageKey]] = {}
+        outgoing: dict[int, list[MessageKey]] = {}
         for src, actions in enumerate(schedule.actions):
             for a in actions:
                 if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
                     key = message_key(schedule, src, a)
-                    if schedule.place(key[2])[0] == self.comm.rank:
-                        out.setdefault(src, []).append(key)
-        return out
+                    dst = schedule.place(key[2])[0]
+                    if dst == self.comm.rank:
+                        incoming.setdefault(src, []).append(key)
+                    if src == self.comm.rank:
+                        outgoing.setdefault(dst, []).append(key)
+        return incoming, outgoing
 
     def _other(self, schedule: Schedule, a: Action, state: _Batch, data: Iterator[Batch] | None) -> None:
         rank = self.comm.rank
