@@ -13,8 +13,8 @@ CPU Adam: ``params`` fp32 parameters stepped by zero-offload's ``cpu_adam_step``
 against ``torch.optim.AdamW(fused=True)`` (target >= 1.0x), and as a fraction of the
 machine's memory bandwidth (target >= 90%), counting the 28 bytes an Adam step must
 move per parameter (read weight, gradient and two moments; write weight and moments).
-The bandwidth is the best of three STREAM kernels run with torch on the same threads
-(copy: 8 bytes per element, add and triad: 12), each the best of its runs. Also the
+The bandwidth is the best of four STREAM-style kernels run with torch on the same threads
+(copy: 8 bytes per element, add and triad: 12, addcmul: 16), each the best of its runs. Also the
 step with the bf16 weight copy written in the same pass against torch's step followed
 by a separate copy. Every measurement alternates with its baseline, ``rounds`` times.
 
@@ -90,14 +90,15 @@ def nvme(directory: Path, mib: int, rounds: int) -> dict:
                 store.get(name)
                 store.release(name)
 
-        for _ in range(rounds):
-            for label, fn in (("plain_write", lambda: plain_direct(base, buffer, True)),
-                              ("store_write", store_write),
-                              ("plain_read", lambda: plain_direct(base, buffer, False)),
-                              ("store_read", store_read)):
-                t = time.perf_counter()
-                fn()
-                times[label].append(time.perf_counter() - t)
+        # all the writes, then all the reads (a read right after a gigabyte of writes waits for the
+        # device to absorb them); within each, the two alternate and take turns going first
+        for pair in ((("plain_write", lambda: plain_direct(base, buffer, True)), ("store_write", store_write)),
+                     (("plain_read", lambda: plain_direct(base, buffer, False)), ("store_read", store_read))):
+            for r in range(rounds):
+                for label, fn in (pair if r % 2 == 0 else pair[::-1]):
+                    t = time.perf_counter()
+                    fn()
+                    times[label].append(time.perf_counter() - t)
         for name, t in zip(names, tensors):  # what was read back is what was written
             assert torch.equal(store.get(name), t)
             store.release(name)
@@ -133,8 +134,10 @@ def cpu_adam(params: int, rounds: int) -> dict:
         opt.step()
         lowp.copy_(theirs.detach())
 
+    d = torch.full((params,), 0.5)
     stream = {"copy": (lambda: b.copy_(a), 8), "add": (lambda: torch.add(a, b, out=c), 12),
-              "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 12)}
+              "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 12),
+              "addcmul": (lambda: torch.addcmul(a, b, c, value=0.5, out=d), 16)}
     best: dict[str, float] = {}
     for _ in range(rounds):
         for label, fn in (("torch_fused", opt.step), ("zero", zero_step(False)),

@@ -2,7 +2,7 @@
 
 zero-optim's stages with zero-offload's stores and CPU Adam: the optimizer state in
 host memory (stage 2), on NVMe files (stage 1), and in stage 3 the optimizer state,
-the parameter shards and the gradient shards all on NVMe, read ahead of use through
+the parameter shards and the gradient shards all in host memory or all on NVMe, read ahead of use through
 a small buffer budget. Losses, no-grad evaluations and every weight match the plain
 loop to 1e-5 (fp32) on 1 and 2 ranks, and the bytes really went through the files.
 """
@@ -26,6 +26,7 @@ CASES = {
     # name: (stage, store, accumulation, clip, options)
     "stage 2, optimizer on cpu": (2, "cpu", 1, None, {}),
     "stage 1, optimizer on nvme, accumulation, clipping": (1, "nvme", 2, 0.5, {}),
+    "stage 3, optimizer and parameters on cpu": (3, "cpu", 1, None, {"offload_param": True}),
     "stage 3, optimizer and parameters on nvme": (3, "nvme", 1, None, {"offload_param": True}),
     "stage 3, everything on nvme, accumulation, clipping, blocks as units":
         (3, "nvme", 2, 0.5, {"offload_param": True, "unit_numel": 250_000, "persistence_threshold": 300}),

@@ -152,3 +152,19 @@ def test_swap_files_are_removed_on_close_on_collection_and_at_exit_after_an_erro
     assert run.returncode != 0 and "training failed" in run.stderr
     assert not Path(run.stdout.strip()).exists()
     assert not list(tmp_path.glob("zero-swap-*"))
+
+
+def test_async_handles_read_ahead_and_confirm_writes(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=4 << 20) as store:
+        for i in range(4):
+            store.create(f"k{i}", torch.full((1 << 18,), float(i)))
+        store.drop_cache()
+        handles = [store.get_async(f"k{i}") for i in range(3)]  # three reads under way at once
+        assert store.stats.bytes_read == 3 << 20
+        for i, h in enumerate(handles):
+            t = h.wait()
+            assert torch.all(t == i)
+            t.add_(10)
+            store.put_async(f"k{i}", t).wait()
+        store.drop_cache()
+        assert [store.get(f"k{i}")[0].item() for i in range(3)] == [10.0, 11.0, 12.0]

@@ -108,6 +108,18 @@ class Swapper:
         self._queue = deque(k for k in dict.fromkeys(keys) if k in self.entries)
         self._advance()
 
+    def enqueue(self, key: str) -> None:
+        """Read ``key`` ahead too, after the keys already queued."""
+        self._entry(key)
+        if key not in self._queue:
+            self._queue.append(key)
+        self._advance()
+
+    def wait_write(self, key: str) -> None:
+        entry = self._entry(key)
+        if entry.state == "writing":
+            self._finish(entry)
+
     def flush(self) -> None:
         """Wait for every write (raising the first error); clean copies stay cached."""
         for entry in list(self.entries.values()):
