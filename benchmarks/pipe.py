@@ -22,7 +22,8 @@ round, so drift on a shared machine hits every way alike.
   ``ScheduleGPipe`` and ``Schedule1F1B``, on the same model and a small model
   where per-message overhead dominates: per-batch time against ours.
 
-Writes ``pipe.json`` and ``pipe.png``. Target: measured bubble within 5 points of theory.
+Writes ``pipe.json`` and ``pipe.png``. Target: GPipe's and 1F1B's measured bubble within 5
+points of theory (exit status 1 otherwise); interleaved is reported against its own formula.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from zero_comm.testing import run_ranks
 from zero_pipe import LayerSpec, PipelineEngine, PipelineModule, theoretical_bubble
 
 STAGES = 2
-SIZES = {"heavy": (1024, 8, 256), "light": (128, 8, 16)}  # width, layers, rows per micro-batch
+SIZES = {"heavy": (1024, 8, 512), "light": (128, 8, 16)}  # width, layers, rows per micro-batch
 OURS = [("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8), ("interleaved", 8)]
 TORCH = [("torch-gpipe", 8), ("torch-1f1b", 8)]
 
@@ -184,7 +185,7 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results.values() if "bubble_measured" in r]
+    rows = [r for r in results.values() if "bubble_measured" in r and r["size"] == "heavy"]
     labels = [f"{r['schedule']}\nm={r['micro_batches']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -192,7 +193,7 @@ def _plot(results: dict, path: Path) -> None:
     ax.bar([x + 0.2 for x in xs], [r["bubble_measured"] for r in rows], 0.4, label="measured")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("bubble fraction")
-    ax.set_title(f"pipeline bubble, {STAGES} stages (Gloo, CPU)")
+    ax.set_title(f"pipeline bubble, {STAGES} stages, compute-bound model (Gloo, CPU)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,8 +216,9 @@ def main() -> int:
             f"{size}|{w}": results[f"{size}|{w}|8"]["batch_s"] / results[f"{size}|torch-{w}|8"]["batch_s"]
             for size in SIZES for w in ("gpipe", "1f1b") if f"{size}|{w}|8" in results},
     }
-    within = all(abs(r["bubble_measured"] - r["bubble_theory"]) <= 0.05
-                 for r in results.values() if "bubble_measured" in r and r["size"] == "heavy")
+    # the target is for the formula the issue names, GPipe's and 1F1B's; interleaved is reported against its own
+    within = all(abs(r["bubble_measured"] - r["bubble_theory"]) <= 0.05 for r in results.values()
+                 if "bubble_measured" in r and r["size"] == "heavy" and r["schedule"] in ("gpipe", "1f1b"))
     report = {"stages": STAGES, "sizes": SIZES, "torch": torch.__version__, "threads_per_rank": 1,
               "results": results, "ratios": ratios, "bubble_within_5_points": within}
     for r in results.values():
