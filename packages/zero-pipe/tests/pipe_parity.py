@@ -56,3 +56,17 @@ def options_run(n_blocks: int, steps: int, tied: bool, interval: int, partition:
     comm = zero_comm.init_distributed()
     module = build(comm, n_blocks, tied=tied, interval=interval, partition=partition)
     return train(module, comm, "1f1b", 4, steps)
+
+
+def pipe_tp_run(n_blocks: int, steps: int) -> tuple:
+    """Pipeline 2 x tensor 2 on four ranks: each stage's attention and MLP linears split over its TP pair."""
+    import tp_ranks
+
+    from zero_pipe import tensor_parallelize
+
+    comm = zero_comm.init_distributed()
+    mesh = zero_comm.build_mesh(zero_comm.ParallelDims(comm.world_size, pp=2, tp=2))
+    module = build(mesh.pp, n_blocks)
+    rewritten = tensor_parallelize(module, mesh.tp)
+    losses, evaluation, _ = train(module, mesh.pp, "1f1b", 4, steps)
+    return rewritten, losses, evaluation, tp_ranks.whole_weights(module)

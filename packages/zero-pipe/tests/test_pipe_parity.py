@@ -54,3 +54,12 @@ def test_untied_checkpointed_and_partitioned_variants_match(tied: bool, interval
     for rank, got in enumerate(run_ranks(pipe_parity.options_run, 2, 3, STEPS, tied, interval, partition,
                                          timeout=120)):
         assert_matches(got, want, f"rank {rank}")
+
+
+def test_pipeline_by_tensor_parallel_grid_matches_single_process() -> None:
+    """pp 2 x tp 2 on four ranks: blocks split over each stage's tensor-parallel pair, the tie across stages."""
+    want = tiny_gpt.reference_run(2, STEPS)
+    for rank, (rewritten, *got) in enumerate(run_ranks(pipe_parity.pipe_tp_run, 4, 2, STEPS, timeout=120)):
+        block = 1 if rank < 2 else 2  # stage 0 holds the embedding and block 1; stage 1 block 2, norm, head
+        assert rewritten == [f"layers.{block}.{n}" for n in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+        assert_matches(tuple(got), want, f"rank {rank}")

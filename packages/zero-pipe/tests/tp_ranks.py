@@ -16,7 +16,7 @@ from zero_pipe import (
 )
 
 
-def _whole(model: nn.Module) -> dict[str, torch.Tensor]:
+def whole_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights with every tensor-parallel layer gathered back into the whole layer (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
@@ -43,7 +43,7 @@ def train_tp(n_blocks: int, steps: int, lr: float) -> tuple[list[str], list[floa
         losses.append(loss.item())
     with torch.no_grad():
         evaluation = vocab_parallel_cross_entropy(model(data[steps][0]), data[steps][1], comm).item()
-    return rewritten, losses, evaluation, _whole(model)
+    return rewritten, losses, evaluation, whole_weights(model)
 
 
 def gathered_output(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
