@@ -1,0 +1,13 @@
+"""zero-all: zero's product layer.
+
+So far the DeepSpeed config: :func:`load_config` reads ``ds_config.json`` (or YAML,
+TOML, a dict) into a strict, typed :class:`DeepSpeedConfig`; a key that cannot run as
+written is a one-line :class:`ConfigError` naming it. The engine (``initialize``), the
+DeepSpeed-named modules, the ``zero`` CLI and the demo are still to come (issue 9).
+"""
+
+from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
+
+__version__ = "0.1.0"
+
+__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "OffloadConfig", "load_config"]
