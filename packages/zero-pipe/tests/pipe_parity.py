@@ -70,3 +70,26 @@ def pipe_tp_run(n_blocks: int, steps: int) -> tuple:
     rewritten = tensor_parallelize(module, mesh.tp)
     losses, evaluation, _ = train(module, mesh.pp, "1f1b", 4, steps)
     return rewritten, losses, evaluation, tp_ranks.whole_weights(module)
+
+
+def two_ties_layers() -> list:
+    """Six linears over three stages; tie "a" joins stages 0 and 2, tie "b" stages 1 and 2."""
+    from torch import nn
+
+    from zero_pipe import LayerSpec, TiedLayerSpec
+
+    return [TiedLayerSpec("a", nn.Linear, 4, 4), LayerSpec(nn.Linear, 4, 4), TiedLayerSpec("b", nn.Linear, 4, 4),
+            LayerSpec(nn.Linear, 4, 4), TiedLayerSpec("b", nn.Linear, 4, 4), TiedLayerSpec("a", nn.Linear, 4, 4)]
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).mean()
+
+
+def two_ties_run(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One batch, no optimizer: the gradients each stage is left with."""
+    comm = zero_comm.init_distributed()
+    module = PipelineModule(two_ties_layers(), comm.world_size, stage_id=comm.rank, loss_fn=mse,
+                            partition_method="uniform", seed=tiny_gpt.SEED)
+    PipelineEngine(module, comm, micro_batches=2, schedule="1f1b").train_batch(batch=(x, y))
+    return {name: p.grad.clone() for name, p in module.named_parameters()}

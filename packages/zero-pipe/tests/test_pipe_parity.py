@@ -63,3 +63,26 @@ def test_pipeline_by_tensor_parallel_grid_matches_single_process() -> None:
         block = 1 if rank < 2 else 2  # stage 0 holds the embedding and block 1; stage 1 block 2, norm, head
         assert rewritten == [f"layers.{block}.{n}" for n in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
         assert_matches(tuple(got), want, f"rank {rank}")
+
+
+def test_stages_holding_different_ties_sum_each_tie_gradient() -> None:
+    """Stage 2 holds ties "a" and "b", stages 0 and 1 one each: every copy ends with the whole gradient."""
+    layers = pipe_parity.two_ties_layers()
+    built = {}
+    for i, spec in enumerate(layers):
+        key = getattr(spec, "key", str(i))
+        if key not in built:
+            torch.manual_seed(tiny_gpt.SEED + i)
+            built[key] = spec.build()
+    x, y = torch.randn(4, 4), torch.randn(4, 4)
+    out = x
+    for i, spec in enumerate(layers):
+        out = built[getattr(spec, "key", str(i))](out)
+    pipe_parity.mse(out, y).backward()
+    want = {f"tied.{k}.{n}" if k in "ab" else f"layers.{k}.{n}": p.grad for k, m in built.items()
+            for n, p in m.named_parameters()}
+    grads = run_ranks(pipe_parity.two_ties_run, 3, x, y, timeout=90)
+    assert sorted(grads[2]) == ["tied.a.bias", "tied.a.weight", "tied.b.bias", "tied.b.weight"]
+    for rank, per_rank in enumerate(grads):
+        for name, grad in per_rank.items():
+            torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-7, msg=f"rank {rank}: {name}")

@@ -26,6 +26,7 @@ from ._module import PipelineModule
 from ._schedule import Action, Op, Schedule
 from ._schedules import make_schedule
 from ._simulate import message_key, simulate
+from ._tied import reduce_tied_grads, sync_tied_weights
 from ._transport import MessageKey, Transport, spec
 
 __all__ = ["BatchTiming", "Optimizer", "PipelineEngine"]
@@ -105,7 +106,7 @@ class PipelineEngine:
                        for s in (self.train_schedule, self.eval_schedule)}
         self.transport = Transport(comm, static_shapes=not dynamic_shapes)
         self.timing = BatchTiming()
-        self._run_guarded(self._sync_tied_weights)
+        self._run_guarded(lambda: sync_tied_weights(module, self.transport))
 
     def _schedule(self, schedule: str | Callable[..., Schedule], *, train: bool) -> Schedule:
         p, v = self.module.num_stages, self.module.chunks
@@ -250,7 +251,7 @@ class PipelineEngine:
             grad = state.input_grads.pop((a.micro_batch, a.chunk))
             self.transport.send(message_key(schedule, rank, a), grad, schedule.place(vs - 1)[0])
         elif a.op == Op.REDUCE_TIED:
-            self._reduce_tied()
+            reduce_tied_grads(self.module, self.transport)
         elif a.op == Op.REDUCE_GRADS:
             if self.dp_comm is not None and self.dp_comm.world_size > 1:
                 grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -312,49 +313,6 @@ class PipelineEngine:
         if self.dp_comm is not None and self.dp_comm.world_size > 1:
             self.dp_comm.all_reduce(loss, "avg")
         return float(loss)
-
-    # -- tied layers ---------------------------------------------------------------------------
-    def _reduce_tied(self) -> None:
-        """Sum each tie's gradients over the stages holding it: the holders send to the first, which
-        adds them up and sends the sum back."""
-        for index, (key, params) in enumerate(self.module.tied_parameters().items()):
-            holders = self.module.tie_holders[key]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            flat = self._tie_exchange(index, holders, flat, "tied", add=True)
-            offset = 0
-            for p in params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-
-    def _sync_tied_weights(self) -> None:
-        """Make every copy of a tied module start from the first holder's weights."""
-        with torch.no_grad():
-            for index, (_, params) in enumerate(self.module.tied_parameters().items()):
-                holders = self.module.tie_holders[_]
-                flat = torch.cat([p.detach().reshape(-1) for p in params])
-                flat = self._tie_exchange(index, holders, flat, "tied_init", add=False)
-                offset = 0
-                for p in params:
-                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
-        self.transport.flush()
-
-    def _tie_exchange(self, index: int, holders: list[int], flat: torch.Tensor, kind: str, *,
-                      add: bool) -> torch.Tensor:
-        rank, root = self.comm.rank, holders[0]
-        if rank == root:
-            for other in holders[1:]:
-                got = self.transport.recv((kind, index, other), other, expect=(flat.shape, flat.dtype),
-                                          what=f"tie {index}'s {kind} values") if add else None
-                if got is not None:
-                    flat = flat + got
-            for other in holders[1:]:
-                self.transport.send((kind, index, root), flat, other)
-            return flat
-        if add:
-            self.transport.send((kind, index, rank), flat, root)
-        return self.transport.recv((kind, index, root), root, expect=(flat.shape, flat.dtype),
-                                   what=f"tie {index}'s {kind} values")
 
     def _where(self, chunk: int) -> str:
         text = self.module.describe_stage()
