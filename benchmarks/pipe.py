@@ -13,7 +13,8 @@ round, so drift on a shared machine hits every way alike.
   backward; the optimizer step and loss broadcast after it are reported apart as
   ``tail_s``), ``1 - (compute_0 + compute_1) / (2 * slower rank's pipelined time)``,
   compared with the theory ``(p - 1) / (m + p - 1)`` (interleaved:
-  ``(p - 1) / (v * m + p - 1)``). Heavy matmuls on one thread per rank make compute
+  ``(p - 1) / (v * m + p - 1)``; ZB-H1 with forward, input gradient and weight gradient
+  of equal cost: ``(p - 1) / (3 * m + p - 1)``). Heavy matmuls on one thread per rank make compute
   dominate the point-to-point time, as on real hardware.
 - Activation memory. Every tensor autograd saves for backward passes through a
   ``saved_tensors_hooks`` pair that counts its bytes while it is alive (parameters
@@ -46,7 +47,7 @@ from zero_pipe import LayerSpec, PipelineEngine, PipelineModule, theoretical_bub
 
 STAGES = 2
 SIZES = {"heavy": (1024, 8, 512), "light": (128, 8, 16)}  # width, layers, rows per micro-batch
-OURS = [("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8), ("interleaved", 8)]
+OURS = [("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8), ("interleaved", 8), ("zb-h1", 8)]
 TORCH = [("torch-gpipe", 8), ("torch-1f1b", 8)]
 
 
@@ -174,7 +175,8 @@ def summarise(per_rank: list[dict]) -> dict:
             bubbles = [1 - sum(s[2] for s in ranks) / (STAGES * max(s[1] for s in ranks)) for ranks in samples]
             entry["tail_s"] = statistics.median(w - max(s[1] for s in ranks) for w, ranks in zip(walls, samples))
             entry["bubble_measured"] = statistics.median(bubbles)
-            entry["bubble_theory"] = theoretical_bubble(STAGES, int(m), 2 if way == "interleaved" else 1)
+            entry["bubble_theory"] = (theoretical_bubble(STAGES, int(m), 2 if way == "interleaved" else 1)
+                                      if way != "zb-h1" else (STAGES - 1) / (3 * int(m) + STAGES - 1))
         out[key] = entry
     return out
 

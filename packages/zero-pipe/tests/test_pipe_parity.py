@@ -15,7 +15,7 @@ import torch
 from zero_comm.testing import run_ranks
 
 STEPS = 3
-CASES = [(s, m) for s in ("gpipe", "1f1b", "interleaved") for m in (4, 8)]
+CASES = [(s, m) for s in ("gpipe", "1f1b", "interleaved", "zb-h1") for m in (4, 8)]
 
 
 def assert_matches(got: tuple, want: tuple, where: str) -> None:

@@ -13,6 +13,7 @@ from zero_pipe import (
     one_f_one_b,
     simulate,
     theoretical_bubble,
+    zb_h1,
 )
 
 STAGES = (2, 3, 4)
@@ -95,3 +96,28 @@ def test_timeline_draws_the_1f1b_picture() -> None:
         "stage 0: 01..aa2bb.cc",
         "stage 1: .0aa1bb2cc..",
     ]
+
+
+@pytest.mark.parametrize("p", STAGES)
+def test_zb_h1_beats_1f1b_in_the_same_memory(p: int) -> None:
+    """Forward, input gradient and weight gradient of equal cost: ZB-H1 idles (p - 1) units per stage
+    where 1F1B idles 3 (p - 1), and holds at most p micro-batches, 1F1B's most."""
+    for m in MICRO:
+        for train in (True, False):
+            simulate(zb_h1(p, m, train=train))
+        zb = simulate(zb_h1(p, m), forward_cost=1.0, backward_cost=2.0, weight_cost=1.0)
+        ofob = simulate(one_f_one_b(p, m), forward_cost=1.0, backward_cost=2.0)
+        assert max(zb.peak_activations) <= p
+        assert zb.bubble_fraction <= ofob.bubble_fraction
+        if m >= p:
+            assert zb.bubble_fraction == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+            assert ofob.bubble_fraction == pytest.approx(theoretical_bubble(p, m), abs=1e-12)
+
+
+def test_a_weight_gradient_before_its_input_gradient_is_caught() -> None:
+    good = zb_h1(2, 2)
+    swapped = list(good.actions[1])
+    i, j = swapped.index(Action(Op.BACKWARD_INPUT, 0)), swapped.index(Action(Op.BACKWARD_WEIGHT, 0))
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    with pytest.raises(ScheduleError, match=r"runs backward_weight\(mb=0, chunk=0\) before its backward_input"):
+        simulate(Schedule("bad", 2, 2, 1, True, (good.actions[0], tuple(swapped))))

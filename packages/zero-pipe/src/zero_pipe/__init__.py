@@ -16,7 +16,7 @@ from ._layers import LayerSpec, TiedLayerSpec
 from ._module import PipelineModule
 from ._partition import layer_weights, partition_balanced
 from ._schedule import Action, Op, Schedule
-from ._schedules import SCHEDULES, gpipe, interleaved_1f1b, make_schedule, one_f_one_b
+from ._schedules import SCHEDULES, gpipe, interleaved_1f1b, make_schedule, one_f_one_b, zb_h1
 from ._simulate import ScheduleError, SimResult, simulate, theoretical_bubble
 from ._tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ._tp_loss import vocab_parallel_cross_entropy
@@ -58,4 +58,5 @@ __all__ = [
     "tensor_parallelize",
     "theoretical_bubble",
     "vocab_parallel_cross_entropy",
+    "zb_h1",
 ]

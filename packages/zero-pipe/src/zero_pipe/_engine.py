@@ -22,8 +22,8 @@ import torch
 from zero_comm import Communicator, all_reduce_coalesced
 
 from ._errors import PipelineError
-from ._module import PipelineModule
-from ._schedule import Action, Op, Schedule
+from ._module import PipelineModule, Segment
+from ._schedule import COMPUTE, Action, Op, Schedule
 from ._schedules import make_schedule
 from ._simulate import message_key, simulate
 from ._tied import reduce_tied_grads, sync_tied_weights
@@ -63,6 +63,8 @@ class _Batch:
     labels: dict[int, Any] = field(default_factory=dict)
     received: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     saved: dict[tuple[int, int], tuple[Any, Any]] = field(default_factory=dict)  # (input, output or loss)
+    segments: dict[tuple[int, int], list[Segment]] = field(default_factory=dict)  # zero-bubble: per-layer graph
+    output_grads: dict[tuple[int, int], list[Any]] = field(default_factory=dict)  # zero-bubble: for the weights
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     losses: list[torch.Tensor] = field(default_factory=list)
     loaded: int = 0
@@ -105,6 +107,12 @@ class PipelineEngine:
         self._plans = {s.train: (self._sources(s), *self._messages(s))
                        for s in (self.train_schedule, self.eval_schedule)}
         self.transport = Transport(comm, static_shapes=not dynamic_shapes)
+        self._split = any(a.op == Op.BACKWARD_INPUT for a in self.train_schedule.actions[comm.rank])
+        if self._split and module.activation_checkpoint_interval:
+            raise ValueError("a zero-bubble schedule splits each backward in two and cannot recompute "
+                             "checkpointed layers for each half; use activation_checkpoint_interval=0")
+        self._compute = {Op.FORWARD: self._forward, Op.BACKWARD: self._backward,
+                         Op.BACKWARD_INPUT: self._backward_input, Op.BACKWARD_WEIGHT: self._backward_weight}
         self.timing = BatchTiming()
         self._run_guarded(lambda: sync_tied_weights(module, self.transport))
 
@@ -173,12 +181,12 @@ class PipelineEngine:
         sources, incoming, outgoing = self._plans[schedule.train]
         self.transport.expect(incoming, outgoing)
         for i, action in enumerate(schedule.actions[self.comm.rank]):
-            if action.op in (Op.FORWARD, Op.BACKWARD):
+            if action.op in COMPUTE:
                 src = sources[i]
                 if src is not None:
                     self.transport.prefetch(src)
                 t0 = time.perf_counter()
-                (self._forward if action.op == Op.FORWARD else self._backward)(schedule, action, state)
+                self._compute[action.op](schedule, action, state)
                 last_compute = time.perf_counter()
                 compute += last_compute - t0
             else:
@@ -268,8 +276,9 @@ class PipelineEngine:
         vs = schedule.virtual_stage(self.comm.rank, a.chunk)
         unit = (a.micro_batch, a.chunk)
         x = state.inputs[a.micro_batch] if vs == 0 else state.received.pop(unit)
+        segments: list[Segment] | None = [] if self._split and schedule.train else None
         try:
-            out = self.module.forward_chunk(a.chunk, x)
+            out = self.module.forward_chunk(a.chunk, x, segments)
         except Exception as exc:
             got = spec(x) if isinstance(x, torch.Tensor) else type(x).__name__
             source = "its input" if vs == 0 else f"the activation from stage {schedule.place(vs - 1)[0]}"
@@ -281,6 +290,8 @@ class PipelineEngine:
                                     "or evaluate")
             out = self.module.loss_fn(out, state.labels.pop(a.micro_batch))
             state.losses.append(out.detach())
+            if segments:
+                segments[-1].output = out  # the loss belongs to the last layer's piece of the graph
             state.inputs.pop(a.micro_batch, None)
         elif not isinstance(out, torch.Tensor):
             raise PipelineError(f"{self._where(a.chunk)} returned a {type(out).__name__}; a stage passes exactly "
@@ -289,6 +300,8 @@ class PipelineEngine:
             state.inputs.pop(a.micro_batch, None)
         if schedule.train or vs < schedule.virtual_stages - 1:
             state.saved[unit] = (x, out)
+        if segments is not None:
+            state.segments[unit] = segments
 
     def _backward(self, schedule: Schedule, a: Action, state: _Batch) -> None:
         vs = schedule.virtual_stage(self.comm.rank, a.chunk)
@@ -302,6 +315,33 @@ class PipelineEngine:
                 raise PipelineError(f"{self._where(a.chunk)}'s input got no gradient in micro-batch "
                                     f"{a.micro_batch}: its output does not depend on it")
             state.input_grads[(a.micro_batch, a.chunk)] = x.grad
+
+    def _backward_input(self, schedule: Schedule, a: Action, state: _Batch) -> None:
+        """Zero-bubble, first half: the gradient of the chunk's input only, layer by layer from the end;
+        each layer's output gradient is kept for :meth:`_backward_weight`."""
+        vs = schedule.virtual_stage(self.comm.rank, a.chunk)
+        unit = (a.micro_batch, a.chunk)
+        segments = state.segments[unit]
+        out = state.saved.pop(unit)[1]
+        last = vs == schedule.virtual_stages - 1  # then ``out`` is the loss, which is scaled by 1 / m
+        grad = (torch.full_like(out, 1 / schedule.micro_batches) if last else
+                state.received.pop((a.micro_batch, -1 - a.chunk)))
+        grads: list[Any] = []
+        for k in range(len(segments) - 1, -1, -1):
+            grads.append(grad)
+            if k == 0 and vs == 0:
+                break  # the model's input needs no gradient
+            (grad,) = torch.autograd.grad(segments[k].output, segments[k].input, grad, retain_graph=True)
+        state.output_grads[unit] = grads[::-1]
+        if vs > 0:
+            state.input_grads[unit] = grad
+
+    def _backward_weight(self, schedule: Schedule, a: Action, state: _Batch) -> None:
+        """Zero-bubble, second half: every layer's parameter gradients from its kept output gradient."""
+        unit = (a.micro_batch, a.chunk)
+        for seg, grad in zip(state.segments.pop(unit), state.output_grads.pop(unit)):
+            if seg.params:
+                torch.autograd.backward(seg.output, grad, inputs=seg.params)
 
     def _mean_loss(self, schedule: Schedule, state: _Batch) -> float:
         last = schedule.place(schedule.virtual_stages - 1)[0]

@@ -11,6 +11,7 @@ parameters are named ``"tied.<key>.<name>"`` on every stage holding it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -21,9 +22,18 @@ from torch.utils.checkpoint import checkpoint
 from ._layers import LayerSpec, TiedLayerSpec
 from ._partition import layer_weights, partition_balanced
 
-__all__ = ["PipelineModule"]
+__all__ = ["PipelineModule", "Segment"]
 
 Layer = LayerSpec | nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Segment:
+    """One layer's piece of the autograd graph: its (cut) input, its output, its parameters."""
+
+    input: Any
+    output: Any
+    params: list[nn.Parameter]
 
 
 class PipelineModule(nn.Module):
@@ -126,9 +136,22 @@ class PipelineModule(nn.Module):
         return f"stage {stage} (layers {ranges})"
 
     # -- running ---------------------------------------------------------------------------
-    def forward_chunk(self, chunk: int, x: Any) -> Any:
-        """Run this rank's ``chunk`` on ``x``, checkpointing runs of layers if asked to."""
+    def forward_chunk(self, chunk: int, x: Any, segments: list[Segment] | None = None) -> Any:
+        """Run this rank's ``chunk`` on ``x``, checkpointing runs of layers if asked to.
+
+        With ``segments`` (for zero-bubble schedules, which compute the input's and the
+        weights' gradients at different times), each layer's input is cut from the graph
+        and ``(layer input, layer output, layer parameters)`` is appended per layer, so
+        either half of the backward can run layer by layer without redoing the other.
+        """
         indices = list(self.chunk_range(chunk))
+        if segments is not None:
+            for i in indices:
+                cut = (x.detach().requires_grad_() if segments and isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x)
+                x = self._calls[i](cut)
+                segments.append(Segment(cut, x, self._params_of(i)))
+            return x
         k = self.activation_checkpoint_interval
         if k == 0 or not torch.is_grad_enabled():
             return self._run(indices, x)
@@ -142,6 +165,11 @@ class PipelineModule(nn.Module):
         if self.chunks != 1:
             raise RuntimeError(f"this stage holds {self.chunks} model chunks; call forward_chunk(chunk, x)")
         return self.forward_chunk(0, x)
+
+    def _params_of(self, index: int) -> list[nn.Parameter]:
+        call = self._calls[index]
+        module = call if isinstance(call, nn.Module) else getattr(call, "args", (None,))[0]
+        return [p for p in module.parameters() if p.requires_grad] if isinstance(module, nn.Module) else []
 
     def _run(self, indices: list[int], x: Any) -> Any:
         for i in indices:

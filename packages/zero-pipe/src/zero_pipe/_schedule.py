@@ -29,13 +29,15 @@ class Op(str, Enum):
     SEND_ACT = "send_act"  # send the output activation of (micro_batch, chunk) to the next stage
     RECV_GRAD = "recv_grad"  # receive the gradient of (micro_batch, chunk)'s output from the next stage
     BACKWARD = "backward"
+    BACKWARD_INPUT = "backward_input"  # zero-bubble: only the gradient of the input (on the critical path)
+    BACKWARD_WEIGHT = "backward_weight"  # zero-bubble: the parameters' gradients, deferred to fill idle time
     SEND_GRAD = "send_grad"  # send the gradient of (micro_batch, chunk)'s input to the previous stage
     REDUCE_TIED = "reduce_tied"  # sum the gradients of tied layers across the stages holding them
     REDUCE_GRADS = "reduce_grads"  # average gradients across the data-parallel group
     STEP = "step"  # optimizer step, then zero the gradients
 
 
-COMPUTE = (Op.FORWARD, Op.BACKWARD)
+COMPUTE = (Op.FORWARD, Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT)
 RECEIVES = (Op.RECV_ACT, Op.RECV_GRAD)
 SENDS = (Op.SEND_ACT, Op.SEND_GRAD)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from ._schedule import Action, Op, Schedule
 
-__all__ = ["SCHEDULES", "gpipe", "interleaved_1f1b", "make_schedule", "one_f_one_b"]
+__all__ = ["SCHEDULES", "gpipe", "interleaved_1f1b", "make_schedule", "one_f_one_b", "zb_h1"]
 
 Compute = tuple[Op, int, int]  # (FORWARD | BACKWARD, micro_batch, chunk)
 
@@ -97,15 +97,51 @@ def interleaved_1f1b(stages: int, micro_batches: int, chunks: int = 2, *, train:
     return _lower("interleaved", stages, micro_batches, chunks, train, orders)
 
 
+def zb_h1(stages: int, micro_batches: int, *, train: bool = True) -> Schedule:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", 2023): 1F1B with each backward split.
+
+    The input's gradient (``BACKWARD_INPUT``) stays where 1F1B's backward was: it is what
+    the previous stage waits for, and without the weights' half it reaches stage 0
+    sooner. The weights' gradients (``BACKWARD_WEIGHT``) wait: stage ``s`` keeps ``s``
+    of them pending through the steady state (the later the stage, the earlier its
+    gradients are ready, the more it defers), runs one after each input gradient in
+    the cool-down and the rest at the end, where 1F1B idles. With the three parts of
+    equal cost the bubble drops from 1F1B's ``(p - 1) * 3`` units per stage to
+    ``(p - 1)``, and every stage holds at most ``p`` micro-batches of activations
+    (1F1B's stage 0), as the paper states.
+    """
+    _check(stages, micro_batches, 1)
+    if not train:
+        return one_f_one_b(stages, micro_batches, train=False)
+    orders = []
+    for s in range(stages):
+        warmup = min(stages - s - 1, micro_batches)
+        order: list[Compute] = [(Op.FORWARD, mb, 0) for mb in range(warmup)]
+        pending: list[int] = []
+        for i in range(micro_batches - warmup):
+            order += [(Op.FORWARD, warmup + i, 0), (Op.BACKWARD_INPUT, i, 0)]
+            pending.append(i)
+            if len(pending) > s:
+                order.append((Op.BACKWARD_WEIGHT, pending.pop(0), 0))
+        for mb in range(micro_batches - warmup, micro_batches):
+            order += [(Op.BACKWARD_INPUT, mb, 0), (Op.BACKWARD_WEIGHT, pending.pop(0) if pending else mb, 0)]
+            if order[-1][1] != mb:
+                pending.append(mb)
+        order += [(Op.BACKWARD_WEIGHT, mb, 0) for mb in pending]
+        orders.append(order)
+    return _lower("zb-h1", stages, micro_batches, 1, train, orders)
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved": interleaved_1f1b,
+    "zb-h1": zb_h1,
 }
 
 
 def make_schedule(name: str, stages: int, micro_batches: int, *, chunks: int = 1, train: bool = True) -> Schedule:
-    """The schedule called ``name`` ("gpipe", "1f1b" or "interleaved")."""
+    """The schedule called ``name`` ("gpipe", "1f1b", "interleaved" or "zb-h1")."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
     if name == "interleaved":
@@ -135,10 +171,12 @@ def _lower(name: str, stages: int, micro_batches: int, chunks: int, train: bool,
                 out.append(Action(Op.FORWARD, mb, chunk))
                 if vs < last:
                     out.append(Action(Op.SEND_ACT, mb, chunk))
+            elif op == Op.BACKWARD_WEIGHT:
+                out.append(Action(op, mb, chunk))  # local: the input's gradient has already gone
             else:
                 if vs < last:
                     out.append(Action(Op.RECV_GRAD, mb, chunk))
-                out.append(Action(Op.BACKWARD, mb, chunk))
+                out.append(Action(op, mb, chunk))
                 if vs > 0:
                     out.append(Action(Op.SEND_GRAD, mb, chunk))
         if train:

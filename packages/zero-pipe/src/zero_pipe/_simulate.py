@@ -44,11 +44,13 @@ class SimResult:
 
     def timeline(self, stages: int) -> str:
         """One text row per rank, one character per time unit: a forward of micro-batch ``k`` is the
-        digit ``k % 10``, its backward the letter ``"abcdefghij"[k % 10]``, idle time ``.``."""
+        digit ``k % 10``, its backward (or input-gradient half) the letter ``"abcdefghij"[k % 10]``,
+        a weight-gradient half the capital letter, idle time ``.``."""
         end = round(self.makespan)
         rows = [["."] * end for _ in range(stages)]
         for rank, start, stop, a in self.spans:
-            mark = str(a.micro_batch % 10) if a.op == Op.FORWARD else "abcdefghij"[a.micro_batch % 10]
+            mark = (str(a.micro_batch % 10) if a.op == Op.FORWARD else "ABCDEFGHIJ"[a.micro_batch % 10]
+                    if a.op == Op.BACKWARD_WEIGHT else "abcdefghij"[a.micro_batch % 10])
             for t in range(round(start), round(stop)):
                 rows[rank][t] = mark
         return "\n".join(f"stage {r}: {''.join(row)}" for r, row in enumerate(rows))
@@ -59,8 +61,16 @@ def theoretical_bubble(stages: int, micro_batches: int, chunks: int = 1) -> floa
     return (stages - 1) / (chunks * micro_batches + stages - 1)
 
 
-def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: float = 2.0) -> SimResult:
-    """Run ``schedule`` on a model of the pipeline; raise :class:`ScheduleError` if it cannot finish."""
+def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: float = 2.0,
+             weight_cost: float | None = None) -> SimResult:
+    """Run ``schedule`` on a model of the pipeline; raise :class:`ScheduleError` if it cannot finish.
+
+    A backward split in two (zero-bubble schedules) costs ``backward_cost - weight_cost`` for
+    the input's gradient and ``weight_cost`` (default: half the backward) for the weights'.
+    """
+    weight = backward_cost / 2 if weight_cost is None else weight_cost
+    costs = {Op.FORWARD: forward_cost, Op.BACKWARD: backward_cost, Op.BACKWARD_INPUT: backward_cost - weight,
+             Op.BACKWARD_WEIGHT: weight}
     p = schedule.stages
     pc = [0] * p
     clock = [0.0] * p
@@ -89,9 +99,9 @@ def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: fl
                     if key in channel:
                         raise ScheduleError(f"rank {rank} sends {a} twice")
                     channel[key] = clock[rank]
-                elif a.op in (Op.FORWARD, Op.BACKWARD):
+                elif a.op in costs:
                     _check_compute(schedule, rank, a, done_compute, held[rank])
-                    cost = forward_cost if a.op == Op.FORWARD else backward_cost
+                    cost = costs[a.op]
                     spans.append((rank, clock[rank], clock[rank] + cost, a))
                     clock[rank] += cost
                     busy[rank] += cost
@@ -139,19 +149,28 @@ def _check_compute(schedule: Schedule, rank: int, a: Action, done: set[tuple[Op,
     if not 0 <= a.micro_batch < schedule.micro_batches:
         raise ScheduleError(f"rank {rank}: {a} names a micro-batch outside 0..{schedule.micro_batches - 1}")
     unit = (a.micro_batch, a.chunk)
-    if a.op == Op.BACKWARD:
-        if (Op.FORWARD, a.micro_batch, vs) not in done:
-            raise ScheduleError(f"rank {rank} runs {a} before its forward")
-        held.discard(unit)
-    elif schedule.train:
+    needs = {Op.BACKWARD: Op.FORWARD, Op.BACKWARD_INPUT: Op.FORWARD, Op.BACKWARD_WEIGHT: Op.BACKWARD_INPUT}
+    if a.op in needs and (needs[a.op], a.micro_batch, vs) not in done:
+        raise ScheduleError(f"rank {rank} runs {a} before its {needs[a.op].value}")
+    if a.op == Op.BACKWARD_INPUT and (Op.BACKWARD, a.micro_batch, vs) in done:
+        raise ScheduleError(f"rank {rank} runs {a} after a whole backward of the same micro-batch")
+    if a.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT):
+        held.discard(unit)  # activations are kept until the weights' gradients are done
+    elif a.op == Op.FORWARD and schedule.train:
         held.add(unit)
     done.add(key)
 
 
 def _check_complete(schedule: Schedule, done: set[tuple[Op, int, int]]) -> None:
-    ops = (Op.FORWARD, Op.BACKWARD) if schedule.train else (Op.FORWARD,)
-    missing = [(op.value, mb, vs) for op in ops for mb in range(schedule.micro_batches)
-               for vs in range(schedule.virtual_stages) if (op, mb, vs) not in done]
+    missing = []
+    for mb in range(schedule.micro_batches):
+        for vs in range(schedule.virtual_stages):
+            if (Op.FORWARD, mb, vs) not in done:
+                missing.append(("forward", mb, vs))
+            whole = (Op.BACKWARD, mb, vs) in done
+            split = (Op.BACKWARD_INPUT, mb, vs) in done and (Op.BACKWARD_WEIGHT, mb, vs) in done
+            if schedule.train and not (whole or split):
+                missing.append(("backward", mb, vs))
     if missing:
         raise ScheduleError(f"{schedule.name} schedule never runs {missing[:5]}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
