@@ -64,3 +64,19 @@ def changed_shape_allowed() -> list[float]:
     engine = PipelineEngine(module, comm, micro_batches=2, schedule="gpipe", dynamic_shapes=True)
     x, y = tiny_gpt.batches(1, size=4)[0]
     return [engine.eval_batch(batch=(x, y)), engine.eval_batch(batch=(x[:, :6], y[:, :6]))]
+
+
+def construction_errors() -> list[str]:
+    """Engine arguments that cannot work, on a one-stage pipeline: the messages they raise."""
+    comm = zero_comm.init_distributed()
+    cases = [dict(schedule="zb-h1", interval=1), dict(schedule="interleaved", interval=0),
+             dict(schedule="1f1b", interval=0, micro_batches=0)]
+    out = []
+    for case in cases:
+        module = PipelineModule(tiny_gpt.layers(1), 1, stage_id=0, loss_fn=tiny_gpt.loss_fn,
+                                activation_checkpoint_interval=case["interval"])
+        try:
+            PipelineEngine(module, comm, micro_batches=case.get("micro_batches", 2), schedule=case["schedule"])
+        except ValueError as exc:
+            out.append(str(exc))
+    return out

@@ -62,3 +62,11 @@ def test_dynamic_shapes_accept_a_changed_shape() -> None:
         expected = [tiny_gpt.loss_fn(want(x), y).item(), tiny_gpt.loss_fn(want(x[:, :6]), y[:, :6]).item()]
     for got in run_ranks(pipe_errors.changed_shape_allowed, 2):
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_engine_arguments_that_cannot_work() -> None:
+    (errors,) = run_ranks(pipe_errors.construction_errors, 1)
+    assert len(errors) == 3
+    assert "zero-bubble schedule splits each backward in two" in errors[0]
+    assert "the interleaved schedule needs a module with several model chunks" in errors[1]
+    assert "micro_batches must be >= 1, got 0" in errors[2]
