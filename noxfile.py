@@ -144,3 +144,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "ckpt.py"), env={"OMP_NUM_THREADS": "1"})
     session.run("python", str(ROOT / "benchmarks" / "activations.py"))
     session.run("python", str(ROOT / "benchmarks" / "offload.py"))
+    session.run("python", str(ROOT / "benchmarks" / "pipe.py"), env={"OMP_NUM_THREADS": "1"})
