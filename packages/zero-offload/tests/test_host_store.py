@@ -34,3 +34,12 @@ def test_unknown_and_duplicate_keys_are_refused():
 
 def test_pinning_follows_cuda():
     assert HostStore().pin == torch.cuda.is_available()
+
+
+def test_put_of_the_wrong_size_or_dtype_is_refused():
+    store = HostStore()
+    store.create("a", torch.zeros(4))
+    with pytest.raises(ValueError, match="got 1 elements"):
+        store.put("a", torch.tensor(5.0))
+    with pytest.raises(ValueError, match="float64"):
+        store.put("a", torch.zeros(4, dtype=torch.float64))

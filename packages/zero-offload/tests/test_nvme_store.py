@@ -168,3 +168,63 @@ def test_async_handles_read_ahead_and_confirm_writes(tmp_path: Path):
             store.put_async(f"k{i}", t).wait()
         store.drop_cache()
         assert [store.get(f"k{i}")[0].item() for i in range(3)] == [10.0, 11.0, 12.0]
+
+
+def test_a_read_that_could_not_start_never_hands_out_its_buffer(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=1 << 20) as store:
+        store.create("w", torch.full((1000,), 7.0))
+        store.create("other", torch.full((1000,), 123.0))
+        store.get("other")
+        store.release("other")
+        store.drop_cache()
+        path = store._swap.entries["w"].path
+        path.rename(tmp_path / "moved")
+        with pytest.raises(SwapIOError, match="cannot open swap file"):
+            store.get("w")
+        (tmp_path / "moved").rename(path)
+        assert torch.all(store.get("w") == 7.0)  # read again from the file, not a recycled buffer
+
+
+def test_reads_ahead_give_way_to_a_demand_and_their_errors_stay_with_their_key(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=3 * 4096 * 4) as store:
+        for i in range(6):
+            store.create(f"k{i}", torch.full((4096,), float(i)))
+        store.drop_cache()
+        store.prefetch(["k3", "k4", "k5"])  # the whole budget read ahead
+        assert torch.all(store.get("k0") == 0)  # a demand takes a read-ahead buffer, no MemoryError
+        store.release("k0")
+        store.drop_cache()
+        os.truncate(store._swap.entries["k5"].path, 4096)
+        store.prefetch(["k4", "k5"])
+        assert torch.all(store.get("k4") == 4)  # k5's failure is not k4's
+        assert store._swap.held() == ["k4"]
+        store.release("k4")
+        with pytest.raises(SwapIOError, match="k5"):
+            store.get("k5")
+
+
+def test_a_key_borrowed_twice_stays_until_both_borrows_end(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=2 * 4096 * 4) as store:
+        for i in range(4):
+            store.create(f"k{i}", torch.full((4096,), float(i)))
+        a = store.get("k0")
+        store.get("k0")
+        store.release("k0")
+        for i in (1, 2, 3):  # room is made from other keys, never from k0
+            store.get(f"k{i}")
+            store.release(f"k{i}")
+        assert torch.all(a == 0)
+        store.release("k0")
+        assert store._swap.held() == []
+
+
+def test_a_closed_store_says_so_and_reservations_add_up(tmp_path: Path):
+    store = NVMeStore(tmp_path)
+    store.create("x", torch.zeros(10))
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    store.reserve(free * 2 // 3)
+    with pytest.raises(OSError, match="free; the offloaded state needs"):
+        store.reserve(free * 2 // 3)  # together they do not fit
+    store.close()
+    with pytest.raises(RuntimeError, match="was closed"):
+        store.get("x")

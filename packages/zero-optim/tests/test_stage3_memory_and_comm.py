@@ -130,3 +130,32 @@ def test_backward_memory_does_not_grow_with_depth_when_embeddings_are_tied(world
     deep, = run_ranks(backward_peak, world_size, 8)[:1]
     assert deep["peak"] - shallow["peak"] <= deep["block"], (
         f"backward peak grows by {(deep['peak'] - shallow['peak']) / deep['block']:.1f} blocks over 6 more blocks")
+
+
+def gathered_ahead(prefetch_units: float) -> int:
+    comm = zero_comm.init_distributed()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
+    unit = 64 * 64 + 64
+    opt = ZeroStage3(model, AdamW(), comm=comm, config=ZeroConfig(
+        stage=3, persistence_threshold=0, prefetch_numel=int(prefetch_units * unit)))
+    peak = [0]
+
+    def count(module: nn.Module, args: object) -> None:
+        peak[0] = max(peak[0], sum(u.gathered or u.in_flight for u in opt.units))
+
+    for layer in model:
+        layer.register_forward_pre_hook(count)
+    x = torch.randn(4, 64)
+    for _ in range(3):  # the first step records the order; the next ones prefetch
+        opt.backward(model(x).square().mean())
+        opt.step()
+    return peak[0]
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_prefetch_gathers_no_more_than_its_window_ahead(world_size):
+    """prefetch_numel bounds what is gathered ahead of the running module, counting gathers already
+    under way: with a window of one unit and a bit, the running layer and two ahead at most."""
+    assert run_ranks(gathered_ahead, world_size, 1.1)[0] <= 3
+    assert run_ranks(gathered_ahead, world_size, 0.5)[0] <= 2

@@ -40,8 +40,11 @@ class HostStore:
 
     def put(self, key: str, value: torch.Tensor) -> None:
         mine = self.get(key)
+        if value.numel() != mine.numel() or value.dtype != mine.dtype:
+            raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
+                             f"{mine.numel()} elements of {mine.dtype}")
         if value.data_ptr() != mine.data_ptr():
-            mine.copy_(value)
+            mine.copy_(value.reshape(mine.shape))
 
     def release(self, key: str) -> None:
         """Nothing to give back: the tensor stays in host memory."""

@@ -14,6 +14,7 @@ collected, and at interpreter exit -- also when training ended in an error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -65,7 +66,9 @@ def _allocate(path: Path, nbytes: int) -> None:
         os.close(fd)
 
 
-def _cleanup(directory: Path, io: BlockIO) -> None:
+def _cleanup(directory: Path, io: BlockIO, swap: Swapper) -> None:
+    with contextlib.suppress(Exception):  # cleaning up after a failure: the files go regardless
+        swap.free_all()  # every request finished (and its file closed) before the files go
     io.shutdown()
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -116,22 +119,24 @@ class NVMeStore:
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
-        self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io)
         pin = torch.cuda.is_available() if pin is None else pin
         self._swap = Swapper(self._io, buffer_bytes, pin)
+        self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io, self._swap)
         self._reserved = 0  # bytes promised by reserve() and not yet created
         self.device = torch.device("cpu")
 
     # -- StateStore ---------------------------------------------------------------------------
     def reserve(self, nbytes: int) -> None:
         """Check, before anything is written, that ``nbytes`` more of state fit on the disk."""
+        self._check_open()
         free = shutil.disk_usage(self.directory).free
-        if nbytes > free:
+        if self._reserved + nbytes > free:
             raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {_size(free)} free; the offloaded "
-                                        f"state needs {_size(nbytes)}")
+                                        f"state needs {_size(self._reserved + nbytes)}")
         self._reserved += nbytes
 
     def create(self, key: str, value: torch.Tensor) -> None:
+        self._check_open()
         if key in self._swap.entries:
             raise KeyError(f"state {key!r} already exists")
         nbytes = padded(value.numel() * value.element_size())
@@ -147,18 +152,23 @@ class NVMeStore:
         self._swap.put(key, value.detach())
 
     def get(self, key: str) -> torch.Tensor:
+        self._check_open()
         return self._swap.get(key)
 
     def put(self, key: str, value: torch.Tensor) -> None:
+        self._check_open()
         self._swap.put(key, value)
 
     def release(self, key: str) -> None:
+        self._check_open()
         self._swap.release(key)
 
     def prefetch(self, keys: list[str]) -> None:
+        self._check_open()
         self._swap.prefetch(keys)
 
     def flush(self) -> None:
+        self._check_open()
         self._swap.flush()
 
     def get_async(self, key: str) -> StoreHandle[torch.Tensor]:
@@ -176,6 +186,10 @@ class NVMeStore:
         return list(self._swap.entries)
 
     # -- the rest -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError(f"this NVMeStore was closed (its swap files in {self.directory} are gone)")
+
     @property
     def stats(self) -> SwapStats:
         return self._swap.stats
@@ -187,6 +201,7 @@ class NVMeStore:
     def drop_cache(self) -> None:
         """Finish all I/O and forget what is cached: the next ``get`` of a key not borrowed reads its
         file. (The buffers stay allocated, within the budget, for reuse; ``close`` frees them.)"""
+        self._check_open()
         self._swap.forget()
 
     def nbytes(self) -> int:
@@ -194,12 +209,9 @@ class NVMeStore:
         return sum(e.nbytes for e in self._swap.entries.values())
 
     def close(self) -> None:
-        """Finish writes, drop the buffers, remove the swap files."""
-        try:
-            if self._finalizer.alive:
-                self._swap.free_all()
-        finally:
-            self._finalizer()
+        """Finish all I/O, free the buffers, remove the swap files (a write that failed is lost:
+        ``flush`` first to see it)."""
+        self._finalizer()
 
     def __enter__(self) -> NVMeStore:
         return self

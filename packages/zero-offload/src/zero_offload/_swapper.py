@@ -1,11 +1,14 @@
 """The swapper: which tensors are in host buffers, reading ahead and writing back within a budget.
 
 Every key is a file. A key's bytes are in a host buffer while they are being read,
-held by a caller (between ``get`` and ``put``/``release``), being written, or kept
-as a clean copy that may be dropped at any time. All buffers together never exceed
-``budget`` bytes: to make room the swapper first drops clean copies (those not
-about to be used first), then waits for writes to finish; a ``get`` that still
-cannot fit raises, naming what is held. Told the order keys will be used
+borrowed by callers (counted: each ``get`` until its ``put``/``release``), being
+written, or kept as a clean copy that may be dropped at any time. All buffers
+together never exceed ``budget`` bytes: to make room the swapper first drops clean
+copies (those not about to be used first), then waits for a write, then takes the
+buffer of a read ahead; a ``get`` that still cannot fit raises, naming what is
+borrowed. A failed read never hands out its buffer; a failed write keeps it (the
+only copy) and fails every ``flush`` until the key is written again; either error is
+raised by that key's own ``get``/``flush``, not by another key's. Told the order keys will be used
 (``prefetch``), it reads ahead in that order as far as the budget allows -- with a
 budget of two layers' state this is double buffering -- and keeps doing so as
 buffers come free. ``put`` writes back only what the caller changed.
@@ -43,9 +46,13 @@ class _Entry:
     dtype: torch.dtype
     numel: int
     nbytes: int  # padded to ALIGN
-    state: str = "disk"  # disk | reading | resident | held | writing
+    # disk: only in the file | reading | ready: the buffer holds the file's bytes, or newer ones being
+    # borrowed | writing | unwritten: a write failed, the only copy of the data is the buffer
+    state: str = "disk"
+    holds: int = 0  # borrows: get() without put()/release()
     buffer: torch.Tensor | None = None
     io: IOHandle | None = None
+    error: BaseException | None = None  # this key's last I/O failure, raised at its next get/flush
     prefetched: bool = False
     last_use: int = 0
 
@@ -68,7 +75,9 @@ class Swapper:
 
     # -- the caller's view ------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:
+        """Borrow ``key``'s tensor (a view of its buffer) until ``put`` or ``release``."""
         entry = self._entry(key)
+        self._raise_error(entry)
         self._dequeue(key)
         if entry.state == "disk":
             self.stats.reads_on_demand += 1
@@ -78,31 +87,44 @@ class Swapper:
         if entry.prefetched:
             entry.prefetched = False
             self.stats.reads_prefetched += 1
-        entry.state, entry.last_use = "held", next(self._clock)
+        entry.holds += 1
+        entry.last_use = next(self._clock)
         self._advance()
         return entry.view()
 
     def put(self, key: str, value: torch.Tensor) -> None:
+        """Write ``value`` as ``key``'s new bytes (asynchronously); ends one borrow if there is one."""
         entry = self._entry(key)
         if value.numel() != entry.numel or value.dtype != entry.dtype:
             raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
                              f"{entry.numel} elements of {entry.dtype}")
-        if entry.state in ("reading", "writing"):
+        if entry.state == "reading":  # its bytes are about to be replaced: a failed read does not matter
+            try:
+                self._finish(entry)
+            except OSError:
+                entry.error = None
+        elif entry.state == "writing":
             self._finish(entry)
         buffer = entry.buffer if entry.buffer is not None else self._demand(entry)
         entry.buffer = buffer
         view = entry.view()
         if value.data_ptr() != view.data_ptr():
             view.copy_(value.reshape(-1))
-        entry.state, entry.last_use = "writing", next(self._clock)
-        entry.io = self.io.submit(entry.path, buffer, write=True)
+        entry.holds = max(entry.holds - 1, 0)
+        entry.last_use = next(self._clock)
+        try:
+            entry.io = self.io.submit(entry.path, buffer, write=True)
+        except OSError as exc:
+            entry.state, entry.error = "unwritten", exc
+            raise
+        entry.state, entry.error = "writing", None
         self.stats.bytes_written += entry.nbytes
 
     def release(self, key: str) -> None:
+        """End a read-only borrow: nothing is written."""
         entry = self._entry(key)
-        if entry.state == "held":
-            entry.state = "resident"
-            self._advance()
+        entry.holds = max(entry.holds - 1, 0)
+        self._advance()
 
     def prefetch(self, keys: list[str]) -> None:
         self._queue = deque(k for k in dict.fromkeys(keys) if k in self.entries)
@@ -119,33 +141,39 @@ class Swapper:
         entry = self._entry(key)
         if entry.state == "writing":
             self._finish(entry)
+        if entry.state == "unwritten":
+            self._raise_error(entry, keep=True)
 
     def flush(self) -> None:
-        """Wait for every write (raising the first error); clean copies stay cached."""
+        """Wait for every write; raise the first failure (a key whose write failed stays failing
+        until it is put again)."""
         for entry in list(self.entries.values()):
-            if entry.state == "writing":
-                self._finish(entry)
+            self.wait_write(entry.key)
 
     def forget(self) -> None:
-        """Finish all I/O and forget every clean copy: the next get of a key not held reads its file.
-        The buffers stay in the pool, to be reused without faulting in new pages."""
+        """Finish all I/O and forget every clean copy not borrowed: the next get of such a key reads
+        its file. The buffers stay in the pool, to be reused without faulting in new pages."""
         self.flush()
         for entry in self.entries.values():
             if entry.state == "reading":
-                self._finish(entry)
-            if entry.state == "resident":
+                self._finish_quietly(entry)
+            if entry.state == "ready" and not entry.holds:
                 self._recycle(entry)
 
     def free_all(self) -> None:
-        """Give every buffer back to the allocator (nothing may be held)."""
-        self.forget()
-        for entry in self.entries.values():
-            entry.buffer, entry.state = None, "disk"
-        self._free.clear()
-        self._used = 0
+        """Finish all I/O and give every buffer back to the allocator."""
+        try:
+            self.forget()
+        finally:
+            for entry in self.entries.values():
+                if entry.io is not None:
+                    self._finish_quietly(entry)
+                entry.buffer, entry.state, entry.holds = None, "disk", 0
+            self._free.clear()
+            self._used = 0
 
     def held(self) -> list[str]:
-        return [k for k, e in self.entries.items() if e.state == "held"]
+        return [k for k, e in self.entries.items() if e.holds]
 
     # -- internals ----------------------------------------------------------------------------
     def _entry(self, key: str) -> _Entry:
@@ -154,32 +182,55 @@ class Swapper:
         except KeyError:
             raise KeyError(f"no state named {key!r} in the store") from None
 
+    @staticmethod
+    def _raise_error(entry: _Entry, keep: bool = False) -> None:
+        if entry.error is not None:
+            error = entry.error
+            if not keep and entry.state != "unwritten":
+                entry.error = None  # a failed read: the next get tries the file again
+            raise error
+
     def _dequeue(self, key: str) -> None:
         if key in self._queue:
             while self._queue and self._queue.popleft() != key:
                 pass
 
     def _read(self, entry: _Entry, buffer: torch.Tensor) -> None:
-        entry.buffer, entry.state = buffer, "reading"
-        entry.io = self.io.submit(entry.path, buffer, write=False)
+        entry.buffer = buffer
+        try:
+            entry.io = self.io.submit(entry.path, buffer, write=False)
+        except BaseException:
+            self._recycle(entry)  # nothing was read: the buffer is never handed out
+            raise
+        entry.state = "reading"
         self.stats.bytes_read += entry.nbytes
 
     def _finish(self, entry: _Entry) -> None:
-        """Wait for ``entry``'s I/O; the buffer then holds the file's bytes (a clean copy)."""
+        """Wait for ``entry``'s I/O. After a read the buffer holds the file's bytes; a failed read
+        gives its buffer back (never served); a failed write keeps it (the only copy of the data)."""
         io, entry.io = entry.io, None
         if io is not None:
             try:
                 io.wait()
-            except BaseException:
-                entry.state = "disk"  # never serve a buffer whose read or write failed
-                self._recycle(entry)
+            except BaseException as exc:
+                if entry.state == "reading":
+                    self._recycle(entry)
+                else:
+                    entry.state, entry.error = "unwritten", exc
                 raise
-        entry.state = "resident"
+        entry.state = "ready"
+
+    def _finish_quietly(self, entry: _Entry) -> None:
+        """``_finish``, with a failure kept on the entry for its own get/flush to raise."""
+        try:
+            self._finish(entry)
+        except OSError as exc:
+            entry.error = exc
 
     def _reap(self) -> None:
         for entry in self.entries.values():
             if entry.state in ("reading", "writing") and entry.io is not None and entry.io.done():
-                self._finish(entry)
+                self._finish_quietly(entry)
 
     def _recycle(self, entry: _Entry) -> None:
         if entry.buffer is not None:
@@ -193,12 +244,16 @@ class Swapper:
         self._reap()
         for key in self._queue:
             entry = self.entries[key]
-            if entry.state != "disk":
+            if entry.state != "disk" or entry.error is not None:
                 continue
             buffer = self._acquire(entry, prefetch=True)
             if buffer is None:
                 return
-            self._read(entry, buffer)
+            try:
+                self._read(entry, buffer)
+            except OSError as exc:
+                entry.error = exc  # raised by this key's own get
+                continue
             entry.prefetched = True
 
     def _demand(self, entry: _Entry) -> torch.Tensor:
@@ -221,27 +276,37 @@ class Swapper:
                 self._free[spare].pop()
                 self._used -= spare
                 continue
+            self._reap()
             victim = self._victim(protect_queue=prefetch)
             if victim is not None:
                 self._recycle(victim)
                 continue
-            writing = [e for e in self.entries.values() if e.state == "writing"]
-            if writing and not prefetch:
-                self._finish(min(writing, key=lambda e: e.last_use))
-                continue
             if prefetch:
                 return None
+            # a demand waits: first for a write (its buffer becomes a clean copy), then for a read
+            # ahead (the one needed last), whose buffer it takes
+            writing = [e for e in self.entries.values() if e.state == "writing"]
+            if writing:
+                self._finish_quietly(min(writing, key=lambda e: e.last_use))
+                continue
+            order = {k: i for i, k in enumerate(self._queue)}
+            reading = [e for e in self.entries.values() if e.state == "reading"]
+            if reading:
+                ahead = max(reading, key=lambda e: order.get(e.key, len(order)))
+                self._finish_quietly(ahead)
+                self._recycle(ahead)
+                continue
             held = self.held()
             raise MemoryError(
-                f"the NVMe store's buffer budget of {self.budget / 2**20:.1f} MiB cannot hold {entry.key!r} "
-                f"({n / 2**20:.1f} MiB): {len(held)} keys are held by get() without put()/release() "
+                f"the NVMe store's buffer budget of {_mib(self.budget)} cannot hold {entry.key!r} "
+                f"({_mib(n)}): {len(held)} keys are borrowed by get() without put()/release() "
                 f"({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}). Raise buffer_bytes.")
 
     def _victim(self, protect_queue: bool) -> _Entry | None:
         """The clean copy to drop: one not queued for use, least recently used; then (for a demand
         read) queued ones, the one needed last first."""
         queued = set(self._queue)
-        clean = [e for e in self.entries.values() if e.state == "resident"]
+        clean = [e for e in self.entries.values() if e.state == "ready" and not e.holds]
         unqueued = [e for e in clean if e.key not in queued]
         if unqueued:
             return min(unqueued, key=lambda e: e.last_use)
@@ -249,6 +314,10 @@ class Swapper:
             return None
         order = {k: i for i, k in enumerate(self._queue)}
         return max(clean, key=lambda e: order.get(e.key, -1))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.0f} KiB"
 
 
 def padded(nbytes: int) -> int:

@@ -91,6 +91,8 @@ class ShardedOptimizer(abc.ABC):
         self.micro_steps = 0
         self.last_grad_norm: float | None = None
         self.hparams: list[dict[str, Any]] = []
+        # copies sharded_state() took out of an offload store, for load_checkpoint_meta to put back
+        self._detached: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
         # an OrderedDict, as torch keeps hooks: RemovableHandle holds a weak reference to it
         self._step_pre_hooks: OrderedDict[int, Callable[[ShardedOptimizer], None]] = OrderedDict()
 
@@ -316,12 +318,22 @@ class ShardedOptimizer(abc.ABC):
     def sharded_state(self) -> dict[str, ShardedTensor]:
         """This rank's pieces of every master weight and rule state, by ``"<state>/<name>"``.
 
-        The pieces are views of the live state: a checkpoint writer copies them out.
+        With the state in device memory the pieces are views of the live state: a checkpoint
+        writer copies them out, a reader fills them in place. With an offload store they are
+        copies taken out of the store (so a save never holds the store's buffers; it needs host
+        memory for this rank's optimizer state), and ``load_checkpoint_meta`` puts what a reader
+        filled into them back into the store.
         """
         out: dict[str, ShardedTensor] = {}
         names = self._names()
+        self._detached = []
         for owner in self._owners():
-            master, state = self._fetch(owner)
+            master, state = ShardedOptimizer._fetch(self, owner)  # master and rule state only
+            if self.store.device is not None:  # an offload store: copy out, give the buffers back
+                master, state = master.clone(), {n: t.clone() for n, t in state.items()}
+                for key in (owner.master_key, *owner.state_keys.values()):
+                    self.store.release(key)
+                self._detached.append((owner, master, state))
             for piece in self._pieces(owner, master, state):
                 for p, start, at, n in piece.segments:
                     for state_name, t in {"master": piece.master, **piece.state}.items():
@@ -333,6 +345,7 @@ class ShardedOptimizer(abc.ABC):
     def checkpoint_meta(self) -> dict[str, Any]:
         """The small values a checkpoint keeps beside ``sharded_state()``: counters, loss scale,
         hyper-parameters (the same on every rank)."""
+        self._detached = []  # a save has its own references to the copies it writes
         return {"stage": self.stage, "rule": self.rule.name, "step": self.step_count,
                 "skipped_steps": self.skipped_steps, "scaler": self.scaler.state_dict() if self.scaler else None,
                 "hparams": [dict(h) for h in self.hparams]}
@@ -346,6 +359,11 @@ class ShardedOptimizer(abc.ABC):
         self.step_count, self.skipped_steps = meta["step"], meta["skipped_steps"]
         if self.scaler and meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
+        for owner, master, state in self._detached:  # what the reader filled goes back into the store
+            self.store.put(owner.master_key, master)
+            for name, key in owner.state_keys.items():
+                self.store.put(key, state[name])
+        self._detached = []
         self._after_load()
 
     def _check_meta(self, meta: Mapping[str, Any]) -> None:

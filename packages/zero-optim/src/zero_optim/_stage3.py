@@ -284,7 +284,8 @@ class ZeroStage3(ShardedOptimizer):
         for u in trace.order[trace.cursor:]:
             if budget <= 0:
                 break
-            if u.gathered or u.in_flight:
+            if u.gathered or u.in_flight:  # already ahead: it counts against the window
+                budget -= u.padded
                 continue
             if live + u.padded > self.config.max_live_numel:
                 break
@@ -525,7 +526,8 @@ class ZeroStage3(ShardedOptimizer):
     def _pieces(self, owner: _Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
         grad = owner.borrowed["grad"] if owner.borrowed else owner.grad
         shard = owner.borrowed["shard"] if owner.borrowed else owner.unit.shard
-        assert grad is not None
+        if grad is None:  # offloaded and not borrowed: a view of the state only (sharded_state)
+            grad = shard = master.new_empty(0)
         return [Piece(self.hparams[g], master[a:b], grad[a:b], {n: t[a:b] for n, t in state.items()},
                       shard[a:b], self._segments(owner, a, b)) for g, a, b in owner.runs]
 
