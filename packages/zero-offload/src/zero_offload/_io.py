@@ -15,7 +15,9 @@ same calls go through the page cache.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -33,8 +35,26 @@ class SwapIOError(OSError):
     """Reading or writing a swap file failed; the message names the file."""
 
 
+HUGE_PAGE = 2 << 20
+
+
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
-    """An uninitialised uint8 tensor of ``nbytes`` whose address is a multiple of :data:`ALIGN`."""
+    """A uint8 tensor of ``nbytes`` whose address is a multiple of :data:`ALIGN` (contents undefined).
+
+    Unpinned buffers of at least a huge page are anonymous memory advised to use transparent
+    huge pages: direct I/O pins every page of its buffer for each transfer, and into 4 KiB pages
+    it measured up to 45% slower here than into huge pages (the same for plain code).
+    ``pin``: page-locked by CUDA, for asynchronous copies to a GPU.
+    """
+    if not pin and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        # private anonymous memory (a shared mapping would not get transparent huge pages);
+        # the tensor keeps the mapping alive
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = torch.frombuffer(region, dtype=torch.uint8)
+        skip = (-raw.data_ptr()) % HUGE_PAGE
+        with contextlib.suppress(OSError):  # a kernel without THP: 4 KiB pages, still correct
+            region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+        return raw[skip:skip + nbytes]
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     skip = (-raw.data_ptr()) % ALIGN
     return raw[skip:skip + nbytes]
