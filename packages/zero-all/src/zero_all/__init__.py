@@ -1,13 +1,17 @@
 """zero-all: zero's product layer.
 
-So far the DeepSpeed config: :func:`load_config` reads ``ds_config.json`` (or YAML,
+So far: the DeepSpeed config -- :func:`load_config` reads ``ds_config.json`` (or YAML,
 TOML, a dict) into a strict, typed :class:`DeepSpeedConfig`; a key that cannot run as
-written is a one-line :class:`ConfigError` naming it. The engine (``initialize``), the
-DeepSpeed-named modules, the ``zero`` CLI and the demo are still to come (issue 9).
+written is a one-line :class:`ConfigError` naming it -- and :func:`initialize` with its
+:class:`Engine` for stages 0-3, precision, accumulation, clipping, offload and
+checkpoints. Schedulers, the pipeline engine, the DeepSpeed-named modules, the ``zero``
+CLI and the demo are still to come (issue 9).
 """
 
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
+from ._engine import Engine, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "OffloadConfig", "load_config"]
+__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "Engine", "OffloadConfig", "initialize",
+           "load_config"]
