@@ -38,21 +38,19 @@ def _rule(config: DeepSpeedConfig, offloaded: bool) -> Any:
     if block is None:
         raise ConfigError("optimizer: the config names no optimizer (a client optimizer is not supported yet)")
     params = {k: v for k, v in block.params.items() if v != "auto"}
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
     kind = block.type.lower()
     if kind in ("adam", "adamw"):
         # DeepSpeed's "Adam" decouples weight decay unless adam_w_mode is false
         decoupled = kind == "adamw" or params.pop("adam_w_mode", True)
         params.pop("torch_adam", None)
-        if "betas" in params:
-            params["betas"] = tuple(params["betas"])
         if offloaded:
             return CPUAdam(adamw_mode=bool(decoupled), **params)
         return (zero_optim.AdamW if decoupled else zero_optim.Adam)(**params)
     rules = {"lion": zero_optim.Lion, "sgd": zero_optim.SGD, "lamb": zero_optim.LAMB}
     if kind not in rules:
         raise ConfigError(f"optimizer.type: zero has Adam, AdamW, Lion, SGD and Lamb, got {block.type!r}")
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
     try:
         return rules[kind](**params)
     except TypeError as exc:

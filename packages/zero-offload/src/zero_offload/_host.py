@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._swapper import check_put
+
 __all__ = ["HostStore"]
 
 
@@ -40,9 +42,7 @@ class HostStore:
 
     def put(self, key: str, value: torch.Tensor) -> None:
         mine = self.get(key)
-        if value.numel() != mine.numel() or value.dtype != mine.dtype:
-            raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
-                             f"{mine.numel()} elements of {mine.dtype}")
+        check_put(key, value, mine.numel(), mine.dtype)
         if value.data_ptr() != mine.data_ptr():
             mine.copy_(value.reshape(mine.shape))
 

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 import torch
 
 from ._io import BlockIO, SwapIOError, probe_direct
-from ._swapper import Swapper, SwapStats, _Entry, padded
+from ._swapper import Swapper, SwapStats, _Entry, human_bytes, padded
 
 __all__ = ["NVMeStore", "StoreHandle"]
 
@@ -46,10 +46,6 @@ class StoreHandle(Generic[T]):
         if self._finish is not None:
             self._result, self._finish = self._finish(), None
         return self._result  # type: ignore[return-value]
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _allocate(path: Path, nbytes: int) -> None:
@@ -131,8 +127,8 @@ class NVMeStore:
         self._check_open()
         free = shutil.disk_usage(self.directory).free
         if self._reserved + nbytes > free:
-            raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {_size(free)} free; the offloaded "
-                                        f"state needs {_size(self._reserved + nbytes)}")
+            raise OSError(errno.ENOSPC, f"NVMe offload path {self.root} has {human_bytes(free)} free; the offloaded "
+                                        f"state needs {human_bytes(self._reserved + nbytes)}")
         self._reserved += nbytes
 
     def create(self, key: str, value: torch.Tensor) -> None:

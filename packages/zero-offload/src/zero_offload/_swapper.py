@@ -71,6 +71,7 @@ class Swapper:
     _used: int = 0  # bytes of every buffer allocated, free ones included
     _free: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     _queue: deque[str] = field(default_factory=deque)
+    _in_flight: dict[str, _Entry] = field(default_factory=dict)  # entries with a read or write under way
     _clock: itertools.count = field(default_factory=itertools.count)
 
     # -- the caller's view ------------------------------------------------------------------
@@ -95,9 +96,7 @@ class Swapper:
     def put(self, key: str, value: torch.Tensor) -> None:
         """Write ``value`` as ``key``'s new bytes (asynchronously); ends one borrow if there is one."""
         entry = self._entry(key)
-        if value.numel() != entry.numel or value.dtype != entry.dtype:
-            raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
-                             f"{entry.numel} elements of {entry.dtype}")
+        check_put(key, value, entry.numel, entry.dtype)
         if entry.state == "reading":  # its bytes are about to be replaced: a failed read does not matter
             try:
                 self._finish(entry)
@@ -114,6 +113,7 @@ class Swapper:
         entry.last_use = next(self._clock)
         try:
             entry.io = self.io.submit(entry.path, buffer, write=True)
+            self._in_flight[key] = entry
         except OSError as exc:
             entry.state, entry.error = "unwritten", exc
             raise
@@ -147,8 +147,12 @@ class Swapper:
     def flush(self) -> None:
         """Wait for every write; raise the first failure (a key whose write failed stays failing
         until it is put again)."""
-        for entry in list(self.entries.values()):
-            self.wait_write(entry.key)
+        for entry in list(self._in_flight.values()):
+            if entry.state == "writing":
+                self._finish(entry)
+        for entry in self.entries.values():
+            if entry.state == "unwritten":
+                self._raise_error(entry, keep=True)
 
     def forget(self) -> None:
         """Finish all I/O and forget every clean copy not borrowed: the next get of such a key reads
@@ -199,6 +203,7 @@ class Swapper:
         entry.buffer = buffer
         try:
             entry.io = self.io.submit(entry.path, buffer, write=False)
+            self._in_flight[entry.key] = entry
         except BaseException:
             self._recycle(entry)  # nothing was read: the buffer is never handed out
             raise
@@ -209,6 +214,7 @@ class Swapper:
         """Wait for ``entry``'s I/O. After a read the buffer holds the file's bytes; a failed read
         gives its buffer back (never served); a failed write keeps it (the only copy of the data)."""
         io, entry.io = entry.io, None
+        self._in_flight.pop(entry.key, None)
         if io is not None:
             try:
                 io.wait()
@@ -228,9 +234,8 @@ class Swapper:
             entry.error = exc
 
     def _reap(self) -> None:
-        for entry in self.entries.values():
-            if entry.state in ("reading", "writing") and entry.io is not None and entry.io.done():
-                self._finish_quietly(entry)
+        for entry in [e for e in self._in_flight.values() if e.io is not None and e.io.done()]:
+            self._finish_quietly(entry)
 
     def _recycle(self, entry: _Entry) -> None:
         if entry.buffer is not None:
@@ -285,12 +290,12 @@ class Swapper:
                 return None
             # a demand waits: first for a write (its buffer becomes a clean copy), then for a read
             # ahead (the one needed last), whose buffer it takes
-            writing = [e for e in self.entries.values() if e.state == "writing"]
+            writing = [e for e in self._in_flight.values() if e.state == "writing"]
             if writing:
                 self._finish_quietly(min(writing, key=lambda e: e.last_use))
                 continue
             order = {k: i for i, k in enumerate(self._queue)}
-            reading = [e for e in self.entries.values() if e.state == "reading"]
+            reading = [e for e in self._in_flight.values() if e.state == "reading"]
             if reading:
                 ahead = max(reading, key=lambda e: order.get(e.key, len(order)))
                 self._finish_quietly(ahead)
@@ -298,8 +303,8 @@ class Swapper:
                 continue
             held = self.held()
             raise MemoryError(
-                f"the NVMe store's buffer budget of {_mib(self.budget)} cannot hold {entry.key!r} "
-                f"({_mib(n)}): {len(held)} keys are borrowed by get() without put()/release() "
+                f"the NVMe store's buffer budget of {human_bytes(self.budget)} cannot hold {entry.key!r} "
+                f"({human_bytes(n)}): {len(held)} keys are borrowed by get() without put()/release() "
                 f"({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}). Raise buffer_bytes.")
 
     def _victim(self, protect_queue: bool) -> _Entry | None:
@@ -316,8 +321,18 @@ class Swapper:
         return max(clean, key=lambda e: order.get(e.key, -1))
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.0f} KiB"
+def human_bytes(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 1024:.0f} KiB"
+
+
+def check_put(key: str, value: torch.Tensor, numel: int, dtype: torch.dtype) -> None:
+    """A store holds each key at one size and dtype: refuse anything else (no silent cast or broadcast)."""
+    if value.numel() != numel or value.dtype != dtype:
+        raise ValueError(f"put {key!r}: got {value.numel()} elements of {value.dtype}; the store holds "
+                         f"{numel} elements of {dtype}")
 
 
 def padded(nbytes: int) -> int:
