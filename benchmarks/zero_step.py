@@ -31,7 +31,7 @@ from zero_comm.testing import run_ranks
 from zero_optim import AdamW, ZeroConfig, ZeroOptimizer, ZeroStage3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=8192, block_size=64, n_layer=10, n_head=6, n_embd=384)
 WAYS = ("ddp", "zero-0", "zero-1", "zero-2", "zero-3", "zero-3b", "fsdp2")

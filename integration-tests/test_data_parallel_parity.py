@@ -18,7 +18,8 @@ import torch
 from zero_comm.testing import WORLD_SIZES, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_gpt
+import data_parallel
+import gpt
 
 STEPS, BATCH = 12, 8
 
@@ -26,12 +27,12 @@ STEPS, BATCH = 12, 8
 def reference(dtype: torch.dtype) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.set_default_dtype(dtype)
     torch.manual_seed(0)
-    cfg = train_gpt.GPTConfig()
-    model = train_gpt.GPT(cfg)
+    cfg = gpt.GPTConfig()
+    model = gpt.GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
     for step in range(STEPS):
-        x, y = train_gpt.global_batch(step, BATCH, cfg)
+        x, y = gpt.global_batch(step, BATCH, cfg)
         loss = model(x, y)
         loss.backward()
         opt.step()
@@ -40,9 +41,9 @@ def reference(dtype: torch.dtype) -> tuple[list[float], dict[str, torch.Tensor]]
     return losses, model.state_dict()
 
 
-def data_parallel(dtype: torch.dtype) -> tuple[list[float], dict[str, torch.Tensor]]:
+def trained_data_parallel(dtype: torch.dtype) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.set_default_dtype(dtype)
-    losses, model = train_gpt.train(steps=STEPS, batch_size=BATCH, log_every=0)
+    losses, model = data_parallel.train(steps=STEPS, batch_size=BATCH, log_every=0)
     return losses, model.state_dict()
 
 
@@ -54,7 +55,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_losses_and_weights_match_single_process(world_size, dtype):
     (want_losses, want_state), = run_ranks(reference, 1, dtype)  # a plain loop, in a fresh process
-    results = run_ranks(data_parallel, world_size, dtype)
+    results = run_ranks(trained_data_parallel, world_size, dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for rank, (losses, state) in enumerate(results):
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses))
@@ -70,7 +71,7 @@ def test_losses_and_weights_match_single_process(world_size, dtype):
 
 def check_uneven_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="must divide evenly over 4 ranks"):
-        train_gpt.train(steps=1, batch_size=6, log_every=0)
+        data_parallel.train(steps=1, batch_size=6, log_every=0)
 
 
 def test_uneven_batch_is_refused():

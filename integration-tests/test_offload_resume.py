@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import CFG, LR, masters, train, train_gpt
+from test_resume import CFG, LR, gpt, masters, train
 
 import zero_ckpt
 import zero_comm
@@ -17,7 +17,7 @@ from zero_optim import ZeroConfig, ZeroOptimizer, ZeroStage3
 
 def build(stage: int, comm: zero_comm.Communicator, swap: str):
     torch.manual_seed(0)
-    model = train_gpt.GPT(CFG)
+    model = gpt.GPT(CFG)
     rule = CPUAdam(lr=LR, weight_decay=0.01)
     # a budget of a couple of units' state: the save must not need the whole state in buffers
     store = NVMeStore(swap, buffer_bytes=3 << 20)

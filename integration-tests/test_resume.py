@@ -19,15 +19,15 @@ from zero_comm.testing import run_ranks
 from zero_optim import AdamW, ZeroConfig, ZeroOptimizer, ZeroStage3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_gpt
+import gpt
 
 BATCH, LR = 8, 3e-3
-CFG = train_gpt.GPTConfig()
+CFG = gpt.GPTConfig()
 
 
 def build(stage: int, comm: zero_comm.Communicator):
     torch.manual_seed(0)
-    model = train_gpt.GPT(CFG)
+    model = gpt.GPT(CFG)
     rule = AdamW(lr=LR, weight_decay=0.01)
     if stage == 3:
         return model, ZeroStage3(model, rule, comm=comm, config=ZeroConfig(stage=3, persistence_threshold=1000))
@@ -39,7 +39,7 @@ def train(model, opt, comm, steps: range) -> list[float]:
     per_rank = BATCH // comm.world_size
     losses = []
     for step in steps:
-        x, y = train_gpt.global_batch(step, BATCH, CFG)
+        x, y = gpt.global_batch(step, BATCH, CFG)
         mine = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
         loss = model(x[mine], y[mine])
         opt.backward(loss)
@@ -106,7 +106,7 @@ def test_resume_equals_uninterrupted(tmp_path, saved, loaded, async_save):
 def test_a_zero_checkpoint_loads_into_a_plain_module_and_exports(tmp_path):
     run_ranks(first_half, 2, str(tmp_path), 3)
     weights = zero_ckpt.consolidate(tmp_path)  # no process group, any world size
-    model = train_gpt.GPT(CFG)
+    model = gpt.GPT(CFG)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"head.weight"}, "only the tied head, which shares tok.weight"
     exported = torch.load(zero_ckpt.export(tmp_path, tmp_path / "model.pt"))

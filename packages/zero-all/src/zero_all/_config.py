@@ -264,12 +264,38 @@ _NOT_YET = {
     "sparse_gradients": "sparse gradients",
     "comet": "the Comet monitor",
 }
-_NOT_YET_ZERO = {
-    "zero_hpz_partition_size": (1, "ZeRO++ hierarchical partitioning"),
-    "zero_quantized_weights": (False, "ZeRO++ quantised weights"),
-    "zero_quantized_gradients": (False, "ZeRO++ quantised gradients"),
-    "mics_shard_size": (-1, "MiCS sharding"),
+# Keys whose other values ask for something zero does not do yet: refused unless left at these values
+_NOT_YET_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "zero_optimization.zero_hpz_partition_size": ((1,), "ZeRO++ hierarchical partitioning"),
+    "zero_optimization.zero_quantized_weights": ((False,), "ZeRO++ quantised weights"),
+    "zero_optimization.zero_quantized_gradients": ((False,), "ZeRO++ quantised gradients"),
+    "zero_optimization.mics_shard_size": ((-1,), "MiCS sharding"),
+    "zero_optimization.elastic_checkpoint": ((False,), "elastic checkpoints (its checkpoints reshard anyway)"),
+    "zero_optimization.offload_param.ratio": ((1.0,), "partial parameter offload"),
+    "zero_optimization.offload_optimizer.ratio": ((1.0,), "partial optimizer offload"),
+    "fp16.auto_cast": ((False,), "fp16 auto-casting of inputs"),
+    "fp16.fp16_master_weights_and_grads": ((False,), "fp16 master weights"),
+    "bf16.immediate_grad_update": ((False,), "immediate bf16 gradient updates"),
+    "prescale_gradients": ((False,), "gradient pre-scaling"),
+    "gradient_predivide_factor": ((1.0,), "a gradient pre-divide factor"),
+    "communication_data_type": ((None, "fp32"), "reduced-precision gradient communication"),
+    "checkpoint.load_universal": ((False,), "universal checkpoints (its checkpoints reshard to any world size)"),
+    "checkpoint.use_node_local_storage": ((False,), "node-local checkpoint storage"),
+    "checkpoint.parallel_write": (({},), "pipelined parallel checkpoint writes"),
+    "pipeline.seed_layers": ((False,), "per-layer seeding of pipeline stages"),
+    "aio.use_gds": ((False,), "GPUDirect Storage"),
+    "memory_breakdown": ((False,), "the memory breakdown printout (the step log has memory per rank)"),
+    "dump_state": ((False,), "dump_state"),
 }
+
+
+def _lookup(raw: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    value: Any = raw
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 def load_config(source: str | Path | Mapping[str, Any] | DeepSpeedConfig) -> DeepSpeedConfig:
@@ -287,10 +313,11 @@ def load_config(source: str | Path | Mapping[str, Any] | DeepSpeedConfig) -> Dee
             continue
         raise ConfigError(f"{key}: zero does not have {what} yet; remove the block or set \"enabled\": false")
     clean = _check(raw, DeepSpeedConfig, "")
-    zero = clean.get("zero_optimization") or {}
-    for key, (default, what) in _NOT_YET_ZERO.items():
-        if key in zero and zero[key] != default:
-            raise ConfigError(f"zero_optimization.{key}: zero does not have {what} yet (leave it at {default})")
+    for path, (allowed, what) in _NOT_YET_VALUES.items():
+        given, value = _lookup(clean, path)
+        if given and not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
+            leave = " or ".join(json.dumps(a) for a in allowed)
+            raise ConfigError(f"{path}: zero does not have {what} yet (leave it at {leave})")
     try:
         config = msgspec.convert(clean, DeepSpeedConfig)
     except msgspec.ValidationError as exc:
