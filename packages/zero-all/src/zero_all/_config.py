@@ -286,6 +286,7 @@ _NOT_YET_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "aio.use_gds": ((False,), "GPUDirect Storage"),
     "memory_breakdown": ((False,), "the memory breakdown printout (the step log has memory per rank)"),
     "dump_state": ((False,), "dump_state"),
+    "wandb.enabled": ((False,), "the Weights & Biases monitor (use csv_monitor or tensorboard)"),
 }
 
 
