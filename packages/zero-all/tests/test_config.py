@@ -90,7 +90,8 @@ def test_the_batch_size_triangle_is_completed(given: dict, world: int, want: tup
      'flops_profiler: zero does not have the flops profiler yet; remove the block or set "enabled": false'),
     ({"zero_optimization": {"zero_quantized_weights": True}},
      "zero_optimization.zero_quantized_weights: zero does not have ZeRO++ quantised weights yet"),
-    ({"prescale_gradients": True}, "prescale_gradients: zero does not have gradient pre-scaling yet (leave it at false)"),
+    ({"prescale_gradients": True},
+     "prescale_gradients: zero does not have gradient pre-scaling yet (leave it at false)"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "ratio": 0.3}}},
      "zero_optimization.offload_param.ratio: zero does not have partial parameter offload yet (leave it at 1.0)"),
     ({"communication_data_type": "bf16"}, "communication_data_type: zero does not have reduced-precision gradient "
