@@ -8,10 +8,13 @@ checkpoints. Schedulers, the pipeline engine, the DeepSpeed-named modules, the `
 CLI and the demo are still to come (issue 9).
 """
 
+from . import checkpointing, comm, ops, pipe, zero  # DeepSpeed's module names: deepspeed.zero.Init, ...
+from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
 from ._engine import Engine, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "Engine", "OffloadConfig", "initialize",
-           "load_config"]
+__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "Engine", "OffloadConfig",
+           "add_config_arguments", "checkpointing", "comm", "init_distributed", "initialize", "load_config", "ops",
+           "pipe", "zero"]

@@ -1,0 +1,231 @@
+"""The pipeline engine: ``initialize(model=PipelineModule(...))``, DeepSpeed's ``PipelineEngine`` API.
+
+Applied in order: the world is cut into a (pipeline, data-parallel) grid, pipeline
+stages outermost; zero-pipe's :class:`zero_pipe.PipelineEngine` runs the schedule on
+this rank's stage over the pipeline group (and first makes the copies of each tied
+layer equal); the ZeRO optimizer of stage 0 or 1 over the data-parallel group is the
+training engine's (same config rules: update rule, precision, offload store); the
+config's ``activation_checkpointing`` and ``pipeline`` blocks are applied.
+``train_batch`` pulls ``gradient_accumulation_steps`` micro-batches, steps, and
+returns their mean loss averaged over the data-parallel replicas.
+
+Gradients go to the optimizer from hooks as backward produces them. A layer tied
+across stages needs its gradients summed over those stages first, so its hook is
+held off during the schedule and the summed gradient is handed to the optimizer
+before the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import torch
+
+import zero_ckpt
+import zero_comm
+import zero_pipe
+
+from ._config import ConfigError, DeepSpeedConfig, load_config
+from ._engine import Engine
+from .checkpointing import configure_from_config
+
+__all__ = ["PipelineEngine", "is_pipeline"]
+
+
+def is_pipeline(model: object) -> TypeGuard[zero_pipe.PipelineModule]:
+    """Whether ``initialize`` runs ``model`` with the pipeline engine."""
+    return isinstance(model, zero_pipe.PipelineModule)
+
+
+class PipelineEngine:
+    """A :class:`zero_pipe.PipelineModule` with its ZeRO optimizer; DeepSpeed's pipeline engine API."""
+
+    def __init__(self, module: zero_pipe.PipelineModule, source: Any, world: zero_comm.Communicator,
+                 model_parameters: Iterable[Any] | None = None):
+        pp = module.num_stages
+        if world.world_size % pp:
+            raise ValueError(f"a pipeline of {pp} stages cannot tile a world of {world.world_size} ranks")
+        self.config = config = load_config(source).resolve(world.world_size // pp)
+        _apply_pipeline_block(module, config)
+        configure_from_config(config)
+        self.mesh = zero_comm.build_mesh(zero_comm.ParallelDims(world.world_size, pp=pp))
+        if self.mesh.pp.rank != module.stage_id:
+            raise ValueError(f"rank {world.rank} is stage {self.mesh.pp.rank} of the (pipeline, data) grid but its "
+                             f"module was built as stage {module.stage_id}: build it with deepspeed.pipe."
+                             "PipelineModule, which works its stage out")
+        self.world, self.module = world, module
+        self.micro_batches = int(config.gradient_accumulation_steps or 1)
+        self.pipe = zero_pipe.PipelineEngine(module, self.mesh.pp, micro_batches=self.micro_batches,
+                                             schedule=getattr(module, "schedule", "1f1b"),
+                                             dynamic_shapes=getattr(module, "dynamic_shape", False))
+        # tied across stages: hold the optimizer's hooks off until the stages' gradients are summed
+        self._tied = [p for params in module.tied_parameters().values() for p in params if p.requires_grad]
+        self._stashed: dict[int, torch.Tensor | None] = {}
+        self._handing_over = False
+        hooks = [p.register_post_accumulate_grad_hook(self._hide) for p in self._tied]
+        self._stage = Engine(module, config, self.mesh.dp, model_parameters)  # the optimizer hooks go here
+        hooks += [p.register_post_accumulate_grad_hook(self._unhide) for p in self._tied]
+        self._hooks = hooks
+        self.optimizer = self._stage.optimizer
+        self.pipe.optimizer = self
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self.data_iterator: Iterator[Any] | None = None
+
+    # -- the hand-over of tied gradients ------------------------------------------------------------
+    def _hide(self, p: torch.Tensor) -> None:
+        if not self._handing_over:
+            self._stashed[id(p)] = p.grad
+            p.grad = None
+
+    def _unhide(self, p: torch.Tensor) -> None:
+        if not self._handing_over:
+            p.grad = self._stashed.pop(id(p))
+
+    def step(self) -> None:
+        """Called by the schedule at its end (it is not DeepSpeed's user-facing ``step``, which a pipeline
+        refuses): give the optimizer the summed tied gradients, then step."""
+        ready = [(p, p.grad) for p in self._tied if p.grad is not None]
+        self._handing_over = True
+        try:
+            for p, grad in ready:
+                p.grad = None
+                torch.autograd.backward([p], [grad])  # through the optimizer's hook, as backward would
+        finally:
+            self._handing_over = False
+        if self.optimizer.step():
+            self.global_steps += 1
+        else:
+            self.skipped_steps += 1
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    # -- DeepSpeed's pipeline API ---------------------------------------------------------------------
+    def train_batch(self, data_iter: Iterable[Any] | None = None) -> torch.Tensor:
+        """Run ``gradient_accumulation_steps`` micro-batches (``(inputs, labels)`` each, read by the first
+        and last stage) forward and backward, step, and return their mean loss (averaged over the
+        data-parallel replicas, the same on every rank)."""
+        loss = self.pipe.train_batch(self._data(data_iter))
+        return self._dp_mean(loss)
+
+    def eval_batch(self, data_iter: Iterable[Any] | None = None, return_logits: bool = False,
+                   compute_loss: bool = True, reduce_output: str | None = "avg", bcast_loss: bool = True,
+                   num_micro_batches: int | None = None) -> torch.Tensor:
+        """Forward ``gradient_accumulation_steps`` micro-batches without gradients; their mean loss."""
+        for name, value, supported in (("return_logits", return_logits, False), ("compute_loss", compute_loss, True),
+                                       ("reduce_output", reduce_output, "avg"), ("bcast_loss", bcast_loss, True)):
+            if value != supported:
+                raise NotImplementedError(f"eval_batch({name}={value!r}) is not supported; zero returns the mean "
+                                          "loss on every rank")
+        if num_micro_batches not in (None, self.micro_batches):
+            raise NotImplementedError(f"eval_batch(num_micro_batches={num_micro_batches}): the engine runs "
+                                      f"{self.micro_batches} (gradient_accumulation_steps)")
+        return self._dp_mean(self.pipe.eval_batch(self._data(data_iter)))
+
+    def set_dataiterator(self, iterator: Iterator[Any]) -> None:
+        """The iterator ``train_batch()``/``eval_batch()`` read when given none."""
+        self.data_iterator = iterator
+
+    def _data(self, data_iter: Iterable[Any] | None) -> Iterable[Any] | None:
+        data = data_iter if data_iter is not None else self.data_iterator
+        if data is None and (self.is_first_stage() or self.is_last_stage()):
+            raise ValueError("train_batch/eval_batch: pass data_iter (an iterator of (inputs, labels) "
+                             "micro-batches) or call set_dataiterator() first")
+        return iter(data) if data is not None and not isinstance(data, Iterator) else data
+
+    def _dp_mean(self, loss: float) -> torch.Tensor:
+        out = torch.tensor(loss, dtype=torch.float64)
+        if self.mesh.dp.world_size > 1:
+            self.mesh.dp.all_reduce(out, "avg")
+        return out.float()
+
+    @property
+    def stage_id(self) -> int:
+        return self.module.stage_id
+
+    @property
+    def num_stages(self) -> int:
+        return self.module.num_stages
+
+    def is_first_stage(self) -> bool:
+        return self.module.stage_id == 0
+
+    def is_last_stage(self) -> bool:
+        return self.module.stage_id == self.module.num_stages - 1
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.micro_batches
+
+    def train_batch_size(self) -> int:
+        return int(self.config.train_batch_size or 0)
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return int(self.config.train_micro_batch_size_per_gpu or 0)
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def train(self, mode: bool = True) -> PipelineEngine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> PipelineEngine:
+        return self.train(False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a pipeline engine runs whole batches: call train_batch() or eval_batch(), not "
+                           "forward/backward/step")
+
+    forward = backward = __call__
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True) -> str:
+        """Save every stage's ZeRO state (each rank its shards) and ``client_state`` as ``save_dir/tag``."""
+        tag = tag or f"global_step{self.global_steps}"
+        state = {"client_state": client_state or {}, "global_steps": self.global_steps,
+                 "skipped_steps": self.skipped_steps}
+        zero_ckpt.CheckpointManager(save_dir, self.world).save(tag, {"optimizer": self.optimizer},
+                                                               client_state=state)
+        return tag
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str, dict]:
+        """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``."""
+        state = zero_ckpt.CheckpointManager(load_dir, self.world).load({"optimizer": self.optimizer}, tag=tag)
+        self.global_steps, self.skipped_steps = state["global_steps"], state["skipped_steps"]
+        loaded = tag or zero_ckpt.latest_tag(load_dir)
+        return str(Path(load_dir) / str(loaded)), state["client_state"]
+
+
+def _apply_pipeline_block(module: zero_pipe.PipelineModule, config: DeepSpeedConfig) -> None:
+    """Check the config against the pipeline the module is, and apply what can still change."""
+    zero, block = config.zero_optimization, config.pipeline
+    if zero.stage > 1:
+        raise ConfigError(f"zero_optimization.stage: pipeline parallelism runs with ZeRO stage 0 or 1 (as in "
+                          f"DeepSpeed), got {zero.stage}")
+    if config.fp16.enabled is True:
+        raise ConfigError("fp16.enabled: the pipeline engine does not scale losses; use bf16")
+    if float(config.gradient_clipping) > 0 and module.num_stages > 1:
+        raise ConfigError("gradient_clipping: the pipeline engine does not clip by the norm across stages yet "
+                          "(each stage's optimizer sees only its own gradients); set it to 0")
+    if block.stages not in ("auto", module.num_stages):
+        raise ConfigError(f"pipeline.stages: the config says {block.stages}, the PipelineModule has "
+                          f"{module.num_stages}")
+    built = getattr(module, "partition_method", None)
+    if block.partition not in ("best", built):
+        raise ConfigError(f"pipeline.partition: the config asks {block.partition!r} but the module was cut "
+                          f"{'by ' + repr(built) if built else 'with a method it does not record'}; the cut is "
+                          "made when the PipelineModule is built: pass partition_method there")
+    if block.seed_layers and not getattr(module, "seed_layers", False):
+        raise ConfigError("pipeline.seed_layers: the layers are built when the PipelineModule is; pass "
+                          "seed_layers=True there")
+    interval = block.activation_checkpoint_interval
+    own = module.activation_checkpoint_interval
+    if interval and own and interval != own:
+        raise ConfigError(f"pipeline.activation_checkpoint_interval: the config says {interval}, the "
+                          f"PipelineModule {own}")
+    if interval:
+        module.activation_checkpoint_interval = interval

@@ -1,0 +1,137 @@
+"""initialize(model=deepspeed.pipe.PipelineModule(...)) gives DeepSpeed's pipeline engine: train_batch
+trains exactly like a plain torch loop (tied layers across stages and ZeRO-1 over the data-parallel
+replicas included), checkpoints resume exactly, and what it cannot run is refused by name."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zero_all as deepspeed
+from zero_all.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from zero_comm.testing import run_ranks
+
+STEPS, MICRO, ACCUM, LR, SEED = 4, 2, 3, 1e-2, 1234
+
+
+def transposed(tie: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x @ tie.weight
+
+
+def layers(tied: bool) -> list:
+    first = TiedLayerSpec("tie", nn.Linear, 8, 8, bias=False) if tied else LayerSpec(nn.Linear, 8, 8, bias=False)
+    last = (TiedLayerSpec("tie", nn.Linear, 8, 8, bias=False, forward_fn=transposed) if tied
+            else LayerSpec(nn.Linear, 8, 8, bias=False))
+    return [first, LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), last, LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 8, 4)]
+
+
+def micro_batch(step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-parallel replica ``rank``'s micro-batch ``micro`` of ``step``: rows of a batch made for all."""
+    x = torch.randn(MICRO * world, 8, generator=torch.Generator().manual_seed(100 * step + micro))
+    rows = x[rank * MICRO:(rank + 1) * MICRO]
+    return rows, (rows[:, :4].argmax(1) + step) % 4
+
+
+def reference(tied: bool, dp: int) -> list[float]:
+    """The same layers (seeded as seed_layers does) in one process, on whole batches, torch AdamW."""
+    built: list[nn.Module] = []
+    for i, spec in enumerate(layers(tied)):
+        torch.manual_seed(SEED + i)
+        built.append(built[0] if tied and i == 3 else spec.build())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(built):
+            x = transposed(layer, x) if tied and i == 3 else layer(x)
+        return x
+
+    params = list({id(p): p for m in built for p in m.parameters()}.values())
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    losses = []
+    for step in range(STEPS):
+        total = 0.0
+        for micro in range(ACCUM):
+            x, y = (torch.cat(t) for t in zip(*(micro_batch(step, micro, r, dp) for r in range(dp))))
+            loss = F.cross_entropy(forward(x), y) / ACCUM
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def config(stage: int, **extra: object) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
+            "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}, **extra}
+
+
+def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None, resume: bool = False) -> dict:
+    """DeepSpeed's pipeline loop: build the PipelineModule, initialize, train_batch per step."""
+    model = PipelineModule(layers(tied), num_stages=stages, loss_fn=F.cross_entropy, seed_layers=True,
+                           base_seed=SEED, partition_method="uniform")
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage))
+    dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
+    first = 0
+    if resume:
+        assert root is not None
+        _, client = engine.load_checkpoint(Path(root))
+        first = client["step"]
+    losses = []
+    for step in range(first, STEPS):
+        data = iter([micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)])
+        losses.append(engine.train_batch(data).item())
+        if root is not None and not resume and step == 1:
+            engine.save_checkpoint(Path(root), client_state={"step": 2})
+    evaluated = engine.eval_batch(iter([micro_batch(STEPS, m, dp_rank, dp) for m in range(ACCUM)])).item()
+    return {"losses": losses, "eval": evaluated, "first": engine.is_first_stage(), "last": engine.is_last_stage(),
+            "micro_batches": engine.micro_batches, "global_steps": engine.global_steps}
+
+
+@pytest.mark.parametrize(("world", "stages", "stage", "tied"), [(2, 2, 0, False), (2, 2, 1, True), (4, 2, 1, True)])
+def test_train_batch_matches_plain_torch(world: int, stages: int, stage: int, tied: bool):
+    dp = world // stages
+    want = reference(tied, dp)
+    results = run_ranks(pipeline_script, world, stages, stage, tied, timeout=240)
+    for rank, got in enumerate(results):
+        err = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want, strict=True))
+        assert err <= 1e-5, f"rank {rank}: {got['losses']} vs {want}"
+        assert got["micro_batches"] == ACCUM and got["global_steps"] == STEPS
+        assert (got["first"], got["last"]) == (rank // dp == 0, rank // dp == stages - 1)
+    assert len({r["eval"] for r in results}) == 1  # one loss, told to every rank
+
+
+def test_checkpoint_resumes_exactly(tmp_path: Path):
+    straight = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), timeout=240)[0]
+    resumed = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), True, timeout=240)[0]
+    assert resumed["losses"] == straight["losses"][2:]
+    assert resumed["eval"] == straight["eval"] and resumed["global_steps"] == STEPS
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage: pipeline parallelism runs with ZeRO stage 0 or 1"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled: the pipeline engine does not scale losses"),
+    ({"pipeline": {"partition": "parameters"}}, "pipeline.partition: the config asks 'parameters'"),
+    ({"pipeline": {"stages": 3}}, "pipeline.stages: the config says 3"),
+])
+def test_configs_the_pipeline_cannot_run_are_refused(extra: dict, match: str):
+    model = PipelineModule(layers(False), num_stages=1, loss_fn=F.cross_entropy, partition_method="uniform")
+    with pytest.raises(deepspeed.ConfigError, match=match):
+        deepspeed.initialize(model=model, config={**config(0), **extra})
+
+
+def test_pipeline_refusals_name_what_is_unsupported():
+    with pytest.raises(NotImplementedError, match="topology"):
+        PipelineModule(layers(False), topology=object())
+    with pytest.raises(NotImplementedError, match="seed_fn"):
+        PipelineModule(layers(False), num_stages=1, seed_fn=torch.manual_seed)
+    with pytest.raises(ValueError, match="tied_weight_attr"):
+        TiedLayerSpec("t", nn.Linear, 2, 2, tied_weight_attr="weight").build()  # its bias would stay untied
+    model = PipelineModule(layers(False), num_stages=1, loss_fn=F.cross_entropy)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(1))
+    with pytest.raises(RuntimeError, match="train_batch"):
+        engine(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="data_iter"):
+        engine.train_batch()
