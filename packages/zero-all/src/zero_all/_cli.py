@@ -1,0 +1,278 @@
+"""The ``zero`` command: ``run``, ``report``, ``plan`` and ``ckpt export``.
+
+Each subcommand is a thin shell over a function that can be called from Python
+(:func:`zero_all._run.plan_launch`, :func:`zero_all._report.collect_report`,
+:func:`zero_all._plan.plan_memory`, :func:`zero_ckpt.export`). A user's mistake (a
+bad flag, a missing file, a checkpoint that is not one) is one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+EPILOG = "Run `zero COMMAND --help` for a command's options. Docs: docs/cli.md."
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(float(text)) if ("e" in text.lower() or "." in text) else int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _count(text: str) -> int:
+    if text == "0":
+        return 0
+    return _positive(text)
+
+
+# -- run ------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ._run import plan_launch, run_launch
+
+    try:
+        plan = plan_launch(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                           master_addr=args.master_addr, master_port=args.master_port,
+                           rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, hostfile=args.hostfile)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not Path(args.script).is_file():
+        raise UsageError(f"script {args.script} does not exist")
+    return run_launch(plan, args.script, args.script_args)
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._report import collect_report, format_report
+
+    report = collect_report(args.nvme_path)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# -- plan -----------------------------------------------------------------------------------------
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._plan import PlanOptions, format_plans, load_model, model_shape, plan_all, synthetic_shape
+
+    options: dict[str, Any] = {k: getattr(args, k) for k in
+                               ("precision", "optimizer", "bucket_numel", "prefetch_numel", "max_live_numel",
+                                "persistence_threshold") if getattr(args, k) is not None}
+    stages: list[int] | None = args.stage
+    offloads: list[Any] | None = args.offload
+    if args.config:
+        from ._config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except (ConfigError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+        zero = config.zero_optimization
+        from_config = {"bucket_numel": zero.reduce_bucket_size, "prefetch_numel": zero.stage3_prefetch_bucket_size,
+                       "max_live_numel": zero.stage3_max_live_parameters,
+                       "persistence_threshold": zero.stage3_param_persistence_threshold}
+        for key, value in from_config.items():
+            if value != "auto":
+                options.setdefault(key, int(value))
+        if config.bf16.enabled is True or config.fp16.enabled is True:
+            options.setdefault("precision", "bf16" if config.bf16.enabled is True else "fp16")
+        if config.optimizer is not None:
+            options.setdefault("optimizer", config.optimizer.type.lower())
+        stages = stages or [zero.stage]
+        if not offloads:
+            offloads = [zero.offload_optimizer.device if zero.offload_optimizer else "none"]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.model:
+            shape = model_shape(load_model(args.model), args.model)
+        else:
+            shape = synthetic_shape(args.params, args.layers)
+        plan_options = PlanOptions(world_size=args.world_size, backend="gloo" if device == "cpu" else "nccl",
+                                   **options)
+        plans = plan_all(shape, stages or [0, 1, 2, 3], offloads or ["none"], plan_options)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    ranks_per_node = args.ranks_per_node or min(args.world_size, 8)
+    if args.json:
+        print(json.dumps({"model": shape.name, "trainable_parameters": shape.numel,
+                          "options": dataclasses.asdict(plan_options), "ranks_per_node": ranks_per_node,
+                          "plans": [{"stage": p.stage, "offload": p.offload, "device": p.device,
+                                     "device_total": p.device_total, "host": p.host, "host_total": p.host_total,
+                                     "host_total_per_node": p.host_total * ranks_per_node, "nvme": p.disk}
+                                    for p in plans]}, indent=2))
+    else:
+        print(format_plans(plans, shape, plan_options, ranks_per_node))
+    return 0
+
+
+# -- ckpt export ----------------------------------------------------------------------------------
+PREFIXES = ("optimizer/master/", "optim/master/")  # Engine.save_checkpoint's item, zero-ckpt's default
+
+
+def _cmd_ckpt_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import zero_ckpt
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    began = time.perf_counter()
+    try:
+        reader = zero_ckpt.CheckpointReader(root, args.tag)
+        prefix = args.prefix or next((p for p in PREFIXES if any(n.startswith(p) for n in reader.names)), None)
+        if prefix is None:
+            raise UsageError(f"checkpoint {reader.dir} holds no master weights under {' or '.join(PREFIXES)} "
+                             f"(it has e.g. {', '.join(reader.names[:3])}); pass --prefix")
+        names = [n for n in reader.names if n.startswith(prefix)]
+        print(f"zero ckpt export: reading {len(names)} tensors from {reader.dir} "
+              f"(written by {len(reader.manifests)} ranks)", file=sys.stderr, flush=True)
+        out = Path(args.out)
+        if out.suffix == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError:
+                raise UsageError("writing .safetensors needs the safetensors package (pip install safetensors)"
+                                 ) from None
+            state = zero_ckpt.consolidate(root, reader.tag, prefix=prefix, dtype=dtype)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+        else:
+            zero_ckpt.export(root, out, reader.tag, prefix=prefix, dtype=dtype)
+    except zero_ckpt.CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    size = out.stat().st_size
+    print(f"zero ckpt export: wrote {out} ({len(names)} tensors, {size / 2**20:.1f} MiB, {args.dtype}) "
+          f"in {time.perf_counter() - began:.1f}s", file=sys.stderr)
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zero", description="zero: ZeRO training on torch.distributed -- launch, inspect "
+                     "this machine, plan memory, export checkpoints.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="launch a training script on every rank (through torchrun)",
+                         description="Launch SCRIPT on every rank of this node through torch's own launcher "
+                         "(torch.distributed.run). One node: standalone rendezvous. Several nodes: run this on "
+                         "each, with --rdzv-endpoint/--rdzv-id (c10d), --master-addr/--master-port/--node-rank "
+                         "(static), or --hostfile. The exit status is the failing rank's.",
+                         epilog="example: zero run --nproc 2 train.py --epochs 1")
+    run.add_argument("--nproc", "--nproc-per-node", type=_positive, default=None,
+                     help="ranks on this node (default: one per CUDA device, else 2)")
+    run.add_argument("--nnodes", type=_positive, default=None, help="nodes in the job (default 1)")
+    run.add_argument("--node-rank", type=int, default=None, help="this node's index (static rendezvous)")
+    run.add_argument("--master-addr", default=None, help="static rendezvous: node 0's address")
+    run.add_argument("--master-port", type=_positive, default=None, help="static rendezvous: its port (29500)")
+    run.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="c10d rendezvous endpoint, the same on every node")
+    run.add_argument("--rdzv-id", default=None, help="job id for the c10d rendezvous, the same on every node")
+    run.add_argument("--hostfile", default=None,
+                     help="DeepSpeed hostfile ('host slots=N' per line): sets --nnodes and --nproc")
+    run.add_argument("script", help="the training script")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="versions, devices, backends, kernels and offload stores usable here",
+                            description="Report what this machine can run: library and zero package versions, "
+                            "CPUs and CUDA devices, torch.distributed backends, which zero-kernels path runs "
+                            "(Triton, interpreter, torch reference), and whether the offload stores work here "
+                            "(pinned host memory; an O_DIRECT write for NVMe).")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument("--nvme-path", default=None, help="directory to probe for NVMe offload (default: $TMPDIR)")
+    report.set_defaults(func=_cmd_report)
+
+    plan = sub.add_parser("plan", help="per-rank memory for each ZeRO stage and offload choice",
+                          description="Estimate the peak bytes each rank holds while training: parameters, "
+                          "gradients, fp32 master weights, optimizer state, ZeRO's buffers and the step's "
+                          "transient working set, per device and per host, from what zero-optim allocates. "
+                          "Activations are not included.",
+                          epilog="example: zero plan --params 7e9 --world-size 8 --precision bf16")
+    what = plan.add_mutually_exclusive_group(required=True)
+    what.add_argument("--params", type=_positive, help="trainable parameters (e.g. 7e9)")
+    what.add_argument("--model", metavar="MODULE:FACTORY",
+                      help="import MODULE and call FACTORY() on the meta device (nothing is allocated)")
+    plan.add_argument("--world-size", type=_positive, required=True, help="data-parallel ranks")
+    plan.add_argument("--stage", type=int, nargs="+", choices=(0, 1, 2, 3), default=None,
+                      help="stages to show (default: all)")
+    plan.add_argument("--offload", nargs="+", choices=("none", "cpu", "nvme"), default=None,
+                      help="where the optimizer state lives (default: none)")
+    plan.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="training dtype (fp32)")
+    plan.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "lion", "lamb"), default=None,
+                      help="update rule (adamw): its state tensors per parameter")
+    plan.add_argument("--layers", type=_positive, default=24,
+                      help="with --params: blocks the model is split into (stage-3 gather units)")
+    plan.add_argument("--bucket-numel", type=_positive, default=None, help="stages 0-2 bucket elements (2**24)")
+    plan.add_argument("--prefetch-numel", type=_count, default=None, help="stage 3 prefetch window (5e7)")
+    plan.add_argument("--max-live-numel", type=_count, default=None, help="stage 3 gathered cap (1e9)")
+    plan.add_argument("--persistence-threshold", type=_count, default=None,
+                      help="stage 3: parameters this small stay whole (1e5)")
+    plan.add_argument("--config", default=None, help="a ds_config file: its stage, buckets, precision, optimizer")
+    plan.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="where training runs: cpu adds Gloo's gather scratch (default: cuda if present)")
+    plan.add_argument("--ranks-per-node", type=_positive, default=None,
+                      help="ranks sharing a host, for the per-node row (default: min(world size, 8))")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_cmd_plan)
+
+    ckpt = sub.add_parser("ckpt", help="checkpoint tools", description="Checkpoint tools.")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", parser_class=_Parser)
+    export = ckpt_sub.add_parser("export", help="one consolidated fp32 state_dict from a zero checkpoint",
+                                 description="Read a checkpoint written by Engine.save_checkpoint (any number of "
+                                 "ranks, any stage) without a process group and write the whole fp32 master "
+                                 "weights as one state_dict: torch.save, or safetensors when OUT ends with "
+                                 ".safetensors.", epilog="example: zero ckpt export ckpts/ model.pt")
+    export.add_argument("dir", help="the checkpoint directory (the one holding 'latest')")
+    export.add_argument("out", help="output file (.pt, .bin, or .safetensors)")
+    export.add_argument("--tag", default=None, help="which checkpoint (default: the one 'latest' names)")
+    export.add_argument("--prefix", default=None,
+                        help="tensors to export (default: the first of optimizer/master/, optim/master/)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="output dtype")
+    export.set_defaults(func=_cmd_ckpt_export, command="ckpt export")
+    ckpt.set_defaults(func=lambda _: _help(ckpt))
+    return parser
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        return _help(parser)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"zero {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"zero {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,278 @@
+"""``zero plan``: how many bytes each rank holds, per ZeRO stage and offload choice, before running.
+
+The figures are derived from what zero-optim allocates, not from the ZeRO paper's
+``(2 + 2 + K) * params / N``: the flat buffers stages 0-2 lay out (every bucket padded
+to ``world_size * align``, via zero-optim's own :func:`zero_optim.build_layout`), the
+fp32 master copy (separate from the model's flat buffer in stages 0-2; in stage 3 a
+fp32 model's shard *is* its master), the rule's state tensors, the stage-2 staging
+ring (at most three bucket buffers: one filling, two reducing), stage 3's gather
+units (each module's own parameters; the ones of at most ``persistence_threshold``
+elements in one unit kept whole) with their prefetch window (``prefetch_numel`` ahead,
+capped by ``max_live_numel``), and the transient buffers of a step: a parameter's
+gradient before the hook moves it, stage 1's reduced chunks, and on Gloo (CPU) the
+full-size scratch its ``all_gather`` allocates (NCCL gathers in place).
+
+Not included: activations (they depend on the batch, the sequence and activation
+checkpointing), the framework's own context (CUDA context, NCCL buffers), allocator
+fragmentation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+import zero_optim
+
+__all__ = ["MemoryPlan", "ModelShape", "Offload", "model_shape", "plan_memory", "synthetic_shape"]
+
+Offload = Literal["none", "cpu", "nvme"]
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STATE_TENSORS = {"adamw": 2, "adam": 2, "lamb": 2, "lion": 1, "sgd": 1}
+STAGING_RING = 3  # stage 2/3 gradient buffers alive at once: one filling, two reducing (zero-optim's drain(keep=1))
+GLOO_GATHERS = 3  # Gloo all_gathers whose scratch buffers were seen alive at once
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of a model: its trainable parameters' sizes, in registration
+    order, and how stage 3 groups them (each module's own parameters, in module order)."""
+
+    params: tuple[int, ...]
+    modules: tuple[tuple[int, ...], ...]  # per module holding parameters: its direct parameters' sizes
+    name: str = "model"
+
+    @property
+    def numel(self) -> int:
+        return sum(self.params)
+
+
+def model_shape(module: nn.Module, name: str = "model") -> ModelShape:
+    """The shape of ``module`` (build it on the meta device: nothing is allocated)."""
+    seen: set[int] = set()
+    modules = []
+    for m in module.modules():
+        own = []
+        for p in m.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                own.append(p.numel())
+        if own:
+            modules.append(tuple(own))
+    params = tuple(p.numel() for p in module.parameters() if p.requires_grad)
+    return ModelShape(params, tuple(modules), name)
+
+
+def synthetic_shape(numel: int, layers: int) -> ModelShape:
+    """A model known only by its size: ``layers`` equal blocks of one weight each."""
+    if numel < 1 or layers < 1:
+        raise ValueError(f"--params and --layers must be positive, got {numel} and {layers}")
+    base, extra = divmod(numel, layers)
+    sizes = tuple(base + (1 if i < extra else 0) for i in range(layers))
+    return ModelShape(sizes, tuple((s,) for s in sizes), f"{numel:,} parameters in {layers} blocks")
+
+
+def load_model(spec: str) -> nn.Module:
+    """``module:factory`` -> the model ``factory()`` builds, on the meta device."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model wants module:factory (e.g. mypkg.models:build), got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr, None)
+    if factory is None:
+        raise ValueError(f"--model {spec}: module {module_name!r} has no attribute {attr!r}")
+    with torch.device("meta"):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec}: {attr}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank for one stage and offload choice; ``device`` and ``host`` rows by component."""
+
+    stage: int
+    offload: Offload
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """The settings that change the figures (zero_optim.ZeroConfig's, with its defaults)."""
+
+    world_size: int
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: str = "adamw"
+    bucket_numel: int = 1 << 24
+    align: int = 64
+    prefetch_numel: int = 50_000_000
+    max_live_numel: int = 1_000_000_000
+    persistence_threshold: int = 100_000
+    backend: Literal["gloo", "nccl"] = "nccl"
+    nvme_buffer_bytes: int = 1 << 30
+
+
+class _Meta:
+    """A stand-in parameter for build_layout, which only asks for numel() and id()."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def numel(self) -> int:
+        return self.n
+
+
+def _gathered_window(units: Sequence[int], prefetch: int, max_live: int) -> int:
+    """The most elements of gathered units at once: the unit in use plus ZeroStage3's prefetch, which
+    gathers the next units in the recorded order while its budget lasts and ``max_live`` allows."""
+    peak = 0
+    for order in (units, units[::-1]):  # forward, then backward (reverse order)
+        for i, unit in enumerate(order):
+            live, budget = unit, prefetch
+            for nxt in order[i + 1:]:
+                if budget <= 0 or live + nxt > max_live:
+                    break
+                live += nxt
+                budget -= nxt
+            peak = max(peak, live)
+    return peak
+
+
+def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int, states: int) -> tuple[dict[str, int], int]:
+    """(resident bytes by component, transient peak bytes) for ZeroOptimizer."""
+    shard_world = 1 if stage == 0 else o.world_size
+    layout = zero_optim.build_layout([_Meta(n) for n in shape.params],  # type: ignore[misc]
+                                     shard_world, o.bucket_numel, o.align)
+    padded = sorted((bk.padded for bk in layout.buckets), reverse=True)
+    resident = {"parameters": layout.total * b, "master weights (fp32)": layout.shard_numel * 4,
+                "optimizer state": states * layout.shard_numel * 4}
+    if stage < 2:
+        resident["gradients"] = layout.total * b
+    else:
+        resident["gradients"] = layout.shard_numel * b
+        resident["gradient buckets"] = sum(padded[:STAGING_RING]) * b
+    param_grad = max(shape.params) * b  # autograd's .grad of one parameter, before the hook moves it
+    backward = param_grad + (layout.shard_numel * b if stage == 1 else 0)  # stage 1: reduced chunks in flight
+    # Gloo's all_gather runs through a full-size scratch buffer; the step's async gathers overlap (up
+    # to three were seen alive at once); NCCL gathers in place
+    gather_scratch = sum(padded[:GLOO_GATHERS]) * b if (o.backend == "gloo" and stage >= 1) else 0
+    upcast = max(bk.chunk for bk in layout.buckets) * 4 if b != 4 else 0  # the rule's fp32 copy of a chunk
+    return resident, max(backward, gather_scratch + upcast)
+
+
+def _stage3(shape: ModelShape, o: PlanOptions, b: int, states: int) -> tuple[dict[str, int], int]:
+    """(resident bytes by component, transient peak bytes) for ZeroStage3."""
+    w = o.world_size
+    units, small = [], 0
+    for own in shape.modules:
+        big = [n for n in own if n > o.persistence_threshold]
+        small += sum(own) - sum(big)
+        if big:
+            units.append(math.ceil(sum(big) / w) * w)
+    persistent = math.ceil(small / w) * w if small else 0
+    shard = (sum(units) + persistent) // w
+    resident = {"parameters": shard * b + persistent * b,  # shards, and the small parameters kept whole
+                "gradients": shard * b,
+                "master weights (fp32)": 0 if b == 4 else shard * 4,  # an fp32 shard is its own master
+                "optimizer state": states * shard * 4}
+    largest = max(units, default=0)
+    gathered = _gathered_window(units, o.prefetch_numel, max(o.max_live_numel, largest)) * b
+    staging = sum(sorted(units, reverse=True)[:STAGING_RING]) * b
+    param_grad = max(shape.params) * b
+    gather_scratch = sum(sorted(units, reverse=True)[:GLOO_GATHERS]) * b if o.backend == "gloo" else 0
+    resident["gathered parameters"] = gathered
+    upcast = largest // w * 4 if b != 4 else 0
+    return resident, max(staging + param_grad, gather_scratch, upcast)
+
+
+def plan_memory(shape: ModelShape, stage: int, offload: Offload, options: PlanOptions) -> MemoryPlan:
+    """Peak bytes one rank holds for ``shape`` trained at ``stage`` with ``offload``."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    if options.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {options.world_size}")
+    if options.optimizer not in STATE_TENSORS:
+        raise ValueError(f"--optimizer must be one of {', '.join(STATE_TENSORS)}, got {options.optimizer!r}")
+    b = BYTES[options.precision]
+    states = STATE_TENSORS[options.optimizer]
+    if stage == 3:
+        resident, transient = _stage3(shape, options, b, states)
+    else:
+        resident, transient = _stages012(shape, stage, options, b, states)
+    plan = MemoryPlan(stage, offload)
+    moved = ("master weights (fp32)", "optimizer state")
+    if offload == "none":
+        plan.device = dict(resident)
+    else:
+        plan.device = {k: v for k, v in resident.items() if k not in moved}
+        optimizer_bytes = sum(resident[k] for k in moved)
+        if stage == 3 and b == 4:  # the master is no longer the shard: a host copy of it
+            optimizer_bytes += resident["gradients"]
+        # the step copies each group's gradient shard and its new weights to where the state is
+        step_copies = 2 * resident["gradients"] if stage >= 2 else 2 * (resident["master weights (fp32)"] // 4 * b)
+        if offload == "cpu":
+            plan.host = {"master weights + optimizer state": optimizer_bytes, "step copies": step_copies}
+        else:
+            plan.host = {"NVMe read/write buffers": options.nvme_buffer_bytes, "step copies": step_copies}
+            plan.disk = optimizer_bytes
+    plan.device["transient (step working set)"] = transient
+    return plan
+
+
+def plan_all(shape: ModelShape, stages: Iterable[int], offloads: Iterable[Offload],
+             options: PlanOptions) -> list[MemoryPlan]:
+    return [plan_memory(shape, s, off, options) for s in stages for off in offloads]
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_plans(plans: list[MemoryPlan], shape: ModelShape, options: PlanOptions, ranks_per_node: int) -> str:
+    """The table ``zero plan`` prints: one column per stage/offload choice."""
+    heads = [f"stage {p.stage}" + ("" if p.offload == "none" else f" +{p.offload}") for p in plans]
+    rows: list[tuple[str, list[str]]] = []
+    order = ["parameters", "gradients", "master weights (fp32)", "optimizer state", "gradient buckets",
+             "gathered parameters", "transient (step working set)"]
+    device_keys = [k for k in order if any(k in p.device for p in plans)]
+    for key in device_keys:
+        rows.append((f"  {key}", [human(p.device[key]) if key in p.device else "-" for p in plans]))
+    rows.append(("device total per rank", [human(p.device_total) for p in plans]))
+    host_keys = list(dict.fromkeys(k for p in plans for k in p.host))
+    for key in host_keys:
+        rows.append((f"  host: {key}", [human(p.host[key]) if key in p.host else "-" for p in plans]))
+    rows.append(("host total per rank", [human(p.host_total) for p in plans]))
+    rows.append((f"host total per node ({ranks_per_node} ranks)",
+                 [human(p.host_total * ranks_per_node) for p in plans]))
+    if any(p.disk for p in plans):
+        rows.append(("NVMe per rank", [human(p.disk) if p.disk else "-" for p in plans]))
+    width = max(len(r[0]) for r in rows)
+    cols = [max(len(h), *(len(r[1][i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = [f"{shape.name}: {shape.numel:,} trainable parameters; world size {options.world_size}, "
+             f"{options.precision}, {options.optimizer}, {options.backend}",
+             " " * width + "  " + "  ".join(h.rjust(c) for h, c in zip(heads, cols, strict=True))]
+    for label, cells in rows:
+        lines.append(label.ljust(width) + "  " + "  ".join(c.rjust(n) for c, n in zip(cells, cols, strict=True)))
+    lines.append("Activations are not included: they depend on batch, sequence length and activation "
+                 "checkpointing.")
+    return "\n".join(lines)

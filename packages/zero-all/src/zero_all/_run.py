@@ -1,0 +1,178 @@
+"""``zero run``: start a training script on every rank through torch's own launcher (torchrun).
+
+zero does not replace the launcher: this builds ``torch.distributed.run``'s arguments
+from zero's (fewer, with CPU-friendly defaults) and runs its agent in this process,
+which starts one worker per rank, forwards SIGINT/SIGTERM to them and tears them
+all down when one fails. The exit status is the failing worker's own (128 + signal
+for a worker killed by a signal, or for the launcher itself interrupted).
+
+Rendezvous: one node runs standalone (a private c10d store on a free port); several
+nodes meet at ``--rdzv-endpoint`` (c10d: any node may host it, the first to bind
+does) or at ``--master-addr:--master-port`` (static: node 0 hosts it). A DeepSpeed
+hostfile (``host slots=N`` lines) gives the node count, the ranks per node and,
+unless an endpoint is given, the master (its first host). Like torchrun, and unlike
+DeepSpeed's launcher, ``zero run`` starts the ranks of *this* node: run it on every
+node (by hand, ssh, pdsh or a scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["HostfileError", "LaunchPlan", "parse_hostfile", "plan_launch", "run_launch"]
+
+
+class HostfileError(ValueError):
+    """A hostfile that cannot be used; the message names the file and line."""
+
+
+_LINE = re.compile(r"^(?P<host>[^\s=]+)(?:\s+slots\s*=\s*(?P<slots>\S+))?\s*$")
+
+
+def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """``[(host, slots), ...]`` from a DeepSpeed hostfile: one ``host slots=N`` per line, ``#`` comments."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HostfileError(f"hostfile {path}: {exc.strerror or exc}") from None
+    hosts: list[tuple[str, int]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _LINE.match(line)
+        if match is None:
+            raise HostfileError(f"hostfile {path} line {number}: expected 'host slots=N', got {raw.strip()!r}")
+        host, slots_text = match["host"], match["slots"]
+        if slots_text is None:
+            raise HostfileError(f"hostfile {path} line {number}: {host!r} has no 'slots=N'")
+        if not slots_text.isdigit() or int(slots_text) < 1:
+            raise HostfileError(f"hostfile {path} line {number}: slots must be a positive integer, "
+                                f"got {slots_text!r}")
+        if any(h == host for h, _ in hosts):
+            raise HostfileError(f"hostfile {path} line {number}: host {host!r} is listed twice")
+        hosts.append((host, int(slots_text)))
+    if not hosts:
+        raise HostfileError(f"hostfile {path} names no hosts")
+    slots = {s for _, s in hosts}
+    if len(slots) > 1:
+        raise HostfileError(f"hostfile {path}: every host must have the same slots (torchrun starts the same "
+                            f"number of ranks on each node), got {', '.join(f'{h}={s}' for h, s in hosts)}")
+    return hosts
+
+
+def _this_host_index(hosts: list[tuple[str, int]]) -> int | None:
+    names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"}
+    with contextlib.suppress(OSError):
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    matches = [i for i, (h, _) in enumerate(hosts) if h in names]
+    return matches[0] if len(matches) == 1 else None
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What ``zero run`` asks torchrun for."""
+
+    nnodes: int
+    nproc: int
+    node_rank: int | None
+    rendezvous: str  # "standalone", "c10d" or "static"
+    endpoint: str | None
+    rdzv_id: str | None
+
+    def torchrun_argv(self, script: str, script_args: list[str]) -> list[str]:
+        argv = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}"]
+        if self.rendezvous == "standalone":
+            argv.append("--standalone")
+        elif self.rendezvous == "c10d":
+            argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={self.rdzv_id}"]
+        else:
+            host, port = (self.endpoint or "").rsplit(":", 1)
+            argv += [f"--master-addr={host}", f"--master-port={port}"]
+        if self.node_rank is not None:
+            argv.append(f"--node-rank={self.node_rank}")
+        return [*argv, script, *script_args]
+
+
+def default_nproc() -> int:
+    """Ranks per node: one per CUDA device, else two CPU ranks."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def plan_launch(*, nproc: int | None, nnodes: int | None, node_rank: int | None, master_addr: str | None,
+                master_port: int | None, rdzv_endpoint: str | None, rdzv_id: str | None,
+                hostfile: str | None) -> LaunchPlan:
+    """Check the options against each other and pick the rendezvous."""
+    if hostfile is not None:
+        hosts = parse_hostfile(hostfile)
+        if nnodes is not None and nnodes != len(hosts):
+            raise ValueError(f"--nnodes {nnodes} disagrees with the hostfile's {len(hosts)} hosts")
+        if nproc is not None and nproc != hosts[0][1]:
+            raise ValueError(f"--nproc {nproc} disagrees with the hostfile's slots={hosts[0][1]}")
+        nnodes, nproc = len(hosts), hosts[0][1]
+        if node_rank is None and nnodes > 1:
+            node_rank = _this_host_index(hosts)
+            if node_rank is None:
+                raise ValueError(f"cannot tell which host of {hostfile} this is ({socket.gethostname()}): "
+                                 "pass --node-rank")
+        if rdzv_endpoint is None and master_addr is None and nnodes > 1:
+            master_addr = hosts[0][0]
+    nnodes = nnodes or 1
+    nproc = nproc if nproc is not None else default_nproc()
+    if nnodes < 1 or nproc < 1:
+        raise ValueError(f"--nnodes and --nproc must be >= 1, got {nnodes} and {nproc}")
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank {node_rank} is outside 0..{nnodes - 1}")
+    if rdzv_endpoint is not None and (master_addr is not None or master_port is not None):
+        raise ValueError("give either --rdzv-endpoint (c10d) or --master-addr/--master-port (static), not both")
+    if rdzv_endpoint is not None:
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--rdzv-endpoint wants HOST:PORT, got {rdzv_endpoint!r}")
+        if nnodes > 1 and not rdzv_id:
+            raise ValueError("--rdzv-endpoint with several nodes needs --rdzv-id (the same on every node)")
+        return LaunchPlan(nnodes, nproc, node_rank, "c10d", rdzv_endpoint, rdzv_id or "zero")
+    if nnodes == 1 and master_addr is None and master_port is None:
+        return LaunchPlan(1, nproc, None, "standalone", None, None)
+    if nnodes > 1 and (master_addr is None or node_rank is None):
+        raise ValueError(f"{nnodes} nodes need a rendezvous: --rdzv-endpoint HOST:PORT --rdzv-id ID, or "
+                         "--master-addr A --master-port P --node-rank R, or --hostfile")
+    endpoint = f"{master_addr or '127.0.0.1'}:{master_port or 29500}"
+    return LaunchPlan(nnodes, nproc, node_rank if node_rank is not None else 0, "static", endpoint, None)
+
+
+def run_launch(plan: LaunchPlan, script: str, script_args: list[str]) -> int:
+    """Run torchrun's agent here; return the exit status of the job."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not Path(script).is_file() and not script.startswith("-"):
+        raise ValueError(f"script {script} does not exist")
+    argv = plan.torchrun_argv(script, script_args)
+    print(f"zero run: torchrun {' '.join(argv)}", file=sys.stderr, flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun would set it too, with a warning per run
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        status = 128 + -code if code < 0 else code
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
+        return status or 1
+    except SignalException as exc:
+        print(f"zero run: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped",
+              file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
+    return 0
