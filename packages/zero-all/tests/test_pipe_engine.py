@@ -135,3 +135,32 @@ def test_pipeline_refusals_name_what_is_unsupported():
         engine(torch.zeros(2, 8))
     with pytest.raises(ValueError, match="data_iter"):
         engine.train_batch()
+
+
+def scheduled_from_training_data() -> dict:
+    """initialize(training_data=...) and a config scheduler: train_batch() reads the loader (across epochs)
+    and the LR schedule steps once per batch."""
+    xs = torch.randn(2 * MICRO * ACCUM - MICRO, 8, generator=torch.Generator().manual_seed(0))  # 1.5 batches
+    data = torch.utils.data.TensorDataset(xs, xs[:, :4].argmax(1))
+    warmup = {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 3}
+    model = PipelineModule(layers(False), num_stages=2, loss_fn=F.cross_entropy, partition_method="uniform")
+    engine, _, loader, scheduler = deepspeed.initialize(
+        model=model, training_data=data,
+        config=config(0, scheduler={"type": "WarmupLR", "params": warmup}))
+    lrs = []
+    for _ in range(STEPS):
+        engine.train_batch()
+        lrs.append(engine.get_lr()[0])
+    return {"lrs": lrs, "loader": loader is not None, "scheduler": scheduler is engine.lr_scheduler}
+
+
+def test_training_data_and_the_lr_schedule_reach_the_pipeline():
+    want = []
+    reference = deepspeed.WarmupLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR), warmup_min_lr=0.0,
+                                   warmup_max_lr=LR, warmup_num_steps=3)
+    for _ in range(STEPS):
+        reference.step()
+        want.append(reference.get_last_lr()[0])
+    for got in run_ranks(scheduled_from_training_data, 2, timeout=240):
+        assert got["loader"] and got["scheduler"]
+        assert got["lrs"] == pytest.approx(want)

@@ -17,10 +17,11 @@ before the step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import msgspec
 import torch
 
 import zero_ckpt
@@ -43,7 +44,8 @@ class PipelineEngine:
     """A :class:`zero_pipe.PipelineModule` with its ZeRO optimizer; DeepSpeed's pipeline engine API."""
 
     def __init__(self, module: zero_pipe.PipelineModule, source: Any, world: zero_comm.Communicator,
-                 model_parameters: Iterable[Any] | None = None):
+                 model_parameters: Iterable[Any] | None = None, *, optimizer: Any = None, lr_scheduler: Any = None,
+                 training_data: Any = None, collate_fn: Callable[..., Any] | None = None):
         pp = module.num_stages
         if world.world_size % pp:
             raise ValueError(f"a pipeline of {pp} stages cannot tile a world of {world.world_size} ranks")
@@ -65,14 +67,31 @@ class PipelineEngine:
         self._stashed: dict[int, torch.Tensor | None] = {}
         self._handing_over = False
         hooks = [p.register_post_accumulate_grad_hook(self._hide) for p in self._tied]
-        self._stage = Engine(module, config, self.mesh.dp, model_parameters)  # the optimizer hooks go here
+        # the training engine of this stage, stepping once per batch: its optimizer (whose hooks go here),
+        # client optimizer, LR scheduler, monitor and counters are the pipeline's
+        whole_batch = msgspec.structs.replace(config, gradient_accumulation_steps=1,
+                                              train_micro_batch_size_per_gpu=self.micro_batches * int(
+                                                  config.train_micro_batch_size_per_gpu or 1))
+        self._stage = Engine(module, whole_batch, self.mesh.dp, model_parameters, optimizer=optimizer,
+                             lr_scheduler=lr_scheduler, collate_fn=collate_fn)
         hooks += [p.register_post_accumulate_grad_hook(self._unhide) for p in self._tied]
         self._hooks = hooks
-        self.optimizer = self._stage.optimizer
+        self.optimizer, self.lr_scheduler = self._stage.optimizer, self._stage.lr_scheduler
         self.pipe.optimizer = self
-        self.global_steps = 0
-        self.skipped_steps = 0
         self.data_iterator: Iterator[Any] | None = None
+        self.training_dataloader: Any = None
+        if training_data is not None:  # micro-batches over the data-parallel replicas, epoch after epoch
+            self.training_dataloader = self._stage.deepspeed_io(
+                training_data, batch_size=int(config.train_micro_batch_size_per_gpu or 1))
+            self.set_dataiterator(_repeat(self.training_dataloader))
+
+    @property
+    def global_steps(self) -> int:
+        return self._stage.global_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._stage.skipped_steps
 
     # -- the hand-over of tied gradients ------------------------------------------------------------
     def _hide(self, p: torch.Tensor) -> None:
@@ -95,10 +114,7 @@ class PipelineEngine:
                 torch.autograd.backward([p], [grad])  # through the optimizer's hook, as backward would
         finally:
             self._handing_over = False
-        if self.optimizer.step():
-            self.global_steps += 1
-        else:
-            self.skipped_steps += 1
+        self._stage.step()  # the optimizer, then the LR scheduler, as the training engine steps
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -166,7 +182,7 @@ class PipelineEngine:
         return int(self.config.train_micro_batch_size_per_gpu or 0)
 
     def get_lr(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+        return self._stage.get_lr()
 
     def train(self, mode: bool = True) -> PipelineEngine:
         self.module.train(mode)
@@ -187,7 +203,8 @@ class PipelineEngine:
         """Save every stage's ZeRO state (each rank its shards) and ``client_state`` as ``save_dir/tag``."""
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": client_state or {}, "global_steps": self.global_steps,
-                 "skipped_steps": self.skipped_steps}
+                 "skipped_steps": self.skipped_steps,
+                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
         zero_ckpt.CheckpointManager(save_dir, self.world).save(tag, {"optimizer": self.optimizer},
                                                                client_state=state)
         return tag
@@ -195,9 +212,17 @@ class PipelineEngine:
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str, dict]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``."""
         state = zero_ckpt.CheckpointManager(load_dir, self.world).load({"optimizer": self.optimizer}, tag=tag)
-        self.global_steps, self.skipped_steps = state["global_steps"], state["skipped_steps"]
+        self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         loaded = tag or zero_ckpt.latest_tag(load_dir)
         return str(Path(load_dir) / str(loaded)), state["client_state"]
+
+
+def _repeat(loader: Iterable[Any]) -> Iterator[Any]:
+    """``loader`` again and again (DeepSpeed's RepeatingLoader): a pipeline reads micro-batches across epochs."""
+    while True:
+        yield from loader
 
 
 def _apply_pipeline_block(module: zero_pipe.PipelineModule, config: DeepSpeedConfig) -> None:
