@@ -127,9 +127,12 @@ def types(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Train a small GPT data-parallel on 2 CPU ranks (torchrun), printing losses and the comm ledger."""
+    """Train a small GPT on the standard library's source: 2 CPU ranks, ZeRO-3 + CPU offload, via `zero run`."""
     _install(session, *PACKAGES, extras="")
-    session.run("torchrun", "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_gpt.py"),
+    session.install("-c", CONSTRAINTS, "matplotlib")
+    out = ROOT / "demo-output"
+    session.run("zero", "run", "--nproc", "2", str(ROOT / "examples" / "train_gpt.py"),
+                "--deepspeed_config", str(ROOT / "examples" / "ds_config.json"), "--out", str(out),
                 *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
