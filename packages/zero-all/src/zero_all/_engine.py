@@ -1,60 +1,42 @@
 """``initialize`` and the training engine: a DeepSpeed config applied to a model, in order.
 
-The engine is a short wiring of the parts, not a god object: the config picks the
-update rule (the optimizer block; the CPU Adam when the optimizer is offloaded), the
-store (device memory, pinned host memory or NVMe files), and the ZeRO optimizer
-(stages 0-2: :class:`zero_optim.ZeroOptimizer`; stage 3: :class:`zero_optim.ZeroStage3`);
-the engine keeps DeepSpeed's meaning of ``backward`` (every micro-batch) and ``step``
-(called every micro-batch, stepping at each gradient-accumulation boundary), and saves
+The engine is a short wiring of the parts, not a god object: the config (or a client
+optimizer) picks the update rule, the store (device memory, pinned host memory or
+NVMe files), and the ZeRO optimizer (stages 0-2: :class:`zero_optim.ZeroOptimizer`;
+stage 3: :class:`zero_optim.ZeroStage3`); the engine keeps DeepSpeed's meaning of
+``backward`` (every micro-batch) and ``step`` (called every micro-batch, stepping the
+optimizer, then the LR scheduler, at each gradient-accumulation boundary), and saves
 and loads through zero-ckpt.
 
-Built so far: stages 0-3, fp32/bf16/fp16, gradient accumulation and clipping,
-optimizer and parameter offload, optimizers named in the config (Adam, AdamW, Lion,
-SGD, Lamb), checkpoints. Still to come (issue 9): LR schedulers, a client optimizer,
-the pipeline engine, data loaders, monitoring.
+Built: stages 0-3, fp32/bf16/fp16, gradient accumulation and clipping, optimizer and
+parameter offload, optimizers named in the config (Adam, AdamW, Lion, SGD, Lamb) or
+given as a client torch optimizer (:mod:`._optim`), LR schedulers from the config or
+the client (:mod:`._lr`), data loaders over the data-parallel ranks
+(``deepspeed_io``), progress lines, CSV/TensorBoard monitors and wall-clock
+breakdowns (:mod:`._monitor`), checkpoints with the scheduler's state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 import zero_ckpt
 import zero_comm
 import zero_optim
-from zero_offload import CPUAdam, HostStore, NVMeStore
+from zero_offload import HostStore, NVMeStore
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
+from ._lr import build_scheduler
+from ._monitor import TrainingMonitor
+from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
 
 __all__ = ["Engine", "initialize"]
-
-
-def _rule(config: DeepSpeedConfig, offloaded: bool) -> Any:
-    block = config.optimizer
-    if block is None:
-        raise ConfigError("optimizer: the config names no optimizer (a client optimizer is not supported yet)")
-    params = {k: v for k, v in block.params.items() if v != "auto"}
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    kind = block.type.lower()
-    if kind in ("adam", "adamw"):
-        # DeepSpeed's "Adam" decouples weight decay unless adam_w_mode is false
-        decoupled = kind == "adamw" or params.pop("adam_w_mode", True)
-        params.pop("torch_adam", None)
-        if offloaded:
-            return CPUAdam(adamw_mode=bool(decoupled), **params)
-        return (zero_optim.AdamW if decoupled else zero_optim.Adam)(**params)
-    rules = {"lion": zero_optim.Lion, "sgd": zero_optim.SGD, "lamb": zero_optim.LAMB}
-    if kind not in rules:
-        raise ConfigError(f"optimizer.type: zero has Adam, AdamW, Lion, SGD and Lamb, got {block.type!r}")
-    try:
-        return rules[kind](**params)
-    except TypeError as exc:
-        raise ConfigError(f"optimizer.params: {exc}") from None
 
 
 def _store(config: DeepSpeedConfig) -> Any:
@@ -76,11 +58,18 @@ def _store(config: DeepSpeedConfig) -> Any:
 
 
 class Engine:
-    """The model with its ZeRO optimizer; DeepSpeed's engine API."""
+    """The model with its ZeRO optimizer; DeepSpeed's engine API.
+
+    ``optimizer`` is a client optimizer (a torch optimizer, a callable making one from the
+    parameters, or a zero update rule); ``lr_scheduler`` a scheduler, or a callable making
+    one from :attr:`basic_optimizer`, DeepSpeed's contract for both.
+    """
 
     def __init__(self, model: nn.Module, config: DeepSpeedConfig, comm: zero_comm.Communicator,
-                 model_parameters: Iterable[Any] | None = None):
+                 model_parameters: Iterable[Any] | None = None, *, optimizer: Any = None, lr_scheduler: Any = None,
+                 collate_fn: Callable[..., Any] | None = None):
         self.config, self.comm, self.module = config, comm, model
+        self.collate_fn = collate_fn
         zero = config.zero_optimization
         precision: Literal["fp32", "bf16", "fp16"] = (
             "bf16" if config.bf16.enabled is True else "fp16" if config.fp16.enabled is True else "fp32")
@@ -98,24 +87,73 @@ class Engine:
             bucket_numel=int(zero.reduce_bucket_size), prefetch_numel=int(zero.stage3_prefetch_bucket_size),
             max_live_numel=int(zero.stage3_max_live_parameters),
             persistence_threshold=int(zero.stage3_param_persistence_threshold), offload_param=offload_param)
-        rule = _rule(config, offloaded=store is not None)
+        client = optimizer
+        if callable(client):  # DeepSpeed: a callable makes the optimizer from the parameters
+            client = client(model_parameters if model_parameters is not None else model.parameters())
+        if client is not None and config.optimizer is not None:
+            raise ConfigError(f"optimizer: the config names {config.optimizer.type!r} and initialize was given "
+                              f"one too ({type(client).__name__}); keep one")
+        if client is not None:
+            rule, groups = rule_from_client(client, offloaded=store is not None)
+        else:
+            rule, groups = rule_from_config(config, offloaded=store is not None), None
+        names = {p: n for n, p in model.named_parameters()}
         self.optimizer: zero_optim.ShardedOptimizer
         if zero.stage == 3:
-            groups = list(model_parameters) if model_parameters is not None else None
-            dict_groups = groups if groups and isinstance(groups[0], Mapping) else None
+            given = groups if groups is not None else (list(model_parameters) if model_parameters is not None
+                                                        else None)
+            dict_groups = given if given and isinstance(given[0], Mapping) else None
+            if groups is not None:
+                _check_all_in_groups(model, groups)
             self.optimizer = zero_optim.ZeroStage3(model, rule, comm=comm, config=zcfg, store=store,
                                                    param_groups=dict_groups)
         else:
-            params: Any = model_parameters if model_parameters is not None else model.named_parameters()
-            self.optimizer = zero_optim.ZeroOptimizer(params, rule, comm=comm, config=zcfg, store=store)
+            params: Any = groups if groups is not None else (
+                model_parameters if model_parameters is not None else model.named_parameters())
+            self.optimizer = zero_optim.ZeroOptimizer(params, rule, comm=comm, config=zcfg, store=store,
+                                                      names=names)
         self.store = store
+        self.basic_optimizer = TorchOptimizerView(self.optimizer)  # what torch's schedulers act on
+        self.lr_scheduler = self._scheduler(lr_scheduler, client)
+        self.device = next(model.parameters()).device
+        self.monitor = TrainingMonitor(config, comm, self.device)
+        self.training_dataloader: DataLoader | None = None
         self.micro_steps = 0
         self.global_steps = 0
+        self.global_samples = 0
         self.skipped_steps = 0
+
+    def _scheduler(self, given: Any, client: Any) -> Any:
+        """The config's scheduler block, or the client's scheduler (adopted onto this optimizer) or callable."""
+        if given is not None and self.config.scheduler is not None:
+            raise ConfigError(f"scheduler: the config names {self.config.scheduler.type!r} and initialize was "
+                              f"given lr_scheduler={type(given).__name__} too; keep one")
+        if given is None:
+            block = self.config.scheduler
+            return None if block is None else build_scheduler(block.type, block.params, self.basic_optimizer)
+        if callable(given):
+            return given(self.basic_optimizer)
+        scheduled = getattr(given, "optimizer", None)
+        if scheduled is None or scheduled is self.basic_optimizer:
+            return given
+        if client is None or scheduled is not client:
+            raise ValueError(f"initialize(lr_scheduler=...): the scheduler drives an optimizer "
+                             f"({type(scheduled).__name__}) other than the one given to initialize; pass that "
+                             "optimizer as optimizer=..., or pass a callable f(optimizer) -> scheduler")
+        # the client's optimizer becomes a ZeRO one: the scheduler's group entries (initial_lr, ...) move over
+        for ours, theirs in zip(self.basic_optimizer.param_groups, client.param_groups, strict=True):
+            for key, value in theirs.items():
+                if key != "params" and key not in ours:
+                    ours[key] = value
+        given.optimizer = self.basic_optimizer
+        return given
 
     # -- DeepSpeed's engine API --------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        if self.module.training:
+            self.monitor.saw_inputs(args, kwargs)
+        with self.monitor.timed("forward"):
+            return self.module(*args, **kwargs)
 
     forward = __call__
 
@@ -141,59 +179,118 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Back-propagate one micro-batch's loss (scaled for accumulation and fp16, as DeepSpeed does)."""
-        self.optimizer.backward(loss)  # type: ignore[attr-defined]
+        self.monitor.saw_loss(loss)
+        with self.monitor.timed("backward"):
+            self.optimizer.backward(loss)  # type: ignore[attr-defined]
         return loss
 
-    def step(self) -> None:
-        """Call after every micro-batch's backward; steps the optimizer at the accumulation boundary."""
-        if self.is_gradient_accumulation_boundary():
-            if self.optimizer.step():
-                self.global_steps += 1
-            else:
-                self.skipped_steps += 1
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """Call after every micro-batch's backward. At the accumulation boundary: the optimizer step,
+        then (unless the step was skipped for inf/NaN gradients) ``lr_scheduler.step(**lr_kwargs)``.
+        As in DeepSpeed, ``global_steps`` counts skipped steps too; ``skipped_steps`` counts those."""
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            with self.monitor.timed("step"):
+                self.basic_optimizer.step()
+                if not self.basic_optimizer.last_step_applied:
+                    self.skipped_steps += 1
+                elif self.lr_scheduler is not None:
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
+            self.global_steps += 1
+            self.global_samples += self.train_batch_size()
+            scaler = self.optimizer.scaler
+            self.monitor.after_step(step=self.global_steps, samples=self.global_samples,
+                                    batch=self.train_batch_size(), lrs=self.get_lr(),
+                                    loss_scale=scaler.scale if scaler else 1.0, skipped=self.skipped_steps)
         self.micro_steps += 1
+
+    def was_step_applied(self) -> bool:
+        """Whether the last optimizer step changed the weights (False: skipped for inf/NaN gradients)."""
+        return self.basic_optimizer.last_step_applied
 
     def get_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
+    def get_mom(self) -> list[Any]:
+        """Each group's ``betas`` (Adam-like rules) or ``momentum`` (SGD)."""
+        return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
+
+    # -- data ---------------------------------------------------------------------------------
+    def deepspeed_io(self, dataset: Dataset, batch_size: int | None = None, route: str = "train",
+                     pin_memory: bool = True, data_sampler: Any = None,
+                     collate_fn: Callable[..., Any] | None = None, num_local_io_workers: int | None = None
+                     ) -> DataLoader:
+        """A loader of ``dataset`` for this rank: micro-batches of ``train_micro_batch_size_per_gpu``
+        (or ``batch_size``) drawn by a :class:`DistributedSampler` over the data-parallel ranks, so
+        the ranks see disjoint samples (shuffled for ``route="train"``, seeded by the config's
+        ``seed``; call ``loader.sampler.set_epoch(epoch)`` each epoch). An ``IterableDataset``
+        is iterated as it is: it must split itself over the ranks."""
+        if not isinstance(dataset, Dataset):
+            raise ValueError(f"training data must be a torch Dataset, got {type(dataset).__name__}")
+        if data_sampler is None and not isinstance(dataset, IterableDataset):
+            data_sampler = DistributedSampler(dataset, num_replicas=self.comm.world_size, rank=self.comm.rank,
+                                              shuffle=route == "train", seed=self.config.seed or 0)
+        return DataLoader(dataset, batch_size=batch_size or self.train_micro_batch_size_per_gpu(),
+                          sampler=data_sampler, collate_fn=collate_fn or self.collate_fn,
+                          num_workers=num_local_io_workers or 0,
+                          pin_memory=pin_memory and self.device.type == "cuda")
+
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True) -> str:
-        """Save the ZeRO state (every rank its shards) and ``client_state`` as ``save_dir/tag``."""
+        """Save the ZeRO state (every rank its shards), the scheduler's state and ``client_state``
+        as ``save_dir/tag``."""
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": client_state or {}, "global_steps": self.global_steps,
-                 "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps}
+                 "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
+                 "global_samples": self.global_samples,
+                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
         zero_ckpt.CheckpointManager(save_dir, self.comm).save(tag, {"optimizer": self.optimizer},
                                                               client_state=state)
         return tag
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str, dict]:
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None,
+                        load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``."""
         manager = zero_ckpt.CheckpointManager(load_dir, self.comm)
         state = manager.load({"optimizer": self.optimizer}, tag=tag)
         self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
         self.skipped_steps = state["skipped_steps"]
+        self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
+        saved = state.get("lr_scheduler")
+        if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
+            self.lr_scheduler.load_state_dict(saved)
         loaded = tag or zero_ckpt.latest_tag(load_dir)
         return str(Path(load_dir) / str(loaded)), state["client_state"]
+
+
+def _check_all_in_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Stage 3 trains every parameter of the module: a client optimizer must hold them all."""
+    held = {id(p) for g in groups for p in g["params"]}
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if left:
+        raise ValueError(f"initialize(optimizer=...): stage 3 trains every parameter of the model, but the optimizer "
+                         f"does not hold {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} (set "
+                         "requires_grad=False on what should not train)")
 
 
 def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None,
                model_parameters: Iterable[Any] | None = None, training_data: Any = None,
                lr_scheduler: Any = None, config: Any = None, config_params: Any = None,
-               dist_init_required: bool | None = None) -> tuple[Engine, Any, Any, Any]:
+               dist_init_required: bool | None = None,
+               collate_fn: Callable[..., Any] | None = None) -> tuple[Engine, Any, Any, Any]:
     """DeepSpeed's ``initialize``: returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
     ``config`` (or ``config_params``, or ``args.deepspeed_config``) is a ds_config dict or
-    file. So far the optimizer comes from the config, there is no data loader and no
-    scheduler (``None`` in their places); a client optimizer, training data or
-    scheduler is refused rather than ignored.
+    file. ``optimizer`` is a client optimizer (or a callable making one from
+    ``model_parameters``) instead of the config's ``optimizer`` block; ``lr_scheduler`` a
+    scheduler built on that optimizer, or a callable making one from the engine's
+    ``basic_optimizer``, instead of the config's ``scheduler`` block (naming both is an
+    error). ``training_data`` (a torch Dataset) comes back as a loader over the
+    data-parallel ranks (:meth:`Engine.deepspeed_io`), else the loader is None.
     """
     if model is None:
         raise ValueError("initialize needs the model")
-    for name, value in (("optimizer", optimizer), ("training_data", training_data), ("lr_scheduler", lr_scheduler)):
-        if value is not None:
-            raise NotImplementedError(f"initialize({name}=...) is not supported yet: name the optimizer in the "
-                                      "config and drive data yourself")
     source = config if config is not None else config_params
     if source is None and args is not None:
         source = getattr(args, "deepspeed_config", None)
@@ -202,5 +299,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     comm = zero_comm.init_distributed()
     dp = comm.world_size
     resolved = load_config(source).resolve(dp)
-    engine = Engine(model, resolved, comm, model_parameters)
-    return engine, engine.optimizer, None, None
+    engine = Engine(model, resolved, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    collate_fn=collate_fn)
+    if training_data is not None:
+        engine.training_dataloader = engine.deepspeed_io(training_data)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
