@@ -90,8 +90,8 @@ class _TensorBoardWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tensorboard.enabled: install tensorboard (pip install tensorboard) or set it to "
-                              "false") from None
+            raise ConfigError("tensorboard.enabled: install tensorboard (pip install 'zero-all[tensorboard]') "
+                              "or set it to false") from None
         self.writer = SummaryWriter(log_dir=str(directory))
 
     def write(self, name: str, value: float, step: int) -> None:
