@@ -297,8 +297,17 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if source is None:
         raise ConfigError("config: pass config=... (a dict or a ds_config file) or args.deepspeed_config")
     comm = zero_comm.init_distributed()
+    from ._pipe_engine import PipelineEngine, is_pipeline  # deepspeed.pipe: the pipeline engine
+    from .checkpointing import configure_from_config
+    from .zero import check_partitioned_model
+    if is_pipeline(model):
+        pipe = PipelineEngine(model, source, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                              training_data=training_data, collate_fn=collate_fn)
+        return pipe, pipe.optimizer, pipe.training_dataloader, pipe.lr_scheduler  # type: ignore[return-value]
     dp = comm.world_size
     resolved = load_config(source).resolve(dp)
+    check_partitioned_model(model, resolved)  # zero.Init models need stage 3
+    configure_from_config(resolved)  # the activation_checkpointing block
     engine = Engine(model, resolved, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
                     collate_fn=collate_fn)
     if training_data is not None:
