@@ -30,7 +30,7 @@ import zero_optim
 from zero_all._plan import PlanOptions, model_shape, plan_memory
 from zero_comm.testing import run_ranks
 
-WIDTH, DEPTH, BATCH = 768, 8, 2  # 4.7M parameters: the fixed overheads (a few KiB) do not matter
+WIDTH, DEPTH, BATCH = 768, 12, 2  # 7.1M parameters: the fixed overheads (a few KiB) do not matter
 SETTINGS = {"bucket_numel": 1_000_000, "prefetch_numel": 1_200_000, "max_live_numel": 2_400_000,
             "persistence_threshold": 100_000}
 
@@ -114,9 +114,9 @@ def test_zero_plan_prints_a_table_and_json_for_a_model_factory():
             "--device", "cpu", "--precision", "bf16", "--offload", "none", "cpu"]
     done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
-    assert "4,724,736 trainable parameters" in done.stdout
+    assert "7,087,104 trainable parameters" in done.stdout
     assert "stage 3 +cpu" in done.stdout and "device total per rank" in done.stdout
     data = json.loads(subprocess.run([*args, "--json"], check=False, capture_output=True, text=True,
                                      timeout=60, env=env).stdout)
     assert [(p["stage"], p["offload"]) for p in data["plans"]][:2] == [(0, "none"), (0, "cpu")]
-    assert data["trainable_parameters"] == 4_724_736
+    assert data["trainable_parameters"] == 7_087_104

@@ -157,8 +157,6 @@ def run_launch(plan: LaunchPlan, script: str, script_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if not Path(script).is_file() and not script.startswith("-"):
-        raise ValueError(f"script {script} does not exist")
     argv = plan.torchrun_argv(script, script_args)
     print(f"zero run: torchrun {' '.join(argv)}", file=sys.stderr, flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun would set it too, with a warning per run
