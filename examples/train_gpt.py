@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--sample-chars", type=int, default=300)
+    parser.add_argument("--expect", type=float, default=0.6,
+                        help="fail unless the end loss is below this fraction of the start (0: no check)")
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args()
 
@@ -122,8 +124,8 @@ def main() -> None:
         print(f"checkpoint: {out / 'checkpoints' / tag}")
         print(f"loss curve: {out / 'loss.png' if plotted else '(matplotlib missing: no plot)'}, {out / 'losses.csv'}")
         print(f"sample ({out / 'sample.txt'}):\n" + "-" * 60 + f"\n{text}\n" + "-" * 60, flush=True)
-        if not args.load and not end < 0.6 * losses[0]:
-            raise SystemExit("the loss did not fall below 60% of its start: training is broken")
+        if args.expect and not args.load and not end < args.expect * losses[0]:
+            raise SystemExit(f"the loss did not fall below {args.expect:.0%} of its start: training is broken")
 
 
 if __name__ == "__main__":

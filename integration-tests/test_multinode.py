@@ -28,7 +28,8 @@ def test_two_launchers_train_the_demo_together(tmp_path):
         cmd = [sys.executable, "-m", "zero_all", "run", "--nnodes", "2", "--nproc", "1", "--node-rank", str(node),
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "zero-multinode-test",
                str(ROOT / "examples" / "train_gpt.py"), "--deepspeed_config", str(ROOT / "examples" / "ds_config.json"),
-               "--steps", "30", "--layers", "2", "--width", "64", "--sample-chars", "40", "--out", str(out)]
+               "--steps", "30", "--layers", "2", "--width", "64", "--sample-chars", "40", "--expect", "0",
+               "--out", str(out)]
         log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 -- closed below
         nodes.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, "OMP_NUM_THREADS": "1"}), log))
