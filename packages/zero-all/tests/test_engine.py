@@ -114,3 +114,34 @@ def test_a_deepspeed_script_matches_plain_torch_and_resumes(tmp_path: Path, stag
 def test_a_config_without_an_optimizer_needs_a_client_one():
     with pytest.raises(deepspeed.ConfigError, match="optimizer: the config names no optimizer"):
         deepspeed.initialize(model=Net(), config={"train_batch_size": 4})
+
+
+def save_16bit(stage: int, gather: bool, root: str) -> dict:
+    torch.manual_seed(0)
+    cfg = config(stage, None, 0.0, root)
+    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = gather
+    engine, _, _, _ = deepspeed.initialize(model=Net(), config=cfg)
+    nothing = engine.load_checkpoint(Path(root) / "no-checkpoint-here")  # a fresh run tries to resume
+    for step in range(2):
+        train_step(engine, step)
+    saved = engine.save_16bit_model(root, "model.bin")
+    x, y = micro_batch(7, 0, 0, 1)  # the same batch on every rank
+    engine.eval()
+    with torch.no_grad():
+        loss = engine(x, y).item()
+    return {"nothing": nothing, "saved": saved, "loss": loss}
+
+
+@pytest.mark.parametrize(("stage", "gather"), [(1, False), (3, True), (3, False)])
+def test_save_16bit_model_writes_the_trained_weights_whole(tmp_path: Path, stage: int, gather: bool):
+    results = run_ranks(save_16bit, 2, stage, gather, str(tmp_path))
+    assert all(r["nothing"] == (None, None) for r in results)
+    if stage == 3 and not gather:  # DeepSpeed's rule: stage 3 gathers only when the config says so
+        assert not any(r["saved"] for r in results) and not (tmp_path / "model.bin").exists()
+        return
+    assert all(r["saved"] for r in results)
+    model = Net()
+    model.load_state_dict(torch.load(tmp_path / "model.bin"))  # every key, whole shapes
+    with torch.no_grad():
+        assert model(*micro_batch(7, 0, 0, 1)).item() == pytest.approx(results[0]["loss"], rel=1e-6)
+    assert not list(tmp_path.glob("*.partial"))

@@ -18,6 +18,7 @@ breakdowns (:mod:`._monitor`), checkpoints with the scheduler's state.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from zero_offload import HostStore, NVMeStore
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
 from ._lr import build_scheduler
-from ._monitor import TrainingMonitor
+from ._monitor import TrainingMonitor, logger
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
 
 __all__ = ["Engine", "initialize"]
@@ -250,8 +251,12 @@ class Engine:
         return tag
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None,
-                        load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
-        """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``."""
+                        load_lr_scheduler_states: bool = True) -> tuple[str | None, dict | None]:
+        """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or
+        ``(None, None)`` when ``tag`` is not given and ``load_dir`` holds no checkpoint yet (as
+        DeepSpeed does, so a script can always try to resume)."""
+        if nothing_to_resume(load_dir, tag):
+            return None, None
         manager = zero_ckpt.CheckpointManager(load_dir, self.comm)
         state = manager.load({"optimizer": self.optimizer}, tag=tag)
         self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
@@ -262,6 +267,43 @@ class Engine:
             self.lr_scheduler.load_state_dict(saved)
         loaded = tag or zero_ckpt.latest_tag(load_dir)
         return str(Path(load_dir) / str(loaded)), state["client_state"]
+
+    def save_16bit_model(self, save_dir: str | Path, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Rank 0 writes the model's whole ``state_dict`` in its training dtype to ``save_dir/save_filename``
+        (every rank must call it). At stage 3 the weights are gathered one module at a time, and only
+        when ``stage3_gather_16bit_weights_on_model_save`` is on; otherwise nothing is written and the
+        result is False, as in DeepSpeed."""
+        if isinstance(self.optimizer, zero_optim.ZeroStage3):
+            if self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save is not True:
+                logger.warning("save_16bit_model: nothing saved -- at stage 3 it needs zero_optimization."
+                               "stage3_gather_16bit_weights_on_model_save: true (or use `zero ckpt export`)")
+                return False
+            state = self.optimizer.consolidated_state_dict()
+        else:
+            state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.comm.rank == 0 else {}
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        if self.comm.rank == 0:
+            path = Path(save_dir) / save_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            torch.save(state, partial)
+            os.replace(partial, path)  # never a half-written file under the final name
+        self.comm.barrier()
+        return True
+
+    save_fp16_model = save_16bit_model  # DeepSpeed's older name
+
+
+def nothing_to_resume(load_dir: str | Path, tag: str | None) -> bool:
+    """No tag asked for and no ``latest`` file: DeepSpeed warns and loads nothing."""
+    if tag is None and not (Path(load_dir) / "latest").is_file():
+        logger.warning(f"load_checkpoint: no checkpoint in {load_dir} (no 'latest' file); nothing loaded. "
+                       "Pass a tag to load a particular one.")
+        return True
+    return False
 
 
 def _check_all_in_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:

@@ -29,7 +29,7 @@ import zero_comm
 import zero_pipe
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import Engine
+from ._engine import Engine, nothing_to_resume
 from .checkpointing import configure_from_config
 
 __all__ = ["PipelineEngine", "is_pipeline"]
@@ -209,8 +209,11 @@ class PipelineEngine:
                                                                client_state=state)
         return tag
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str, dict]:
-        """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``."""
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str | None, dict | None]:
+        """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or ``(None, None)``
+        when no tag is given and there is no checkpoint yet."""
+        if nothing_to_resume(load_dir, tag):
+            return None, None
         state = zero_ckpt.CheckpointManager(load_dir, self.world).load({"optimizer": self.optimizer}, tag=tag)
         self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
