@@ -105,3 +105,26 @@ def test_tensorboard_needs_tensorboard(tmp_path: Path):
     engine.backward(engine(torch.randint(0, 11, (2, 5))))
     engine.step()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_the_progress_bar_counts_toward_the_schedule_end(monkeypatch):
+    import io
+    import time
+
+    from zero_all._monitor import ProgressBar
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    stream = io.StringIO()
+    bar = ProgressBar(stream, total=10)
+    for step in (1, 2):  # two steps at 2 s each
+        now[0] += 2.0
+        bar.update(step)
+    monkeypatch.undo()
+    last = stream.getvalue().split("\r\x1b[K")[-1]
+    assert last == "step 2/10 [#####-------------------] 0.5 steps/s, 0m16s left"
+    bar.clear()
+    assert stream.getvalue().endswith("\r\x1b[K") and not bar.drawn
+    unknown = ProgressBar(io.StringIO(), total=None)
+    unknown.update(3)
+    assert "step 3 " in unknown.stream.getvalue() and "left" not in unknown.stream.getvalue()

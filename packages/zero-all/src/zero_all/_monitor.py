@@ -16,6 +16,10 @@ DeepSpeed names them (``Train/Samples/train_loss``, ``Train/Samples/lr``,
 ``output_path/job_name``: the CSV monitor one ``<event with / as _>.csv`` per event
 with a ``step,<last part of the name>`` header; TensorBoard an event file.
 
+On a terminal, rank 0 also keeps a one-line progress bar on stderr between those lines
+(steps done, of ``total_num_steps`` when the LR schedule has one, steps/s and the time
+left); it is drawn only when stderr is a terminal, so logs and CI output stay clean.
+
 The numbers every rank contributes (loss, tokens, memory) travel in one small
 all-reduce at an optimizer step that reports, so every rank takes part in it.
 """
@@ -101,6 +105,42 @@ class _TensorBoardWriter:
         self.writer.flush()
 
 
+class ProgressBar:
+    """``step 120/500 [######-------------] 4.1 steps/s, 1m33s left`` redrawn in place on a terminal."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: Any = None, total: int | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = total
+        self.started = time.perf_counter()
+        self.first: int | None = None
+        self.drawn = False
+
+    def update(self, step: int) -> None:
+        self.first = step - 1 if self.first is None else self.first
+        rate = (step - self.first) / max(time.perf_counter() - self.started, 1e-9)
+        text = f"step {step}"
+        if self.total:
+            done = min(step / self.total, 1.0)
+            filled = round(done * self.WIDTH)
+            text += f"/{self.total} [{'#' * filled}{'-' * (self.WIDTH - filled)}]"
+        text += f" {rate:.3g} steps/s"
+        if self.total and rate > 0 and step < self.total:
+            left = int((self.total - step) / rate)
+            text += f", {left // 60}m{left % 60:02d}s left"
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        """Wipe the bar before a log line is written under it."""
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.drawn = False
+
+
 class TrainingMonitor:
     """Collects what the engine does between reports and reports it (see the module docstring)."""
 
@@ -121,6 +161,10 @@ class TrainingMonitor:
         self._tokens = 0
         self._since_print = time.perf_counter()
         self._steps_since_print = 0
+        self.progress: ProgressBar | None = None
+        if comm.rank == 0 and sys.stderr.isatty():
+            total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
+            self.progress = ProgressBar(total=total if isinstance(total, int) else None)
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -158,6 +202,8 @@ class TrainingMonitor:
         ``step`` counts optimizer steps, ``samples`` the samples trained so far, ``batch`` per step."""
         self._steps_since_print += 1
         printing = self.every > 0 and step % self.every == 0
+        if self.progress is not None:
+            self.progress.update(step)
         if not (printing or self.writing):
             self._reset_window()
             return
@@ -185,6 +231,8 @@ class TrainingMonitor:
         if not printing:
             return
         if rank == 0:
+            if self.progress is not None:
+                self.progress.clear()
             logger.info(self._line(step, skipped, loss, lrs, loss_scale, batch, values[2], values[3:]))
         for writer in self.writers:
             writer.flush()
