@@ -48,7 +48,10 @@ def _store(config: DeepSpeedConfig) -> Any:
     if param is not None and param.device == "nvme":
         device = "nvme"  # parameters and optimizer state share the NVMe store
     if device == "cpu":
-        return HostStore(pin=offload.pin_memory if offload is not None else None)
+        # pinning speeds copies to an accelerator; without one there is nothing to pin for (DeepSpeed's
+        # CPU accelerator ignores it too), so a config written for GPUs runs here unchanged
+        pin = offload is not None and offload.pin_memory and torch.cuda.is_available()
+        return HostStore(pin=pin)
     if device == "nvme":
         path = (offload.nvme_path if offload is not None and offload.nvme_path else None) or \
             (param.nvme_path if param is not None else None)
@@ -297,6 +300,17 @@ class Engine:
     save_fp16_model = save_16bit_model  # DeepSpeed's older name
 
 
+def model_hidden_size(model: nn.Module) -> int | None:
+    """The hidden size ``"auto"`` bucket sizes follow, from a Hugging Face-style ``model.config``
+    (``hidden_size``, or the largest of ``hidden_sizes``), as DeepSpeed's HF integration reads it."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    sizes = getattr(config, "hidden_sizes", None)
+    return max(sizes) if isinstance(sizes, (list, tuple)) and sizes else None
+
+
 def nothing_to_resume(load_dir: str | Path, tag: str | None) -> bool:
     """No tag asked for and no ``latest`` file: DeepSpeed warns and loads nothing."""
     if tag is None and not (Path(load_dir) / "latest").is_file():
@@ -347,7 +361,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                               training_data=training_data, collate_fn=collate_fn)
         return pipe, pipe.optimizer, pipe.training_dataloader, pipe.lr_scheduler  # type: ignore[return-value]
     dp = comm.world_size
-    resolved = load_config(source).resolve(dp)
+    resolved = load_config(source).resolve(dp, hidden_size=model_hidden_size(model))
     check_partitioned_model(model, resolved)  # zero.Init models need stage 3
     configure_from_config(resolved)  # the activation_checkpointing block
     engine = Engine(model, resolved, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
