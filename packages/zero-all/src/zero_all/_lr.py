@@ -369,16 +369,20 @@ def _nearest(name: str, options: Sequence[str]) -> str:
 
 def build_scheduler(kind: str, params: dict[str, Any], optimizer: Any) -> Any:
     """The schedule a config's ``scheduler`` block names, built on ``optimizer``: one of DeepSpeed's
-    (:data:`SCHEDULES`) or a ``torch.optim.lr_scheduler`` class by its name. ``"auto"`` values
-    take the parameter's default. Raises :class:`ConfigError` naming ``scheduler.type`` or
-    ``scheduler.params.<key>``."""
+    (:data:`SCHEDULES`) or a ``torch.optim.lr_scheduler`` class by its name. ``"auto"`` (which only
+    Hugging Face's Trainer fills in) is refused rather than guessed. Raises :class:`ConfigError`
+    naming ``scheduler.type`` or ``scheduler.params.<key>``."""
     torch_ones = _torch_schedules()
     cls: Any = SCHEDULES.get(kind) or torch_ones.get(kind)
     if cls is None:
         hint = _nearest(kind, [*SCHEDULES, *torch_ones])
         raise ConfigError(f"scheduler.type: unknown schedule {kind!r}{hint} (DeepSpeed's are "
                           f"{', '.join(SCHEDULES)}; any torch.optim.lr_scheduler class works too)")
-    given = {k: v for k, v in params.items() if v != "auto"}
+    for key, value in params.items():
+        if value == "auto":
+            raise ConfigError(f"scheduler.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from its "
+                              "arguments; outside it, give a value")
+    given = dict(params)
     signature = inspect.signature(cls.__init__)
     accepted = [n for n, p in signature.parameters.items() if n not in ("self", "optimizer")
                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -388,8 +392,7 @@ def build_scheduler(kind: str, params: dict[str, Any], optimizer: Any) -> Any:
             raise ConfigError(f"scheduler.params.{key}: {kind} has no parameter {key!r}{hint}")
     for key in accepted:
         if signature.parameters[key].default is inspect.Parameter.empty and key not in given:
-            filled = " (\"auto\" is filled in only by Hugging Face's Trainer)" if key in params else ""
-            raise ConfigError(f"scheduler.params.{key}: {kind} needs it{filled}")
+            raise ConfigError(f"scheduler.params.{key}: {kind} needs it")
     try:
         return cls(optimizer, **given)
     except (TypeError, ValueError) as exc:

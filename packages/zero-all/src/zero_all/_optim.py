@@ -22,6 +22,9 @@ insist on a torch optimizer) schedule the ZeRO step: it is the engine's
 
 from __future__ import annotations
 
+import difflib
+import json
+import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -53,26 +56,107 @@ def _adam(decoupled: bool, offloaded: bool, params: dict[str, Any]) -> Any:
     return (zero_optim.AdamW if decoupled else zero_optim.Adam)(**params)
 
 
+# DeepSpeed's optimizer classes' defaults, which a config's omitted keys take (not torch's: DeepSpeed's
+# FusedAdam/DeepSpeedCPUAdam, FusedLamb and FusedLion decay nothing unless told); SGD is torch's.
+_DEEPSPEED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "lamb": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "max_coeff": 10.0, "min_coeff": 0.01},
+    "lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+}
+# DeepSpeed's switches that zero's rules implement only at these values; other values are refused
+_FIXED: dict[str, dict[str, Any]] = {
+    "adam": {"bias_correction": True, "amsgrad": False},
+    "lamb": {"bias_correction": True, "amsgrad": False, "eps_inside_sqrt": False},
+    "lion": {},
+    "sgd": {"maximize": False, "foreach": None, "differentiable": False, "fused": None},
+}
+_IGNORED = {"torch_adam", "set_grad_none", "fp32_optimizer_states"}  # how DeepSpeed picks a kernel: no effect here
+_LAMB_NAMES = {"max_coeff": "max_trust", "min_coeff": "min_trust"}  # DeepSpeed's names for LAMB's trust bounds
+
+
 def rule_from_config(config: DeepSpeedConfig, offloaded: bool) -> Any:
-    """The rule of the config's ``optimizer`` block (DeepSpeed's names: Adam, AdamW, Lion, SGD, Lamb)."""
+    """The rule of the config's ``optimizer`` block, as DeepSpeed builds it: Adam/AdamW (Adam decouples
+    weight decay unless ``adam_w_mode`` is false), Lamb, Lion, SGD, or any other ``torch.optim`` class
+    by name, with DeepSpeed's defaults for omitted keys. Raises :class:`ConfigError` naming
+    ``optimizer.params.<key>``."""
     block = config.optimizer
     if block is None:
         raise ConfigError("optimizer: the config names no optimizer and initialize was given none "
                           "(add an \"optimizer\" block or pass optimizer=...)")
-    params = {k: _plain(v) for k, v in block.params.items() if v != "auto"}
+    given = {k: _plain(v) for k, v in block.params.items()}
+    for key, value in given.items():
+        if value == "auto":
+            raise ConfigError(f"optimizer.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from its "
+                              "arguments; outside it, give a value")
+    if "max_grad_norm" in given:
+        raise ConfigError("optimizer.params.max_grad_norm: clip with the top-level gradient_clipping key instead "
+                          "(as DeepSpeed requires)")
     kind = block.type.lower()
+    kind = "adam" if kind == "adamw" else kind
+    if kind not in _DEEPSPEED_DEFAULTS:
+        return _torch_rule_by_name(block.type, given)
+    decoupled = block.type.lower() == "adamw" or bool(given.pop("adam_w_mode", True)) if kind == "adam" else True
+    for key in _IGNORED:
+        given.pop(key, None)
+    for key, only in _FIXED[kind].items():
+        if key in given and given.pop(key) != only:
+            raise ConfigError(f"optimizer.params.{key}: zero's {block.type} runs only with {key}={json.dumps(only)}")
+    accepted = _DEEPSPEED_DEFAULTS[kind]
+    for key in given:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f" (it takes {', '.join(accepted)})"
+            raise ConfigError(f"optimizer.params.{key}: {block.type} has no parameter {key!r}{hint}")
+    params = {**accepted, **given}
+    if kind == "adam":
+        rule: Any = _adam(decoupled, offloaded, params)
+    elif kind == "lamb":
+        rule = zero_optim.LAMB(**{_LAMB_NAMES.get(k, k): v for k, v in params.items()})
+    elif kind == "lion":
+        rule = zero_optim.Lion(**params)
+    elif params["momentum"] == 0 and params["dampening"] != 0:
+        rule = TorchRule(torch.optim.SGD, params)  # torch's SGD ignores dampening without momentum
+    else:
+        rule = zero_optim.SGD(**params)
+    _check_values(rule, block.type)
+    return rule
+
+
+def _torch_rule_by_name(name: str, given: dict[str, Any]) -> Any:
+    """Any other optimizer type is a ``torch.optim`` class of that name, as in DeepSpeed."""
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        near = difflib.get_close_matches(name, ["Adam", "AdamW", "Lamb", "Lion", "SGD", *_torch_optimizers()], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"optimizer.type: no optimizer {name!r}{hint} (zero has Adam, AdamW, Lamb, Lion and SGD, "
+                          "and runs any torch.optim class by its name)")
     try:
-        if kind in ("adam", "adamw"):
-            # DeepSpeed's "Adam" decouples weight decay unless adam_w_mode is false
-            decoupled = kind == "adamw" or params.pop("adam_w_mode", True)
-            params.pop("torch_adam", None)
-            return _adam(bool(decoupled), offloaded, params)
-        rules = {"lion": zero_optim.Lion, "sgd": zero_optim.SGD, "lamb": zero_optim.LAMB}
-        if kind not in rules:
-            raise ConfigError(f"optimizer.type: zero has Adam, AdamW, Lion, SGD and Lamb, got {block.type!r}")
-        return rules[kind](**params)
-    except TypeError as exc:
-        raise ConfigError(f"optimizer.params: {exc}") from None
+        defaults = cls([torch.zeros(1, requires_grad=True)], **given).defaults
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optimizer.params: torch.optim.{name}: {exc}") from None
+    try:
+        return TorchRule(cls, {k: _plain(v) for k, v in defaults.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _torch_optimizers() -> list[str]:
+    return [n for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+
+
+def _check_values(rule: Any, name: str) -> None:
+    """Values out of range, as a config error naming the key (the rule's own check, reworded)."""
+    try:
+        zero_optim.check_hyperparameters(rule, rule.defaults, "optimizer.params")
+    except ValueError as exc:
+        found = re.search(r" (\w+)=(.*) must be (.*)$", str(exc))
+        if found is None:
+            raise ConfigError(str(exc)) from None
+        key, value, reason = found.groups()
+        key = {v: k for k, v in _LAMB_NAMES.items()}.get(key, key)
+        raise ConfigError(f"optimizer.params.{key}: {name} takes {reason}, got {value}") from None
 
 
 # -- a client optimizer ---------------------------------------------------------------------------
