@@ -28,13 +28,13 @@ MEANING: dict[str, str] = {
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
     "steps_per_print": "Rank 0 logs a progress line every this many optimizer steps.",
     "optimizer": "The update rule; leave it out to pass a client optimizer to `initialize`.",
-    "optimizer.type": "Adam, AdamW, Lion, SGD or Lamb (case-insensitive). Adam decouples weight decay unless "
-                      "`params.adam_w_mode` is false, as in DeepSpeed.",
-    "optimizer.params": "The rule's hyper-parameters (lr, betas, eps, weight_decay, momentum, ...); an unknown one "
-                        "is refused naming the nearest.",
+    "optimizer.type": "Adam, AdamW, Lamb, Lion or SGD (case-insensitive), or any other `torch.optim` class by "
+                      "name. Adam decouples weight decay unless `params.adam_w_mode` is false, as in DeepSpeed.",
+    "optimizer.params": "The hyper-parameters, with DeepSpeed's names and its optimizer classes' defaults (no weight "
+                        "decay unless given); an unknown one is refused naming the nearest, \"auto\" is refused.",
     "scheduler": "The learning-rate schedule, stepped after each optimizer step that was not skipped.",
     "scheduler.type": "WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle or LRRangeTest.",
-    "scheduler.params": "The schedule's parameters, with DeepSpeed's names and defaults.",
+    "scheduler.params": "The schedule's parameters, with DeepSpeed's names and defaults; \"auto\" is refused.",
     "fp16": "fp16 mixed precision with dynamic loss scaling (fp32 master weights).",
     "fp16.enabled": "Train in fp16.",
     "fp16.auto_cast": "Refused unless false.",
