@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
 
 step "kernels: Triton on CUDA vs references" 240 python3 -m pytest -q -p no:cacheprovider kernels/tests
-step "training on CUDA: demo GPT, NCCL" 120 torchrun --standalone --nproc-per-node 1 examples/train_gpt.py --steps 200
+step "training on CUDA: demo GPT, NCCL" 120 torchrun --standalone --nproc-per-node 1 examples/train_gpt.py --deepspeed_config examples/ds_config.json --steps 200 --out /tmp/gpu-demo
 step "ZeRO stage 3 on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_stage3_check.py
 step "zero-ckpt on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_ckpt_check.py
 step "zero-offload on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_offload_check.py

@@ -95,10 +95,10 @@ def main() -> None:
     mine = slice(rank * micro, (rank + 1) * micro)
     began = time.perf_counter()
     for step in range(start, start + args.steps):
-        total = torch.zeros(())
+        total = torch.zeros((), device=engine.device)
         for m in range(accum):
             x, y = corpus.batch(step * accum + m, micro * world, cfg.block_size)
-            loss = engine(x[mine], y[mine])
+            loss = engine(x[mine].to(engine.device), y[mine].to(engine.device))
             engine.backward(loss)
             engine.step()
             total += loss.detach() / accum
@@ -110,7 +110,7 @@ def main() -> None:
 
     tag = engine.save_checkpoint(out / "checkpoints", client_state={"step": start + args.steps})
     engine.eval()
-    prompt = corpus.encode("def ")
+    prompt = corpus.encode("def ").to(engine.device)
     text = corpus.decode(generate(engine.module, prompt, args.sample_chars, cfg.block_size))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

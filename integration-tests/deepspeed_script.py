@@ -58,10 +58,10 @@ def main() -> None:
             _, client = engine.load_checkpoint(out / "ckpt")
             assert client["step"] == step, client
         lrs.append(engine.get_lr()[0])
-        total = torch.zeros(())
+        total = torch.zeros((), device=engine.device)
         for m in range(accum):
             x, y = global_batch(step * accum + m, micro * world, CFG)
-            loss = engine(x[mine], y[mine])
+            loss = engine(x[mine].to(engine.device), y[mine].to(engine.device))
             engine.backward(loss)
             engine.step()
             total += loss.detach().float() / accum
