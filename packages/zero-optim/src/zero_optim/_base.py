@@ -131,9 +131,16 @@ class ShardedOptimizer(abc.ABC):
     def param_groups(self) -> list[dict[str, Any]]:
         """Each group's hyper-parameters, mutable: set ``param_groups[i]["lr"]`` to schedule the LR.
 
+        As in torch, ``"params"`` lists the group's parameters (those it trains, in the order
+        given); the list is for reading: the groups are fixed when the optimizer is built.
         (torch.optim.lr_scheduler classes insist on a torch.optim.Optimizer; zero-all's engine
         drives schedules for a ZeRO optimizer.)"""
         return self.hparams
+
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale the next backward multiplies the loss by (1.0 for fp32 and bf16)."""
+        return self.scaler.scale if self.scaler else 1.0
 
     def register_step_pre_hook(self, hook: Callable[[ShardedOptimizer], None]) -> RemovableHandle:
         """Call ``hook(optimizer)`` at the start of every ``step``, before any state changes (torch's
@@ -348,7 +355,7 @@ class ShardedOptimizer(abc.ABC):
         self._detached = []  # a save has its own references to the copies it writes
         return {"stage": self.stage, "rule": self.rule.name, "step": self.step_count,
                 "skipped_steps": self.skipped_steps, "scaler": self.scaler.state_dict() if self.scaler else None,
-                "hparams": [dict(h) for h in self.hparams]}
+                "hparams": [{k: v for k, v in h.items() if k != "params"} for h in self.hparams]}
 
     def load_checkpoint_meta(self, meta: Mapping[str, Any]) -> None:
         """After a checkpoint reader filled ``sharded_state()``'s pieces in place: restore the counters

@@ -214,7 +214,8 @@ class ZeroOptimizer(ShardedOptimizer):
                     raise ValueError(f"parameters are on mixed devices ({device} and {p.device}); "
                                      "a ZeroOptimizer needs all of its parameters on one device")
             if trainable:
-                hparams = {**self.rule.defaults, **{k: v for k, v in group.items() if k != "params"}}
+                hparams = {"params": trainable, **self.rule.defaults,
+                           **{k: v for k, v in group.items() if k != "params"}}
                 out.append((trainable, hparams))
         return out
 
@@ -357,20 +358,29 @@ class ZeroOptimizer(ShardedOptimizer):
             group.next_bucket = 0
         self._reduced = True
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None) -> None:
         """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation).
 
         On the last micro-step before an optimizer step (every micro-step in stage 2)
         each bucket's reduction starts from the backward hook of its last gradient,
-        overlapping the rest of backward, as DDP does.
+        overlapping the rest of backward, as DDP does. ``boundary`` says whether this is
+        that last micro-step (default: every ``accumulation_steps``-th since the last
+        step); at stages 0-1 ``boundary=False`` keeps the gradients local, to be reduced
+        by a later boundary backward or by ``step`` (stage 2 reduces every micro-step).
         """
         scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
-        self._boundary = self.config.stage == 2 or (self.micro_steps + 1) % self.config.accumulation_steps == 0
+        if boundary is None:
+            boundary = (self.micro_steps + 1) % self.config.accumulation_steps == 0
+        boundary = boundary or self.config.stage == 2
+        if self._reduced and self.config.stage < 2:
+            raise RuntimeError("a backward after the micro-step that ended the accumulation (its gradients are "
+                               "already being reduced): step() first, or pass boundary=False to the earlier ones")
+        self._boundary = boundary
         try:
             (loss * scale).backward()
         finally:
             self._boundary = False
-        if self.config.stage == 2 or (self.micro_steps + 1) % self.config.accumulation_steps == 0:
+        if boundary:
             self._flush()
         if self.config.stage == 2:
             self._drain()  # the staged buckets are freed; the next micro-step may stage again
@@ -436,6 +446,14 @@ class ZeroOptimizer(ShardedOptimizer):
             for group in self.groups:
                 for bucket in group.layout.buckets:
                     self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat))
+
+    def refresh_master_weights(self) -> None:
+        """Copy the model's weights into the fp32 master weights, after they were changed outside
+        ``step`` (a state dict loaded into the model), so that training continues from them. Every
+        rank calls it, holding the same weights; with bf16 or fp16 the masters get the rounded values."""
+        self._check_params_in_place()
+        for group in self.groups:
+            self.store.put(group.master_key, self._own_chunks(group.layout, group.flat).float())
 
     def _check_params_in_place(self) -> None:
         for p, ptr in self._expected_ptrs:

@@ -151,7 +151,9 @@ class ZeroStage3(ShardedOptimizer):
             if "params" not in group:
                 raise ValueError(f"parameter group {i} has no 'params' entry (keys: {sorted(group)})")
             check_hyperparameters(self.rule, group, f"parameter group {i}")
-            self.hparams.append({**self.rule.defaults, **{k: v for k, v in group.items() if k != "params"}})
+            params: list[nn.Parameter] = []
+            self.hparams.append({"params": params, **self.rule.defaults,
+                                 **{k: v for k, v in group.items() if k != "params"}})
             for p in group["params"]:
                 if id(p) not in ids:
                     raise ValueError(f"parameter group {i} holds a parameter of shape {tuple(p.shape)} that is "
@@ -159,6 +161,9 @@ class ZeroStage3(ShardedOptimizer):
                 if id(p) in group_of:
                     raise ValueError(f"parameter {self.names[id(p)]!r} appears in more than one group")
                 group_of[id(p)] = i
+                if p.requires_grad:
+                    params.append(p)
+        self.hparams[0]["params"] += [p for p in named.values() if p.requires_grad and id(p) not in group_of]
         if not any(p.requires_grad for p in named.values()):
             raise ValueError("ZeroStage3 got a module with no parameters that require grad")
         return group_of
@@ -472,9 +477,11 @@ class ZeroStage3(ShardedOptimizer):
         self._backward_trace.finish()
         self._phase = "idle"
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None) -> None:
         """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation); each unit's
-        gradients are reduce-scattered once all of them are ready, overlapping the rest of backward."""
+        gradients are reduce-scattered once all of them are ready, overlapping the rest of backward.
+        ``boundary`` (the last micro-step before a step) changes nothing: every micro-step reduces."""
+        del boundary
         scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
         self._start_backward()
         try:
