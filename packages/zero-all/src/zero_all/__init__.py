@@ -1,25 +1,30 @@
-"""zero-all: zero's product layer.
+"""zero-all: zero's product layer -- DeepSpeed's API over the zero packages (``import zero_all as deepspeed``).
 
-So far: the DeepSpeed config -- :func:`load_config` reads ``ds_config.json`` (or YAML,
-TOML, a dict) into a strict, typed :class:`DeepSpeedConfig`; a key that cannot run as
-written is a one-line :class:`ConfigError` naming it -- and :func:`initialize` with its
-:class:`Engine` for stages 0-3, precision, accumulation, clipping, offload and
-checkpoints, DeepSpeed's LR schedules (:class:`WarmupLR` and the rest; any torch
-scheduler works too), a client optimizer, data loaders and monitoring. The pipeline
-engine, the DeepSpeed-named modules, the ``zero`` CLI and the demo are still to come
-(issue 9).
+The DeepSpeed config -- :func:`load_config` reads ``ds_config.json`` (or YAML, TOML, a
+dict) into a strict, typed :class:`DeepSpeedConfig`; a key that cannot run as written is
+a one-line :class:`ConfigError` naming it. :func:`initialize` returns the training
+:class:`Engine` (``DeepSpeedEngine``) for stages 0-3, precision, accumulation, clipping,
+offload and checkpoints, with DeepSpeed's LR schedules (:class:`WarmupLR` and the rest;
+any torch scheduler works too), a client optimizer, data loaders and monitoring; given a
+``pipe.PipelineModule`` it returns the :class:`PipelineEngine`. DeepSpeed's module names
+are here too: ``comm``, ``zero`` (``Init``, ``GatheredParameters``), ``checkpointing``,
+``pipe``, ``accelerator`` (``get_accelerator()``), ``utils`` (``logger``, ``log_dist``),
+``runtime.lr_schedules`` and ``ops.adam``. The ``zero`` command (``run``, ``report``, ``plan``,
+``ckpt export``) launches jobs, reports the environment, plans memory and exports checkpoints.
 """
 
-from . import checkpointing, comm, ops, pipe, runtime, zero  # DeepSpeed's module names: deepspeed.zero.Init, ...
+from . import accelerator, checkpointing, comm, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
 from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
-from ._engine import Engine, initialize
+from ._engine import DeepSpeedEngine, Engine, initialize
 from ._lr import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
 from ._optim import TorchOptimizerView, TorchRule
+from ._pipe_engine import PipelineEngine
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "Engine", "LRRangeTest",
-           "OffloadConfig", "OneCycle", "TorchOptimizerView", "TorchRule", "WarmupCosineLR", "WarmupDecayLR",
-           "WarmupLR", "add_config_arguments", "build_scheduler", "checkpointing", "comm", "init_distributed",
-           "initialize", "load_config", "ops", "pipe", "runtime", "zero"]
+__all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "DeepSpeedEngine", "Engine",
+           "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView", "TorchRule",
+           "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments", "build_scheduler",
+           "checkpointing", "comm", "init_distributed", "initialize", "load_config", "ops", "pipe", "runtime",
+           "utils", "zero"]

@@ -13,13 +13,16 @@ parameter offload, optimizers named in the config (Adam, AdamW, Lion, SGD, Lamb)
 given as a client torch optimizer (:mod:`._optim`), LR schedulers from the config or
 the client (:mod:`._lr`), data loaders over the data-parallel ranks
 (``deepspeed_io``), progress lines, CSV/TensorBoard monitors and wall-clock
-breakdowns (:mod:`._monitor`), checkpoints with the scheduler's state.
+breakdowns (:mod:`._monitor`), checkpoints with the scheduler's state (loaded whole, or the
+weights alone), and what scripts read off DeepSpeed's engine (:class:`EngineInfo`; the
+engine is an ``nn.Module`` over the model, as DeepSpeed's is).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +40,7 @@ from ._lr import build_scheduler
 from ._monitor import TrainingMonitor, logger
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
 
-__all__ = ["Engine", "initialize"]
+__all__ = ["DeepSpeedEngine", "Engine", "initialize"]
 
 
 def _store(config: DeepSpeedConfig) -> Any:
@@ -61,18 +64,72 @@ def _store(config: DeepSpeedConfig) -> Any:
     return None
 
 
-class Engine:
+class EngineInfo:
+    """What both engines tell a script about the run (DeepSpeed's names): ranks, precision, ZeRO stage,
+    the last gradient norm. Reads ``config``, ``optimizer`` and ``dp_world_size``."""
+
+    config: DeepSpeedConfig
+    optimizer: zero_optim.ShardedOptimizer
+    dp_world_size: int
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its node, as its launcher set it."""
+        return zero_comm.detect_launch_env().local_rank
+
+    @property
+    def global_rank(self) -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        """Every rank of the job (data-parallel replicas times pipeline stages)."""
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def fp16_enabled(self) -> bool:
+        return self.config.fp16.enabled is True
+
+    def bfloat16_enabled(self) -> bool:
+        return self.config.bf16.enabled is True
+
+    def zero_optimization_stage(self) -> int:
+        return int(self.config.zero_optimization.stage)
+
+    def zero_optimization(self) -> bool:
+        """Whether a ZeRO stage above 0 partitions the optimizer."""
+        return self.zero_optimization_stage() > 0
+
+    def loss_scale(self) -> float:
+        """The config's static fp16 loss scale, 0 when it is dynamic (DeepSpeed's meaning); the scale
+        in use now is ``engine.optimizer.loss_scale``."""
+        return float(self.config.fp16.loss_scale)
+
+    def get_global_grad_norm(self) -> float | None:
+        """The gradient norm over every rank before clipping, at the last step that was applied (None
+        before the first)."""
+        return self.optimizer.last_grad_norm
+
+
+class Engine(EngineInfo, nn.Module):
     """The model with its ZeRO optimizer; DeepSpeed's engine API.
 
     ``optimizer`` is a client optimizer (a torch optimizer, a callable making one from the
     parameters, or a zero update rule); ``lr_scheduler`` a scheduler, or a callable making
     one from :attr:`basic_optimizer`, DeepSpeed's contract for both.
+
+    As DeepSpeed's engine it is an ``nn.Module`` holding the model as ``module``: its
+    ``parameters()``, ``named_modules()``, ``state_dict()`` (keys prefixed ``module.``),
+    ``train()``/``eval()`` and forward hooks are the torch ones over that.
     """
 
     def __init__(self, model: nn.Module, config: DeepSpeedConfig, comm: zero_comm.Communicator,
                  model_parameters: Iterable[Any] | None = None, *, optimizer: Any = None, lr_scheduler: Any = None,
                  collate_fn: Callable[..., Any] | None = None):
+        nn.Module.__init__(self)
         self.config, self.comm, self.module = config, comm, model
+        self.dp_world_size = comm.world_size
+        self._no_sync = False
+        self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override
         self.collate_fn = collate_fn
         zero = config.zero_optimization
         precision: Literal["fp32", "bf16", "fp16"] = (
@@ -153,20 +210,11 @@ class Engine:
         return given
 
     # -- DeepSpeed's engine API --------------------------------------------------------------
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.module.training:
             self.monitor.saw_inputs(args, kwargs)
         with self.monitor.timed("forward"):
             return self.module(*args, **kwargs)
-
-    forward = __call__
-
-    def train(self, mode: bool = True) -> Engine:
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> Engine:
-        return self.train(False)
 
     def gradient_accumulation_steps(self) -> int:
         return int(self.config.gradient_accumulation_steps or 1)
@@ -178,20 +226,51 @@ class Engine:
         return int(self.config.train_micro_batch_size_per_gpu or 0)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """Whether the micro-batch now being processed is the last before an optimizer step."""
+        """Whether the micro-batch now being processed is the last before an optimizer step: every
+        ``gradient_accumulation_steps``-th, or as :meth:`set_gradient_accumulation_boundary` said."""
+        if self._boundary is not None:
+            return self._boundary
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Say from now on whether each micro-batch ends the accumulation, instead of counting them:
+        ``False`` before the first ones, ``True`` before the last, then one ``step()`` (DeepSpeed's
+        contract). The loss is still divided by ``gradient_accumulation_steps``."""
+        self._boundary = bool(is_boundary)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside the block keeps the gradients on this rank; the next backward outside it
+        reduces them all (a step inside is an error). ZeRO stages 2 and 3 reduce each micro-batch's
+        gradients into their partitions as backward makes them, so they refuse it, as in DeepSpeed."""
+        stage = self.zero_optimization_stage()
+        if stage >= 2:
+            raise RuntimeError(f"no_sync: ZeRO stage {stage} partitions the gradients of every micro-batch as "
+                               "backward makes them, so it cannot skip their reduction; accumulate with "
+                               "gradient_accumulation_steps, or use stage 0 or 1")
+        if self._no_sync:
+            raise RuntimeError("no_sync: the block is already open (it cannot be re-entered)")
+        self._no_sync = True
+        try:
+            yield
+        finally:
+            self._no_sync = False
+
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Back-propagate one micro-batch's loss (scaled for accumulation and fp16, as DeepSpeed does)."""
+        """Back-propagate one micro-batch's loss (scaled for accumulation and fp16, as DeepSpeed does);
+        at the accumulation boundary (outside ``no_sync``) the gradients' reduction starts."""
         self.monitor.saw_loss(loss)
+        boundary = self.is_gradient_accumulation_boundary() and not self._no_sync
         with self.monitor.timed("backward"):
-            self.optimizer.backward(loss)  # type: ignore[attr-defined]
+            self.optimizer.backward(loss, boundary=boundary)  # type: ignore[attr-defined]
         return loss
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """Call after every micro-batch's backward. At the accumulation boundary: the optimizer step,
         then (unless the step was skipped for inf/NaN gradients) ``lr_scheduler.step(**lr_kwargs)``.
         As in DeepSpeed, ``global_steps`` counts skipped steps too; ``skipped_steps`` counts those."""
+        if self._no_sync:
+            raise RuntimeError("step() inside no_sync: leave the block and run the last backward first")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
             with self.monitor.timed("step"):
@@ -218,6 +297,29 @@ class Engine:
     def get_mom(self) -> list[Any]:
         """Each group's ``betas`` (Adam-like rules) or ``momentum`` (SGD)."""
         return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's, then the optimizer's fp32 master weights are set from the loaded weights (else the
+        next step would put the old ones back). Stages 0-2; every rank loads the same state."""
+        if not isinstance(self.optimizer, zero_optim.ZeroOptimizer):
+            raise NotImplementedError("load_state_dict at ZeRO stage 3: the parameters are partitioned; load "
+                                      "through load_checkpoint, or change them inside deepspeed.zero."
+                                      "GatheredParameters(params, modifier_rank=0)")
+        if assign:
+            raise ValueError("load_state_dict(assign=True) would take the parameters out of the ZeRO "
+                             "optimizer's buffers; load by copying (assign=False)")
+        result = super().load_state_dict(state_dict, strict=strict)
+        self.optimizer.refresh_master_weights()
+        return result
+
+    def destroy(self) -> None:
+        """Release what the engine holds outside the process's memory: monitor files are flushed and an
+        NVMe store's swap files removed. The engine cannot train afterwards."""
+        for writer in self.monitor.writers:
+            writer.flush()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
 
     # -- data ---------------------------------------------------------------------------------
     def deepspeed_io(self, dataset: Dataset, batch_size: int | None = None, route: str = "train",
@@ -253,21 +355,34 @@ class Engine:
                                                               client_state=state)
         return tag
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None,
-                        load_lr_scheduler_states: bool = True) -> tuple[str | None, dict | None]:
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn: Callable[..., Any] | None = None
+                        ) -> tuple[str | None, dict | None]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or
         ``(None, None)`` when ``tag`` is not given and ``load_dir`` holds no checkpoint yet (as
-        DeepSpeed does, so a script can always try to resume)."""
+        DeepSpeed does, so a script can always try to resume).
+
+        DeepSpeed's options: ``load_optimizer_states=False`` loads the weights (the fp32 master
+        weights, into the model) and the counters and scheduler, keeping the optimizer's own state
+        (moments, step count, loss scale, hyper-parameters) as it is; ``load_module_only=True``
+        loads the weights alone (warm-starting: counters, scheduler and RNG stay).
+        ``load_module_strict=False`` lets the weights of the checkpoint and the model differ in
+        names (those in both are loaded). ``custom_load_fn`` is not supported (the weights are
+        loaded as fp32 shards, not through a module state dict)."""
+        _no_custom_load(custom_load_fn)
         if nothing_to_resume(load_dir, tag):
             return None, None
-        manager = zero_ckpt.CheckpointManager(load_dir, self.comm)
-        state = manager.load({"optimizer": self.optimizer}, tag=tag)
-        self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
-        self.skipped_steps = state["skipped_steps"]
-        self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
-        saved = state.get("lr_scheduler")
-        if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
-            self.lr_scheduler.load_state_dict(saved)
+        state = load_optimizer(self.optimizer, self.module, self.comm, load_dir, tag, strict=load_module_strict,
+                               weights_only=load_module_only or not load_optimizer_states,
+                               restore_rng=not load_module_only, whole_model=True)
+        if not load_module_only:
+            self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
+            self.skipped_steps = state["skipped_steps"]
+            self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
+            saved = state.get("lr_scheduler")
+            if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
+                self.lr_scheduler.load_state_dict(saved)
         loaded = tag or zero_ckpt.latest_tag(load_dir)
         return str(Path(load_dir) / str(loaded)), state["client_state"]
 
@@ -298,6 +413,74 @@ class Engine:
         return True
 
     save_fp16_model = save_16bit_model  # DeepSpeed's older name
+
+
+DeepSpeedEngine = Engine  # DeepSpeed's name, for isinstance checks
+
+
+class _MasterWeights:
+    """A ZeRO optimizer's fp32 master weights alone, as a checkpoint item: loading them refreshes the
+    model and leaves the optimizer's own state -- rule state, step count, loss scale,
+    hyper-parameters -- as it was (its small values are put back as they were before the load)."""
+
+    def __init__(self, optimizer: zero_optim.ShardedOptimizer, keep: Callable[[str], bool]):
+        self.optimizer, self.keep = optimizer, keep
+        self.meta = optimizer.checkpoint_meta()  # before sharded_state(), which checkpoint_meta() resets
+
+    def sharded_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.optimizer.sharded_state().items() if k.startswith("master/") and self.keep(k)}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return self.meta
+
+    def load_checkpoint_meta(self, meta: dict[str, Any]) -> None:
+        del meta  # the saved counters are not this load's to restore
+        self.optimizer.load_checkpoint_meta(self.meta)  # our own counters back; the new weights into the model
+
+
+def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,
+                   load_dir: str | Path, tag: str | None, *, strict: bool, weights_only: bool, restore_rng: bool,
+                   whole_model: bool) -> dict[str, Any]:
+    """Load the state of ``module``'s ZeRO optimizer (or, ``weights_only``, its master weights) from
+    ``load_dir/tag``; returns the engine's saved state. ``strict``: the checkpoint holds the weights
+    this optimizer trains (and, for a ``whole_model`` on every rank, no others)."""
+    comm.barrier()  # every rank's earlier saves are committed before any rank reads the checkpoint
+    reader = zero_ckpt.CheckpointReader(load_dir, tag)
+    saved = {n.removeprefix("optimizer/") for n in reader.names if n.startswith("optimizer/master/")}
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    mine = {f"master/{n}" for n, p in module.named_parameters() if id(p) in trained}
+    missing, unexpected = sorted(mine - saved), sorted(saved - mine) if whole_model else []
+    where = f"checkpoint {Path(load_dir) / reader.tag}"
+    if strict and (missing or unexpected):
+        raise zero_ckpt.CheckpointError(
+            f"load_checkpoint(load_module_strict=True): the {where} and the model differ in weights"
+            f"{_named(' -- the checkpoint lacks', missing)}{_named(' -- the model lacks', unexpected)}; pass "
+            "load_module_strict=False to load the ones they share")
+    if missing and not weights_only:
+        raise zero_ckpt.CheckpointError(
+            f"load_checkpoint(load_module_strict=False): the {where} lacks weights of this model"
+            f"{_named('', missing)}, so it has no optimizer state for them; pass load_optimizer_states=False "
+            "to load the weights alone")
+    if missing or unexpected:
+        logger.warning(f"load_checkpoint: {len(missing)} weights of the model are not in the {where} (left as "
+                       f"they are); {len(unexpected)} of its weights are not in the model")
+    item: Any = _MasterWeights(optimizer, lambda k: k in saved) if weights_only else optimizer
+    manager = zero_ckpt.CheckpointManager(load_dir, comm)
+    return manager.load({"optimizer": item}, tag=tag, restore_rng=restore_rng)
+
+
+def _named(lead: str, names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(n.removeprefix("master/") for n in names[:3])
+    return f"{lead} {shown}{' ...' if len(names) > 3 else ''}"
+
+
+def _no_custom_load(custom_load_fn: Any) -> None:
+    if custom_load_fn is not None:
+        raise NotImplementedError("load_checkpoint(custom_load_fn=...) is not supported: zero loads the fp32 "
+                                  "weight shards straight into the optimizer, with no module state dict to hand "
+                                  "to a function; load with load_module_only=True and change the model after")
 
 
 def model_hidden_size(model: nn.Module) -> int | None:
@@ -348,8 +531,12 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if model is None:
         raise ValueError("initialize needs the model")
     source = config if config is not None else config_params
-    if source is None and args is not None:
-        source = getattr(args, "deepspeed_config", None)
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if source is not None and from_args is not None:
+        raise ConfigError(f"config: initialize was given a config and args.deepspeed_config ({from_args!r}) too; "
+                          "keep one")
+    if source is None:
+        source = from_args
     if source is None:
         raise ConfigError("config: pass config=... (a dict or a ds_config file) or args.deepspeed_config")
     comm = zero_comm.init_distributed()

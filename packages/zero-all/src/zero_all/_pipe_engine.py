@@ -23,13 +23,14 @@ from typing import Any, TypeGuard
 
 import msgspec
 import torch
+from torch import nn
 
 import zero_ckpt
 import zero_comm
 import zero_pipe
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import Engine, nothing_to_resume
+from ._engine import Engine, EngineInfo, _no_custom_load, load_optimizer, model_hidden_size, nothing_to_resume
 from .checkpointing import configure_from_config
 
 __all__ = ["PipelineEngine", "is_pipeline"]
@@ -40,16 +41,23 @@ def is_pipeline(model: object) -> TypeGuard[zero_pipe.PipelineModule]:
     return isinstance(model, zero_pipe.PipelineModule)
 
 
-class PipelineEngine:
-    """A :class:`zero_pipe.PipelineModule` with its ZeRO optimizer; DeepSpeed's pipeline engine API."""
+class PipelineEngine(EngineInfo, nn.Module):
+    """A :class:`zero_pipe.PipelineModule` with its ZeRO optimizer; DeepSpeed's pipeline engine API.
+
+    An ``nn.Module`` holding this rank's stage as ``module`` (``parameters()``, ``state_dict()`` with
+    ``module.`` prefixes, ``train()``/``eval()``), as DeepSpeed's engine is."""
+
+    _stage: Engine  # this stage's training engine (its optimizer, scheduler, monitor and counters)
 
     def __init__(self, module: zero_pipe.PipelineModule, source: Any, world: zero_comm.Communicator,
                  model_parameters: Iterable[Any] | None = None, *, optimizer: Any = None, lr_scheduler: Any = None,
                  training_data: Any = None, collate_fn: Callable[..., Any] | None = None):
+        nn.Module.__init__(self)
         pp = module.num_stages
         if world.world_size % pp:
             raise ValueError(f"a pipeline of {pp} stages cannot tile a world of {world.world_size} ranks")
-        self.config = config = load_config(source).resolve(world.world_size // pp)
+        self.config = config = load_config(source).resolve(world.world_size // pp,
+                                                           hidden_size=model_hidden_size(module))
         _apply_pipeline_block(module, config)
         configure_from_config(config)
         self.mesh = zero_comm.build_mesh(zero_comm.ParallelDims(world.world_size, pp=pp))
@@ -72,11 +80,14 @@ class PipelineEngine:
         whole_batch = msgspec.structs.replace(config, gradient_accumulation_steps=1,
                                               train_micro_batch_size_per_gpu=self.micro_batches * int(
                                                   config.train_micro_batch_size_per_gpu or 1))
-        self._stage = Engine(module, whole_batch, self.mesh.dp, model_parameters, optimizer=optimizer,
-                             lr_scheduler=lr_scheduler, collate_fn=collate_fn)
+        stage = Engine(module, whole_batch, self.mesh.dp, model_parameters, optimizer=optimizer,
+                       lr_scheduler=lr_scheduler, collate_fn=collate_fn)
+        object.__setattr__(self, "_stage", stage)  # not a submodule: `module` is this engine's only one
+        self.dp_world_size = self.mesh.dp.world_size
+        self.device = stage.device
         hooks += [p.register_post_accumulate_grad_hook(self._unhide) for p in self._tied]
         self._hooks = hooks
-        self.optimizer, self.lr_scheduler = self._stage.optimizer, self._stage.lr_scheduler
+        self.optimizer, self.lr_scheduler = stage.optimizer, stage.lr_scheduler
         self.pipe.optimizer = self
         self.data_iterator: Iterator[Any] | None = None
         self.training_dataloader: Any = None
@@ -116,7 +127,8 @@ class PipelineEngine:
             self._handing_over = False
         self._stage.step()  # the optimizer, then the LR scheduler, as the training engine steps
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the optimizer's accumulated gradients (the schedule calls it after each step)."""
         self.optimizer.zero_grad()
 
     # -- DeepSpeed's pipeline API ---------------------------------------------------------------------
@@ -184,18 +196,18 @@ class PipelineEngine:
     def get_lr(self) -> list[float]:
         return self._stage.get_lr()
 
-    def train(self, mode: bool = True) -> PipelineEngine:
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> PipelineEngine:
-        return self.train(False)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a pipeline engine runs whole batches: call train_batch() or eval_batch(), not "
                            "forward/backward/step")
 
-    forward = backward = __call__
+    backward = forward
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """torch's, then the optimizer's fp32 master weights follow the loaded weights."""
+        return self._stage.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def destroy(self) -> None:
+        self._stage.destroy()
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
@@ -209,15 +221,23 @@ class PipelineEngine:
                                                                client_state=state)
         return tag
 
-    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str | None, dict | None]:
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn: Callable[..., Any] | None = None
+                        ) -> tuple[str | None, dict | None]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or ``(None, None)``
-        when no tag is given and there is no checkpoint yet."""
+        when no tag is given and there is no checkpoint yet. The options mean what they mean for
+        :meth:`Engine.load_checkpoint` (each stage loads the weights of its own layers)."""
+        _no_custom_load(custom_load_fn)
         if nothing_to_resume(load_dir, tag):
             return None, None
-        state = zero_ckpt.CheckpointManager(load_dir, self.world).load({"optimizer": self.optimizer}, tag=tag)
-        self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
-        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        state = load_optimizer(self.optimizer, self.module, self.world, load_dir, tag, strict=load_module_strict,
+                               weights_only=load_module_only or not load_optimizer_states,
+                               restore_rng=not load_module_only, whole_model=False)
+        if not load_module_only:
+            self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
+            if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+                self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         loaded = tag or zero_ckpt.latest_tag(load_dir)
         return str(Path(load_dir) / str(loaded)), state["client_state"]
 

@@ -5,7 +5,9 @@ for the world; ranks passed as ``src``/``dst`` are global ranks, as in torch). T
 collectives (``all_reduce``, ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
 ``broadcast``, ``send``/``recv``, ``barrier``) run through a
 :class:`zero_comm.ProcessGroupCommunicator`, so they are booked in zero-comm's ledger
-and ``ReduceOp.AVG`` works on Gloo too; the list forms go to torch.distributed.
+and ``ReduceOp.AVG`` works on Gloo too; the list and object forms
+(``all_gather``, ``all_gather_object``, ``broadcast_object_list``) and
+``monitored_barrier`` go to torch.distributed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ __all__ = [
     "ReduceOp",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_object",
     "all_reduce",
     "barrier",
     "broadcast",
+    "broadcast_object_list",
     "destroy_process_group",
     "get_global_rank",
     "get_local_rank",
@@ -38,6 +42,7 @@ __all__ = [
     "is_available",
     "is_initialized",
     "isend",
+    "monitored_barrier",
     "new_group",
     "recv",
     "reduce_scatter_tensor",
@@ -167,6 +172,25 @@ def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool 
     """Copy ``tensor`` from global rank ``src`` to every rank of ``group``."""
     out = _comm(group).broadcast(tensor, _group_rank(group, src), async_op=async_op)
     return out if async_op else None
+
+
+def all_gather_object(object_list: list[Any], obj: Any, group: Any = None) -> None:
+    """Every rank's picklable ``obj`` into ``object_list`` (one slot per rank of ``group``)."""
+    _comm(group)
+    dist.all_gather_object(object_list, obj, group=group)
+
+
+def broadcast_object_list(object_list: list[Any], src: int, group: Any = None, device: Any = None) -> None:
+    """Replace ``object_list``'s picklable items, on every rank of ``group``, with global rank ``src``'s."""
+    _comm(group)
+    dist.broadcast_object_list(object_list, src, group=group, device=device)
+
+
+def monitored_barrier(group: Any = None, timeout: Any = None, wait_all_ranks: bool = False) -> None:
+    """A barrier that names the ranks that did not reach it within ``timeout`` (a ``timedelta``).
+    torch implements it on Gloo only; on NCCL it raises."""
+    _comm(group)
+    dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=wait_all_ranks)
 
 
 def send(tensor: torch.Tensor, dst: int, group: Any = None, tag: int = 0) -> None:

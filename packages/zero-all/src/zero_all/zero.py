@@ -22,7 +22,8 @@ import zero_optim
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
 
-__all__ = ["GatheredParameters", "Init", "check_partitioned_model"]
+__all__ = ["GatheredParameters", "Init", "check_partitioned_model", "register_external_parameter",
+           "unregister_external_parameter"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -185,3 +186,24 @@ class GatheredParameters:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._context.__exit__(kind, exc, tb)
+
+
+def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
+    """DeepSpeed's way to tell stage 3 that ``module``'s forward uses ``parameter``, which another
+    module owns (a tied embedding read by the output layer). Nothing to do here: a stage-3 engine
+    fetches such a parameter when it is used, remembers where, and from the next step gathers it
+    with ``module`` (for its backward too). The arguments are checked, so a wrong call still fails."""
+    _check_external(module, parameter, "register_external_parameter")
+
+
+def unregister_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
+    """The inverse of :func:`register_external_parameter`: nothing to undo (the arguments are checked)."""
+    _check_external(module, parameter, "unregister_external_parameter")
+
+
+def _check_external(module: Any, parameter: Any, name: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name}(module, parameter): module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(parameter, nn.Parameter):
+        raise TypeError(f"{name}(module, parameter): parameter must be an nn.Parameter, got "
+                        f"{type(parameter).__name__}")
