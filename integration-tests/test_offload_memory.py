@@ -72,9 +72,11 @@ def test_live_memory_is_the_largest_layer_plus_the_budget_whatever_the_model_siz
         assert run["peak_buffers"] <= BUDGET
         outside[name] = run["peak"] - run["peak_buffers"]
         # a block gathered, its gradients (autograd's, the reduce-scatter's input and output), a
-        # transient copy, and a few hundred KB of activations and small tensors
-        assert outside[name] <= 5 * unit + (1 << 20), (run, outside[name] / unit)
-        assert run["peak"] <= BUDGET + 5 * unit + (1 << 20), run
+        # transient copy, and a few hundred KB of activations and small tensors -- plus, on a busy
+        # machine, the previous block's reduce-scatter still in flight (overlap_comm) while this
+        # block's backward runs: one more unit (measured 5.7 units under load, 4.x when quiet)
+        assert outside[name] <= 6 * unit + (1 << 20), (run, outside[name] / unit)
+        assert run["peak"] <= BUDGET + 6 * unit + (1 << 20), run
     # four times the model, the same memory outside the buffers: the difference is a few layers'
     # saved activations
     assert abs(outside["large"] - outside["small"]) <= unit, (small, large)
