@@ -132,3 +132,28 @@ def test_switching_backend_after_init_is_refused():
 def check_backend_switch() -> None:
     with pytest.raises(zero_comm.CommError, match="cannot switch"):
         zero_comm.init_distributed("nccl")
+
+
+# A process that made a torch optimizer after joining (its first add_param_group imports
+# torch._dynamo, which imports torch.distributed.nn.functional) must still be able to tear
+# the world down at exit: if the backend outlives the exit hook, its worker threads run into
+# interpreter shutdown, and one releasing a finished collective's tensors there aborts the
+# process ("terminate called without an active exception", SIGABRT).
+EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, os, torch, zero_comm
+
+    def backend_threads():  # runs after zero-comm's exit hook (atexit is last in, first out)
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        print("backend threads at exit:", sorted(n for n in names if "gloo" in n), flush=True)
+
+    atexit.register(backend_threads)
+    comm = zero_comm.init_distributed()
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    comm.all_gather(torch.ones(2), async_op=True).wait()
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists threads through /proc")
+def test_exit_tears_the_backend_down_after_a_torch_optimizer_was_made():
+    (text,) = _outputs([_run([sys.executable, "-c", EXIT_SCRIPT], {})])
+    assert "backend threads at exit: []" in text, text

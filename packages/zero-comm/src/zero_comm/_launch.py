@@ -15,6 +15,7 @@ Supported launchers, in the order they are recognised:
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -181,6 +182,13 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | float |
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if store is None and launch.world_size == 1:
         store = dist.HashStore()  # a world of one needs no rendezvous
+    # torch.distributed.nn.functional binds the world group as its functions' default argument when
+    # it is imported, and torch imports it lazily (the first torch optimizer imports torch._dynamo,
+    # which imports it). Imported after the world exists, it would hold the group for good, and the
+    # teardown at exit (below) could not free the backend: its threads would run on into interpreter
+    # shutdown, where one releasing a finished collective's tensors needs the GIL and aborts the
+    # process. Imported now, before the group exists, it binds None and looks the world up per call.
+    importlib.import_module("torch.distributed.nn.functional")
     try:
         if store is not None:
             dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
