@@ -145,3 +145,44 @@ def test_save_16bit_model_writes_the_trained_weights_whole(tmp_path: Path, stage
     with torch.no_grad():
         assert model(*micro_batch(7, 0, 0, 1)).item() == pytest.approx(results[0]["loss"], rel=1e-6)
     assert not list(tmp_path.glob("*.partial"))
+
+
+class NormNet(nn.Module):
+    """A BatchNorm (running statistics: buffers) and a frozen embedding of the label offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 4))
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(x) + self.frozen, y)
+
+
+def buffers_script(stage: int, root: str) -> dict:
+    torch.manual_seed(0)
+    model = NormNet()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage, None, 0.0, root))
+    for step in range(2):
+        train_step(engine, step)
+    engine.save_checkpoint(Path(root) / "ckpt")
+    saved = {k: v.clone() for k, v in model.net[1].state_dict().items()}
+    frozen = model.frozen.detach().clone()
+    after = [train_step(engine, step) for step in (2, 3)]
+    torch.manual_seed(1)  # other initial weights, buffers and frozen weight: the checkpoint must set them
+    fresh = NormNet()
+    engine, _, _, _ = deepspeed.initialize(model=fresh, config=config(stage, None, 0.0, root))
+    engine.load_checkpoint(Path(root) / "ckpt")
+    loaded = fresh.net[1].state_dict()
+    return {"buffers_equal": all(torch.equal(loaded[k], v) for k, v in saved.items()),
+            "frozen_equal": torch.equal(fresh.frozen, frozen),
+            "after": after, "resumed": [train_step(engine, step) for step in (2, 3)]}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_checkpoint_keeps_buffers_and_frozen_weights(tmp_path: Path, stage: int):
+    results = run_ranks(buffers_script, 2, stage, str(tmp_path))
+    # every rank resumes with rank 0's buffers (a BatchNorm's statistics differ by rank), as in DeepSpeed
+    assert results[0]["buffers_equal"]
+    for rank, got in enumerate(results):
+        assert got["frozen_equal"] and got["resumed"] == got["after"], (rank, got)

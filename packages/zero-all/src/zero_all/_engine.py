@@ -351,8 +351,12 @@ class Engine(EngineInfo, nn.Module):
                  "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
                  "global_samples": self.global_samples,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        zero_ckpt.CheckpointManager(save_dir, self.comm).save(tag, {"optimizer": self.optimizer},
-                                                              client_state=state)
+        items: dict[str, Any] = {"optimizer": self.optimizer}
+        with zero_optim.gathered(_frozen(self.module)):  # stage 3: frozen weights are partitioned too
+            extras = module_extras(self.module, self.optimizer)
+            if extras:
+                items["module"] = zero_ckpt.tensors_state(extras)
+            zero_ckpt.CheckpointManager(save_dir, self.comm).save(tag, items, client_state=state)
         return tag
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
@@ -466,7 +470,37 @@ def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, co
                        f"they are); {len(unexpected)} of its weights are not in the model")
     item: Any = _MasterWeights(optimizer, lambda k: k in saved) if weights_only else optimizer
     manager = zero_ckpt.CheckpointManager(load_dir, comm)
-    return manager.load({"optimizer": item}, tag=tag, restore_rng=restore_rng)
+    state = manager.load({"optimizer": item}, tag=tag, restore_rng=restore_rng)
+    # then the buffers and untrained weights; stage 3 partitions the latter: gathered (from the shards
+    # just loaded), filled whole, and every rank keeps its part
+    with zero_optim.gathered(_frozen(module), modifier_rank=0):
+        extras = module_extras(module, optimizer)
+        held = {n.removeprefix("module/") for n in reader.names if n.startswith("module/")}
+        if extras.keys() - held:
+            logger.warning(f"load_checkpoint: the {where} lacks {len(extras.keys() - held)} buffers or frozen "
+                           f"weights of the model (left as they are): {', '.join(sorted(extras.keys() - held)[:3])}")
+        if extras.keys() & held:
+            extra = zero_ckpt.tensors_state({k: v for k, v in extras.items() if k in held})
+            manager.load({"module": extra}, tag=reader.tag, restore_rng=False)
+    return state
+
+
+def _frozen(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if not p.requires_grad]
+
+
+def module_extras(module: nn.Module, optimizer: zero_optim.ShardedOptimizer) -> dict[str, torch.Tensor]:
+    """What a checkpoint needs besides the optimizer's state: the module's persistent buffers (a
+    BatchNorm's running statistics) and the weights it does not train -- whole (at stage 3, call it
+    where those are gathered), the same on every rank, under their ``state_dict`` names."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    out.update({n: p for n, p in module.named_parameters() if id(p) not in trained})
+    return out
 
 
 def _named(lead: str, names: list[str]) -> str:

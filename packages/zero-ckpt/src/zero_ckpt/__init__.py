@@ -11,7 +11,7 @@ from ._activation import ActivationCheckpointConfig, ActivationCheckpointing, Ch
 from ._format import CheckpointError
 from ._reader import CheckpointReader, consolidate, export, latest_tag
 from ._rng import RNGStatesTracker
-from ._state import Checkpointable, CheckpointManager, FullTensor, ShardedTensorLike, module_state
+from ._state import Checkpointable, CheckpointManager, FullTensor, ShardedTensorLike, module_state, tensors_state
 
 __version__ = "0.1.0"
 
@@ -30,4 +30,5 @@ __all__ = [
     "export",
     "latest_tag",
     "module_state",
+    "tensors_state",
 ]

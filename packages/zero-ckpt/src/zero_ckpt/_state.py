@@ -104,9 +104,17 @@ class FullTensor:
 def module_state(module: torch.nn.Module) -> dict[str, FullTensor]:
     """A module's ``state_dict`` as a sharded state of whole tensors (views: loading writes into the
     module). Replicated on every rank, it is written once (by the lowest rank) and read by every rank."""
+    return tensors_state(module.state_dict(keep_vars=True))
+
+
+def tensors_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, FullTensor]:
+    """Named whole tensors, replicated on every rank, as a sharded state (views: loading writes into
+    them in place, so they must be contiguous)."""
     out = {}
-    for name, value in module.state_dict(keep_vars=True).items():
+    for name, value in tensors.items():
         t = value.detach()
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: a checkpointed tensor must be contiguous (loading writes into it)")
         out[name] = FullTensor(tuple(t.shape), t.dtype, [_Piece(0, t.numel(), t.reshape(-1))])
     return out
 
