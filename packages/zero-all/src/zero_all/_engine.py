@@ -126,6 +126,7 @@ class Engine(EngineInfo, nn.Module):
                  model_parameters: Iterable[Any] | None = None, *, optimizer: Any = None, lr_scheduler: Any = None,
                  collate_fn: Callable[..., Any] | None = None):
         nn.Module.__init__(self)
+        _to_local_device(model, comm)
         self.config, self.comm, self.module = config, comm, model
         self.dp_world_size = comm.world_size
         self._no_sync = False
@@ -483,6 +484,17 @@ def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, co
             extra = zero_ckpt.tensors_state({k: v for k, v in extras.items() if k in held})
             manager.load({"module": extra}, tag=reader.tag, restore_rng=False)
     return state
+
+
+def _to_local_device(model: nn.Module, comm: zero_comm.Communicator) -> None:
+    """Like DeepSpeed's engine, train on this rank's accelerator: a model built on the CPU moves to
+    the rank's GPU when the job runs on NCCL (a model partitioned by zero.Init stays where it was built)."""
+    partitioned = any(isinstance(p, zero_optim.PartitionedParameter) for p in model.parameters())
+    if getattr(comm, "backend", "") != "nccl" or partitioned:
+        return
+    device = torch.device("cuda", torch.cuda.current_device())
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)
 
 
 def _frozen(module: nn.Module) -> list[nn.Parameter]:
