@@ -233,6 +233,34 @@ def test_help_and_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]):
             assert err.strip().count("\n") == 0, err
 
 
+def test_plan_models_parameter_offload_from_the_flag_and_the_config(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path):
+    code, out, _ = cli(capsys, "plan", "--params", "1e9", "--world-size", "8", "--offload-param", "cpu", "--json")
+    assert code == 0
+    (only,) = json.loads(out)["plans"]  # stage 3 with the optimizer in the same (host) store, by default
+    assert (only["stage"], only["offload"], only["offload_param"]) == (3, "cpu", "cpu")
+    assert only["host"]["parameter + gradient shards"] > 0 and only["device"]["parameters"] == 0
+    config = tmp_path / "ds.json"
+    zero_block = {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero_block}))
+    code, out, _ = cli(capsys, "plan", "--params", "1e9", "--world-size", "8", "--config", str(config))
+    assert code == 0 and "stage 3 +cpu +params" in out and "host: parameter + gradient shards" in out
+    # one store: parameters on NVMe take the optimizer state there too, as the engine does
+    zero_block["offload_param"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero_block}))
+    code, out, _ = cli(capsys, "plan", "--params", "1e9", "--world-size", "8", "--config", str(config))
+    assert code == 0 and "stage 3 +nvme +params" in out and "NVMe per rank" in out
+    # wrong combinations: one line each, naming what is wrong
+    del zero_block["offload_optimizer"]
+    zero_block["offload_param"] = {"device": "cpu"}
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero_block}))
+    for args, message in ((["--config", str(config)], "needs offload_optimizer.device 'cpu'"),
+                          (["--offload-param", "cpu", "--stage", "2", "3"], "needs stage 3, got stage 2"),
+                          (["--offload-param", "nvme", "--offload", "cpu"], "needs --offload nvme")):
+        code, _, err = cli(capsys, "plan", "--params", "1e9", "--world-size", "8", *args)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, (args, err)
+
+
 # -- ckpt export ----------------------------------------------------------------------------------
 def small_model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 4))

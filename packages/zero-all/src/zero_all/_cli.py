@@ -82,6 +82,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                 "persistence_threshold") if getattr(args, k) is not None}
     stages: list[int] | None = args.stage
     offloads: list[Any] | None = args.offload
+    offload_param: Any = args.offload_param
     if args.config:
         from ._config import ConfigError, load_config
 
@@ -101,8 +102,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if config.optimizer is not None:
             options.setdefault("optimizer", config.optimizer.type.lower())
         stages = stages or [zero.stage]
-        if not offloads:
-            offloads = [zero.offload_optimizer.device if zero.offload_optimizer else "none"]
+        store, params = _config_offload(zero)
+        offloads = offloads or [store]
+        offload_param = offload_param or params
+    if offload_param not in (None, "none"):
+        stages = stages or [3]  # parameters are offloaded in stage 3 only (a stage listed besides is refused)
+        offloads = offloads or [offload_param]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.model:
@@ -111,20 +116,38 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             shape = synthetic_shape(args.params, args.layers)
         plan_options = PlanOptions(world_size=args.world_size, backend="gloo" if device == "cpu" else "nccl",
                                    **options)
-        plans = plan_all(shape, stages or [0, 1, 2, 3], offloads or ["none"], plan_options)
+        plans = plan_all(shape, stages or [0, 1, 2, 3], offloads or ["none"], plan_options,
+                         offload_param or "none")
     except (ValueError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     ranks_per_node = args.ranks_per_node or min(args.world_size, 8)
     if args.json:
         print(json.dumps({"model": shape.name, "trainable_parameters": shape.numel,
                           "options": dataclasses.asdict(plan_options), "ranks_per_node": ranks_per_node,
-                          "plans": [{"stage": p.stage, "offload": p.offload, "device": p.device,
+                          "plans": [{"stage": p.stage, "offload": p.offload, "offload_param": p.offload_param,
+                                     "device": p.device,
                                      "device_total": p.device_total, "host": p.host, "host_total": p.host_total,
                                      "host_total_per_node": p.host_total * ranks_per_node, "nvme": p.disk}
                                     for p in plans]}, indent=2))
     else:
         print(format_plans(plans, shape, plan_options, ranks_per_node))
     return 0
+
+
+def _config_offload(zero: Any) -> tuple[str, str]:
+    """(where the optimizer state goes, where stage 3's parameter shards go) for a config's zero block,
+    as the engine builds its one store: offload_param nvme takes the optimizer state to NVMe too, and
+    offload_param cpu lives in the optimizer's store, so it needs one."""
+    store = zero.offload_optimizer.device if zero.offload_optimizer else ("cpu" if zero.cpu_offload else "none")
+    params = zero.offload_param.device if zero.offload_param else "none"
+    if params == "nvme":
+        return "nvme", "nvme"
+    if params == "cpu":
+        if store == "none":
+            raise UsageError("zero_optimization.offload_param.device 'cpu' needs offload_optimizer.device 'cpu' "
+                             "too: zero keeps offloaded parameter shards in the optimizer's store")
+        return store, store
+    return store, "none"
 
 
 # -- ckpt export ----------------------------------------------------------------------------------
@@ -222,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stages to show (default: all)")
     plan.add_argument("--offload", nargs="+", choices=("none", "cpu", "nvme"), default=None,
                       help="where the optimizer state lives (default: none)")
+    plan.add_argument("--offload-param", choices=("none", "cpu", "nvme"), default=None,
+                      help="stage 3: where the parameter and gradient shards live (default: none); they share "
+                      "the optimizer's store, so --offload must match")
     plan.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="training dtype (fp32)")
     plan.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "lion", "lamb"), default=None,
                       help="update rule (adamw): its state tensors per parameter")
@@ -232,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-live-numel", type=_count, default=None, help="stage 3 gathered cap (1e9)")
     plan.add_argument("--persistence-threshold", type=_count, default=None,
                       help="stage 3: parameters this small stay whole (1e5)")
-    plan.add_argument("--config", default=None, help="a ds_config file: its stage, buckets, precision, optimizer")
+    plan.add_argument("--config", default=None,
+                      help="a ds_config file: its stage, buckets, precision, optimizer, offload devices")
     plan.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="where training runs: cpu adds Gloo's gather scratch (default: cuda if present)")
     plan.add_argument("--ranks-per-node", type=_positive, default=None,

@@ -15,6 +15,13 @@ full-size scratch its ``all_gather`` allocates (NCCL gathers in place).
 Not included: activations (they depend on the batch, the sequence and activation
 checkpointing), the framework's own context (CUDA context, NCCL buffers), allocator
 fragmentation.
+
+Stage 3's parameter offload (``offload_param``, ZeRO-Infinity) keeps each gather unit's
+parameter and gradient shards in the optimizer's store as well: the device keeps the
+persistent unit (whole, and its shard and gradient shard) and the gathered working set;
+the store (host memory or NVMe) holds the fp32 masters, the rule's state, and every
+other unit's parameter and gradient shard. zero has one store, so parameters go where
+the optimizer state goes.
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ class MemoryPlan:
 
     stage: int
     offload: Offload
+    offload_param: Offload = "none"
     device: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
     disk: int = 0
@@ -176,9 +184,12 @@ def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int, states: in
     return resident, max(backward, gather_scratch + upcast)
 
 
-def _stage3(shape: ModelShape, o: PlanOptions, b: int, states: int) -> tuple[dict[str, int], int]:
-    """(resident bytes by component, transient peak bytes) for ZeroStage3."""
+def _stage3(shape: ModelShape, o: PlanOptions, b: int, states: int,
+            offload_param: bool) -> tuple[dict[str, int], int, int, int]:
+    """(resident device bytes by component, transient peak bytes, this rank's shard elements, bytes of
+    parameter and gradient shards moved to the store) for ZeroStage3."""
     w = o.world_size
+    gloo = o.backend == "gloo"
     units, small = [], 0
     for own in shape.modules:
         big = [n for n in own if n > o.persistence_threshold]
@@ -187,61 +198,79 @@ def _stage3(shape: ModelShape, o: PlanOptions, b: int, states: int) -> tuple[dic
             units.append(math.ceil(sum(big) / w) * w)
     persistent = math.ceil(small / w) * w if small else 0
     shard = (sum(units) + persistent) // w
-    resident = {"parameters": shard * b + persistent * b,  # shards, and the small parameters kept whole
-                "gradients": shard * b,
+    # offload_param moves every unit's parameter and gradient shard to the store but the persistent one's
+    kept = persistent // w if offload_param else shard
+    resident = {"parameters": kept * b + persistent * b,  # shards, and the small parameters kept whole
+                "gradients": kept * b,
                 "master weights (fp32)": 0 if b == 4 else shard * 4,  # an fp32 shard is its own master
                 "optimizer state": states * shard * 4}
     largest = max(units, default=0)
-    gathered = _gathered_window(units, o.prefetch_numel, max(o.max_live_numel, largest)) * b
+    window = _gathered_window(units, o.prefetch_numel, max(o.max_live_numel, largest))
+    gathered = window * b
+    if offload_param and not gloo:  # each gather in flight reads its shard from the store into a device copy
+        gathered += window // w * b
     staging = sum(sorted(units, reverse=True)[:STAGING_RING]) * b
     param_grad = max(shape.params) * b
-    gloo = o.backend == "gloo"
     gather_scratch = sum(sorted(units, reverse=True)[:GLOO_GATHERS]) * b if gloo else 0
     # in backward a prefetch gather's Gloo scratch overlaps the gradient staging: one, typically (more when
     # Gloo's threads lag behind: the measured peak moves by a unit or two from run to run)
     backward = staging + param_grad + (largest * b if gloo else 0)
+    if offload_param:  # the two reduce-scatters in flight each write a shard-size buffer, added to the store's
+        backward += 2 * (largest // w) * b
     resident["gathered parameters"] = gathered
     upcast = largest // w * 4 if b != 4 else 0
-    return resident, max(backward, gather_scratch, upcast)
+    return resident, max(backward, gather_scratch, upcast), shard, 2 * (shard - kept) * b
 
 
-def plan_memory(shape: ModelShape, stage: int, offload: Offload, options: PlanOptions) -> MemoryPlan:
-    """Peak bytes one rank holds for ``shape`` trained at ``stage`` with ``offload``."""
+def plan_memory(shape: ModelShape, stage: int, offload: Offload, options: PlanOptions,
+                offload_param: Offload = "none") -> MemoryPlan:
+    """Peak bytes one rank holds for ``shape`` trained at ``stage`` with the optimizer state on
+    ``offload`` and, in stage 3, the parameter and gradient shards on ``offload_param``."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
+    if offload_param != "none" and stage != 3:
+        raise ValueError(f"--offload-param offloads stage 3's partitioned parameters: it needs stage 3, "
+                         f"got stage {stage}")
+    if offload_param not in ("none", offload):
+        raise ValueError(f"--offload-param {offload_param} needs --offload {offload_param}: zero keeps offloaded "
+                         f"parameter shards in the optimizer's store, got --offload {offload}")
     if options.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {options.world_size}")
     if options.optimizer not in STATE_TENSORS:
         raise ValueError(f"--optimizer must be one of {', '.join(STATE_TENSORS)}, got {options.optimizer!r}")
     b = BYTES[options.precision]
     states = STATE_TENSORS[options.optimizer]
+    shard = moved_shards = 0
     if stage == 3:
-        resident, transient = _stage3(shape, options, b, states)
+        resident, transient, shard, moved_shards = _stage3(shape, options, b, states, offload_param != "none")
     else:
         resident, transient = _stages012(shape, stage, options, b, states)
-    plan = MemoryPlan(stage, offload)
+    plan = MemoryPlan(stage, offload, offload_param)
     moved = ("master weights (fp32)", "optimizer state")
     if offload == "none":
         plan.device = dict(resident)
     else:
         plan.device = {k: v for k, v in resident.items() if k not in moved}
         optimizer_bytes = sum(resident[k] for k in moved)
-        if stage == 3 and b == 4:  # the master is no longer the shard: a host copy of it
-            optimizer_bytes += resident["gradients"]
+        if stage == 3:  # the store's fp32 master is a copy of the shard, even for an fp32 model
+            optimizer_bytes = shard * 4 * (1 + states)
         # the step copies each group's gradient shard and its new weights to where the state is
         step_copies = 2 * resident["gradients"] if stage >= 2 else 2 * (resident["master weights (fp32)"] // 4 * b)
         if offload == "cpu":
-            plan.host = {"master weights + optimizer state": optimizer_bytes, "step copies": step_copies}
+            plan.host = {"master weights + optimizer state": optimizer_bytes}
+            if moved_shards:
+                plan.host["parameter + gradient shards"] = moved_shards
+            plan.host["step copies"] = step_copies
         else:
             plan.host = {"NVMe read/write buffers": options.nvme_buffer_bytes, "step copies": step_copies}
-            plan.disk = optimizer_bytes
+            plan.disk = optimizer_bytes + moved_shards
     plan.device["transient (step working set)"] = transient
     return plan
 
 
 def plan_all(shape: ModelShape, stages: Iterable[int], offloads: Iterable[Offload],
-             options: PlanOptions) -> list[MemoryPlan]:
-    return [plan_memory(shape, s, off, options) for s in stages for off in offloads]
+             options: PlanOptions, offload_param: Offload = "none") -> list[MemoryPlan]:
+    return [plan_memory(shape, s, off, options, offload_param) for s in stages for off in offloads]
 
 
 def human(nbytes: float) -> str:
@@ -254,7 +283,8 @@ def human(nbytes: float) -> str:
 
 def format_plans(plans: list[MemoryPlan], shape: ModelShape, options: PlanOptions, ranks_per_node: int) -> str:
     """The table ``zero plan`` prints: one column per stage/offload choice."""
-    heads = [f"stage {p.stage}" + ("" if p.offload == "none" else f" +{p.offload}") for p in plans]
+    heads = [f"stage {p.stage}" + ("" if p.offload == "none" else f" +{p.offload}")
+             + ("" if p.offload_param == "none" else " +params") for p in plans]
     rows: list[tuple[str, list[str]]] = []
     order = ["parameters", "gradients", "master weights (fp32)", "optimizer state", "gradient buckets",
              "gathered parameters", "transient (step working set)"]
