@@ -99,6 +99,8 @@ def test_the_batch_size_triangle_is_completed(given: dict, world: int, want: tup
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled: fp16 and bf16 cannot both be enabled"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
      "zero_optimization.offload_param: parameters are offloaded only in stage 3, this config has stage 2"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param.device 'cpu' needs offload_optimizer.device 'cpu' too"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
      "zero_optimization.offload_param.nvme_path: device 'nvme' needs an nvme_path"),
 ])

@@ -457,5 +457,10 @@ def _check_combinations(config: DeepSpeedConfig) -> None:
                               f"this config has stage {zero.stage}")
         if name == "offload_optimizer" and zero.stage == 0:
             raise ConfigError("zero_optimization.offload_optimizer: needs stage 1, 2 or 3 (stage is 0)")
+    param, opt = zero.offload_param, zero.offload_optimizer
+    if (param is not None and param.device == "cpu" and not zero.cpu_offload
+            and (opt is None or opt.device == "none")):
+        raise ConfigError("zero_optimization.offload_param.device 'cpu' needs offload_optimizer.device 'cpu' too: "
+                          "zero keeps offloaded parameter shards in the optimizer's store")
     if config.gradient_clipping != "auto" and config.gradient_clipping < 0:
         raise ConfigError(f"gradient_clipping: must be >= 0 (0 turns it off), got {config.gradient_clipping}")
