@@ -137,6 +137,14 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def deepspeed(session: nox.Session) -> None:
+    """The same DeepSpeed script under DeepSpeed 0.19.8 and under zero: losses and wall time (optional)."""
+    _install(session, *PACKAGES, extras="")
+    session.install("-c", CONSTRAINTS, "deepspeed==0.19.8")
+    session.run("python", str(ROOT / "benchmarks" / "vs_deepspeed.py"), *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, each as a ratio to a baseline measured in the same run; results land in benchmarks/results."""
     _install(session, *PACKAGES, extras="")
