@@ -24,7 +24,7 @@ import zero_models
 D, BUDGET, MARK = 256, 20 << 20, 777_773  # MARK: an allocation of a size nothing else has
 
 
-def training_peak(layers: int, swap_dir: str) -> dict[str, int]:
+def training_peak(layers: int, swap_dir: str, overlap_comm: bool = True) -> dict[str, int]:
     comm = zero_comm.init_distributed()
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -32,7 +32,7 @@ def training_peak(layers: int, swap_dir: str) -> dict[str, int]:
             model = zero_models.GPT(layers=layers, d=D, recompute=True)
         store = NVMeStore(swap_dir, buffer_bytes=BUDGET, block_bytes=1 << 20)
         config = ZeroConfig(stage=3, offload_param=True, unit_numel=1_000_000, persistence_threshold=1000,
-                            prefetch_numel=0)
+                            prefetch_numel=0, overlap_comm=overlap_comm)
         opt = ZeroStage3(model, CPUAdam(lr=1e-3), comm=comm, config=config, store=store)
         marker = torch.empty(MARK, dtype=torch.uint8)  # training starts here
         del marker
@@ -59,24 +59,29 @@ def training_peak(layers: int, swap_dir: str) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize(("world_size", "overlap_comm"), [(1, True), (2, True), (2, False)])
 def test_live_memory_is_the_largest_layer_plus_the_budget_whatever_the_model_size(world_size: int,
+                                                                                    overlap_comm: bool,
                                                                                     tmp_path: Path):
-    small, = run_ranks(training_peak, world_size, 2, str(tmp_path))[:1]
-    large, = run_ranks(training_peak, world_size, 9, str(tmp_path))[:1]
+    small, = run_ranks(training_peak, world_size, 2, str(tmp_path), overlap_comm)[:1]
+    large, = run_ranks(training_peak, world_size, 9, str(tmp_path), overlap_comm)[:1]
     assert large["states"] >= 4 * small["states"]
     assert large["largest_unit"] == small["largest_unit"]
     unit = large["largest_unit"]
+    # The working set, in units, measured with the profiler's stacks at the peak (in backward, as the
+    # next block is gathered): that block's parameters and Gloo's all-gather output before it lands
+    # there (2), the gradients of the block being staged (1), the previous block's staging with its
+    # reduce-scatter in flight under overlap_comm (1), its reduced shard (1/world), and activations.
+    # Measured 4.4-5.1 with overlap_comm, 2.9-3.3 without. (A finished reduce-scatter's input stays
+    # referenced by Gloo until its worker thread next runs, so staging memory is released
+    # explicitly: before that, a busy machine measured up to 10 units here.)
+    units = 5 if overlap_comm else 4
     outside = {}
     for name, run in (("small", small), ("large", large)):
         assert run["peak_buffers"] <= BUDGET
         outside[name] = run["peak"] - run["peak_buffers"]
-        # a block gathered, its gradients (autograd's, the reduce-scatter's input and output), a
-        # transient copy, and a few hundred KB of activations and small tensors -- plus, on a busy
-        # machine, the previous block's reduce-scatter still in flight (overlap_comm) while this
-        # block's backward runs: one more unit (measured 5.7 units under load, 4.x when quiet)
-        assert outside[name] <= 6 * unit + (1 << 20), (run, outside[name] / unit)
-        assert run["peak"] <= BUDGET + 6 * unit + (1 << 20), run
+        assert outside[name] <= units * unit + (1 << 20), (run, outside[name] / unit)
+        assert run["peak"] <= BUDGET + units * unit + (1 << 20), run
     # four times the model, the same memory outside the buffers: the difference is a few layers'
     # saved activations
     assert abs(outside["large"] - outside["small"]) <= unit, (small, large)

@@ -196,3 +196,70 @@ def test_tied_weight_in_parent_empty_persistent_share_errors_and_plain_backward(
     plain = run_ranks(edges, 2, True)
     assert with_opt[0] == with_opt[1]
     assert max_rel(plain[0], with_opt[0]) <= 1e-6, "loss.backward() with accumulation loses nothing"
+
+
+def callers(event) -> str:
+    names = []
+    while (event := event.cpu_parent) is not None:
+        names.append(event.name)
+    return " < ".join(names)
+
+
+def build_under_profilers() -> dict:
+    """``partitioned`` observes each module's __init__ through the interpreter's profile hook; a
+    profiler the user runs must keep working around it, whichever kind it is."""
+    import cProfile
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from zero_optim import partitioned
+
+    comm = zero_comm.init_distributed()
+    out: dict = {}
+    # torch's profiler with Python stacks installs its hook from C: partitioned falls back to the
+    # trace hook and leaves the profiler's in place
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        hook = sys.getprofile()
+        with partitioned(comm):
+            model = zero_models.make_model("mlp")
+        out["torch_hook_kept"] = sys.getprofile() is hook
+        torch.ones(3).mul(2)  # after the block, still profiled with its Python caller
+    out["torch_partitioned"] = all(isinstance(p, PartitionedParameter) for p in model.parameters())
+    out["torch_stack_after"] = any(e.name == "aten::mul" and "build_under_profilers" in callers(e)
+                                   for e in prof.events())
+    # a Python profile function sees every event it would have seen, and is put back
+    seen: list[str] = []
+
+    def mine(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__init__":
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(mine)
+    try:
+        with partitioned(comm):
+            model = zero_models.make_model("mlp")
+        out["python_hook_kept"] = sys.getprofile() is mine
+    finally:
+        sys.setprofile(None)
+    out["python_partitioned"] = all(isinstance(p, PartitionedParameter) for p in model.parameters())
+    out["python_saw_inits"] = len(seen) > 0
+    # both hooks taken (cProfile from C, and a tracer): a clear error, the model never half-built
+    cprof = cProfile.Profile()
+    sys.settrace(lambda *a: None)
+    cprof.enable()
+    try:
+        with (pytest.raises(RuntimeError, match=r"sys\.setprofile or sys\.settrace.*both are taken"),
+              partitioned(comm)):
+            zero_models.make_model("mlp")
+    finally:
+        cprof.disable()
+        sys.settrace(None)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_partitioned_construction_runs_under_the_users_profilers(world_size):
+    for r in run_ranks(build_under_profilers, world_size):
+        assert r == {"torch_hook_kept": True, "torch_partitioned": True, "torch_stack_after": True,
+                     "python_hook_kept": True, "python_partitioned": True, "python_saw_inits": True}

@@ -95,6 +95,11 @@ class ShardedOptimizer(abc.ABC):
         self._detached: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = []
         # an OrderedDict, as torch keeps hooks: RemovableHandle holds a weak reference to it
         self._step_pre_hooks: OrderedDict[int, Callable[[ShardedOptimizer], None]] = OrderedDict()
+        # gradient reductions in flight, each with what to do once it has finished
+        self._pending: list[tuple[Handle, Callable[[], object] | None]] = []
+        # stage 2: bucket staging buffers whose reduction finished, to be reused (a new one would
+        # fault in its pages every micro-step)
+        self._staging_pool: list[torch.Tensor] = []
 
     # -- supplied by a stage --------------------------------------------------------------
     @abc.abstractmethod
@@ -148,6 +153,22 @@ class ShardedOptimizer(abc.ABC):
         handle = RemovableHandle(self._step_pre_hooks)
         self._step_pre_hooks[handle.id] = hook
         return handle
+
+    def _new_staging(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A zeroed gradient staging buffer, reused from a reduction that finished if one fits."""
+        for i, buf in enumerate(self._staging_pool):
+            if buf.numel() == numel and buf.device == device:
+                return self._staging_pool.pop(i).zero_()
+        return torch.zeros(numel, dtype=self.dtype, device=device)
+
+    def _drain(self, keep: int = 0) -> None:
+        """Wait for all but the newest ``keep`` reductions in flight, running each one's follow-up."""
+        while len(self._pending) > keep:
+            handle, finish = self._pending.pop(0)
+            handle.wait()
+            if finish is not None:
+                finish()
+        del self._staging_pool[3:]  # enough for two in flight and one filling
 
     def _global_norm(self, grads: Iterable[torch.Tensor]) -> tuple[float, bool]:
         if isinstance(grads, list):

@@ -5,8 +5,9 @@ its ``__init__`` returns -- its initialisation has run by then, and its children
 were partitioned when theirs returned -- so a rank holds its shards of everything
 built so far plus one module's full parameters, even when layers are built in a
 list before anything holds them. The end of each ``__init__`` is observed with
-``sys.setprofile`` for the duration of the block; no module class and no torch
-function is patched.
+``sys.setprofile`` for the duration of the block (``sys.settrace`` under a profiler
+installed from C, such as torch's with ``with_stack=True``); no module class and no
+torch function is patched.
 
 Code that changes parameters after they are partitioned (a custom init loop at the
 end of a model's ``__init__``, loading weights) wraps the change in
@@ -16,7 +17,7 @@ end of a model's ``__init__``, loading weights) wraps the change in
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -48,27 +49,75 @@ def partitioned(comm: Communicator, *, dtype: torch.dtype | None = None, src_ran
     ``ZeroStage3`` to train it.
     """
     depth: dict[int, int] = {}  # module -> __init__ frames of it still running (subclass inits nest)
-    previous = sys.getprofile()
 
-    def observe(frame: FrameType, event: str, arg: Any) -> None:
-        if previous is not None:
-            previous(frame, event, arg)  # type: ignore[arg-type]
-        if event not in ("call", "return") or frame.f_code.co_name != "__init__" or not frame.f_code.co_argcount:
-            return
+    def module_init(frame: FrameType) -> nn.Module | None:
+        if frame.f_code.co_name != "__init__" or not frame.f_code.co_argcount:
+            return None
         module = frame.f_locals.get(frame.f_code.co_varnames[0])
-        if not isinstance(module, nn.Module):
-            return
+        return module if isinstance(module, nn.Module) else None
+
+    def entered(module: nn.Module) -> None:
+        depth[id(module)] = depth.get(id(module), 0) + 1
+
+    def returned(module: nn.Module) -> None:
         key = id(module)
-        if event == "call":
-            depth[key] = depth.get(key, 0) + 1
-        elif key in depth:
+        if key in depth:
             depth[key] -= 1
             if not depth[key]:
                 del depth[key]
                 _partition_direct(module, comm, dtype, src_rank)
 
-    sys.setprofile(observe)
+    with _observing_init_frames(module_init, entered, returned):
+        yield
+
+
+@contextmanager
+def _observing_init_frames(module_init: Callable[[FrameType], nn.Module | None],
+                           entered: Callable[[nn.Module], None],
+                           returned: Callable[[nn.Module], None]) -> Iterator[None]:
+    """Call ``entered``/``returned`` as each module ``__init__`` frame starts and ends.
+
+    The profile hook is the cheap one (call and return events only) and chains to a
+    Python profiler already installed. A profiler installed from C (torch's profiler
+    with ``with_stack=True``) cannot be chained from Python nor put back once
+    replaced, so under one the trace hook is used instead, leaving it untouched.
+    """
+    previous = sys.getprofile()
+    if previous is None or callable(previous):
+
+        def observe(frame: FrameType, event: str, arg: Any) -> None:
+            if previous is not None:
+                previous(frame, event, arg)  # type: ignore[arg-type]
+            if event in ("call", "return") and (module := module_init(frame)) is not None:
+                (entered if event == "call" else returned)(module)
+
+        sys.setprofile(observe)
+        try:
+            yield
+        finally:
+            sys.setprofile(previous)
+        return
+    if sys.gettrace() is not None:
+        raise RuntimeError(
+            "partitioned construction observes each module's __init__ with sys.setprofile or "
+            f"sys.settrace, and both are taken here (profile: {type(previous).__name__}, trace: "
+            f"{type(sys.gettrace()).__name__}); build the model outside the profiler or debugger")
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        module = module_init(frame) if event == "call" else None
+        if module is None:
+            return None
+        entered(module)
+
+        def local(frame: FrameType, event: str, arg: Any) -> Any:
+            if event == "return":
+                returned(module)
+            return local
+
+        return local
+
+    sys.settrace(trace)
     try:
         yield
     finally:
-        sys.setprofile(previous)
+        sys.settrace(None)

@@ -161,8 +161,6 @@ class ZeroOptimizer(ShardedOptimizer):
                              "zero_optim.ZeroStage3(model, rule, comm=..., config=...) from the module")
         super().__init__(rule, comm, config.precision, config.loss_scale, config.clip_grad_norm, store)
         self.stage, self.sharded = config.stage, config.stage >= 1
-        self._pending: list[tuple[Handle, Callable[[], object] | None]] = []
-        self._staging_pool: list[torch.Tensor] = []  # stage 2: bucket buffers whose reduction finished
         self._boundary = False  # inside the backward of the last micro-step before a step
         self._reduced = False  # that backward has launched every bucket's reduction
         self._hooks: list[Any] = []
@@ -335,22 +333,6 @@ class ZeroOptimizer(ShardedOptimizer):
             return
         if not self.config.overlap_comm:
             self._drain()
-
-    def _new_staging(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A zeroed bucket-sized buffer, reused from a reduction that finished: a new one would fault
-        in its pages every micro-step."""
-        for i, buf in enumerate(self._staging_pool):
-            if buf.numel() == numel and buf.device == device:
-                return self._staging_pool.pop(i).zero_()
-        return torch.zeros(numel, dtype=self.dtype, device=device)
-
-    def _drain(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
-            handle, finish = self._pending.pop(0)
-            handle.wait()
-            if finish is not None:
-                finish()
-        del self._staging_pool[3:]  # enough for two in flight and one filling
 
     def _flush(self) -> None:
         for group in self.groups:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from zero_comm import Communicator, Handle
+from zero_comm import Communicator
 
 from ._base import Piece, Segment, ShardedOptimizer
 from ._optimizer import ZeroConfig
@@ -41,6 +41,14 @@ from ._rules import UpdateRule, check_hyperparameters
 from ._store import StateStore
 
 __all__ = ["ZeroStage3"]
+
+
+def _free(staging: torch.Tensor) -> None:
+    """Give back a unit's full-size gradients once their reduce-scatter finished. The backend may still
+    hold the tensor for a while (Gloo until its worker thread next runs: on a busy machine, several
+    units' worth by the end of a backward), so its memory is released here rather than at the last
+    reference."""
+    staging.untyped_storage().resize_(0)
 
 
 @dataclass
@@ -136,7 +144,6 @@ class ZeroStage3(ShardedOptimizer):
         self._forward_trace, self._backward_trace = _Trace(), _Trace()
         self._reduce_order: list[_Owner] | None = None
         self._next_reduce = 0
-        self._pending: list[tuple[Handle, Any]] = []
         self._hooks: list[Any] = []
         # gathers launched ahead by prefetch, and gathers a module had to start and wait for itself
         self.gather_counts = {"prefetched": 0, "on_demand": 0}
@@ -432,12 +439,18 @@ class ZeroStage3(ShardedOptimizer):
         if first and owner.grad is not None:  # the first micro-step since zero_grad: straight into the shard
             handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True,
                                               consume_input=True)
-            self._pending.append((handle, None))
+            self._pending.append((handle, lambda: _free(staging)))
         else:
             reduced = torch.empty(owner.unit.shard_numel, dtype=self.dtype, device=staging.device)
             handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
                                               consume_input=True)
-            self._pending.append((handle, self._accumulate(owner, reduced, first)))
+            accumulate = self._accumulate(owner, reduced, first)
+
+            def finish() -> None:
+                accumulate()
+                _free(staging)
+
+            self._pending.append((handle, finish))
         # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight
         self._drain(keep=1 if self.config.overlap_comm else 0)
 
@@ -456,13 +469,6 @@ class ZeroStage3(ShardedOptimizer):
             self.store.put(owner.grad_key, grad)
 
         return finish
-
-    def _drain(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
-            handle, finish = self._pending.pop(0)
-            handle.wait()
-            if finish is not None:
-                finish()
 
     def _finish_backward(self) -> None:
         if self._phase != "backward":
