@@ -20,11 +20,14 @@ def transposed(tie: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x @ tie.weight
 
 
-def layers(tied: bool) -> list:
+def layers(tied: bool, norm: bool = False) -> list:
     first = TiedLayerSpec("tie", nn.Linear, 8, 8, bias=False) if tied else LayerSpec(nn.Linear, 8, 8, bias=False)
     last = (TiedLayerSpec("tie", nn.Linear, 8, 8, bias=False, forward_fn=transposed) if tied
             else LayerSpec(nn.Linear, 8, 8, bias=False))
-    return [first, LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), last, LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 8, 4)]
+    # norm: running statistics that only evaluation reads, so only a checkpoint that keeps buffers resumes them
+    middle = [LayerSpec(nn.BatchNorm1d, 8)] if norm else []
+    return [first, LayerSpec(nn.Linear, 8, 8), *middle, LayerSpec(nn.Tanh), last, LayerSpec(nn.Tanh),
+            LayerSpec(nn.Linear, 8, 4)]
 
 
 def micro_batch(step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +37,7 @@ def micro_batch(step: int, micro: int, rank: int, world: int) -> tuple[torch.Ten
     return rows, (rows[:, :4].argmax(1) + step) % 4
 
 
-def reference(tied: bool, dp: int) -> list[float]:
+def reference(tied: bool, dp: int, clip: float = 0.0) -> tuple[list[float], list[float]]:
     """The same layers (seeded as seed_layers does) in one process, on whole batches, torch AdamW."""
     built: list[nn.Module] = []
     for i, spec in enumerate(layers(tied)):
@@ -48,7 +51,7 @@ def reference(tied: bool, dp: int) -> list[float]:
 
     params = list({id(p): p for m in built for p in m.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         total = 0.0
         for micro in range(ACCUM):
@@ -56,10 +59,12 @@ def reference(tied: bool, dp: int) -> list[float]:
             loss = F.cross_entropy(forward(x), y) / ACCUM
             loss.backward()
             total += loss.item()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))))
         opt.step()
         opt.zero_grad()
         losses.append(total)
-    return losses
+    assert not clip or max(norms) > clip, f"the test's clip must bite: {norms}"
+    return losses, norms
 
 
 def config(stage: int, **extra: object) -> dict:
@@ -68,44 +73,51 @@ def config(stage: int, **extra: object) -> dict:
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}, **extra}
 
 
-def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None, resume: bool = False) -> dict:
+def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None, resume: bool = False,
+                    norm: bool = False, clip: float = 0.0) -> dict:
     """DeepSpeed's pipeline loop: build the PipelineModule, initialize, train_batch per step."""
-    model = PipelineModule(layers(tied), num_stages=stages, loss_fn=F.cross_entropy, seed_layers=True,
+    model = PipelineModule(layers(tied, norm), num_stages=stages, loss_fn=F.cross_entropy, seed_layers=True,
                            base_seed=SEED, partition_method="uniform")
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage, gradient_clipping=clip))
     dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
     first = 0
     if resume:
         assert root is not None
         _, client = engine.load_checkpoint(Path(root))
         first = client["step"]
-    losses = []
+    losses, norms = [], []
     for step in range(first, STEPS):
         data = iter([micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)])
         losses.append(engine.train_batch(data).item())
         if root is not None and not resume and step == 1:
             engine.save_checkpoint(Path(root), client_state={"step": 2})
+        norms.append(engine.get_global_grad_norm())
     evaluated = engine.eval_batch(iter([micro_batch(STEPS, m, dp_rank, dp) for m in range(ACCUM)])).item()
     return {"losses": losses, "eval": evaluated, "first": engine.is_first_stage(), "last": engine.is_last_stage(),
-            "micro_batches": engine.micro_batches, "global_steps": engine.global_steps}
+            "micro_batches": engine.micro_batches, "global_steps": engine.global_steps, "norms": norms}
 
 
-@pytest.mark.parametrize(("world", "stages", "stage", "tied"), [(2, 2, 0, False), (2, 2, 1, True), (4, 2, 1, True)])
-def test_train_batch_matches_plain_torch(world: int, stages: int, stage: int, tied: bool):
+@pytest.mark.parametrize(("world", "stages", "stage", "tied", "clip"),
+                         [(2, 2, 0, False, 0.0), (2, 2, 1, True, 0.0), (4, 2, 1, True, 0.0),
+                          (2, 2, 0, True, 0.2), (4, 2, 1, True, 0.2)])
+def test_train_batch_matches_plain_torch(world: int, stages: int, stage: int, tied: bool, clip: float):
+    """``clip``: gradient clipping by the norm over every stage (a tied layer counted once)."""
     dp = world // stages
-    want = reference(tied, dp)
-    results = run_ranks(pipeline_script, world, stages, stage, tied, timeout=240)
+    want, want_norms = reference(tied, dp, clip)
+    results = run_ranks(pipeline_script, world, stages, stage, tied, None, False, False, clip, timeout=240)
     for rank, got in enumerate(results):
         err = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want, strict=True))
         assert err <= 1e-5, f"rank {rank}: {got['losses']} vs {want}"
         assert got["micro_batches"] == ACCUM and got["global_steps"] == STEPS
         assert (got["first"], got["last"]) == (rank // dp == 0, rank // dp == stages - 1)
     assert len({r["eval"] for r in results}) == 1  # one loss, told to every rank
+    for got in results:  # the norm of the whole model (each tied layer once), on every stage
+        assert max(abs(a - b) / b for a, b in zip(got["norms"], want_norms, strict=True)) <= 1e-5, got["norms"]
 
 
 def test_checkpoint_resumes_exactly(tmp_path: Path):
-    straight = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), timeout=240)[0]
-    resumed = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), True, timeout=240)[0]
+    straight = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), False, True, timeout=240)[0]
+    resumed = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), True, True, timeout=240)[0]
     assert resumed["losses"] == straight["losses"][2:]
     assert resumed["eval"] == straight["eval"] and resumed["global_steps"] == STEPS
 
@@ -164,3 +176,53 @@ def test_training_data_and_the_lr_schedule_reach_the_pipeline():
     for got in run_ranks(scheduled_from_training_data, 2, timeout=240):
         assert got["loader"] and got["scheduler"]
         assert got["lrs"] == pytest.approx(want)
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x + 0 * w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.full((), float("inf"))
+
+
+class Spiky(nn.Module):
+    """Passes its input through; while ``spike`` is set its own weight's gradient is inf (nothing else
+    is touched: the other stage's gradients stay finite)."""
+
+    spike = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _InfGrad.apply(x, self.w) if Spiky.spike else x + 0 * self.w
+
+
+def skip_together(world: int) -> dict:
+    specs = [LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 8, 8), LayerSpec(Spiky),
+             LayerSpec(nn.Linear, 8, 4)]
+    model = PipelineModule(specs, num_stages=2, loss_fn=F.cross_entropy, partition_method="uniform")
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(1))
+    dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
+    before = None
+    for step in range(3):
+        Spiky.spike = step == 1
+        if step == 1:
+            before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.train_batch(iter([micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)]))
+        if step == 1:
+            kept = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters(), strict=True))
+    return {"spiky_here": any(isinstance(m, Spiky) for m in engine.module.modules()), "kept": kept,
+            "skipped": engine.skipped_steps, "global_steps": engine.global_steps}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_step_with_an_inf_gradient_on_one_stage_is_skipped_on_every_stage(world: int):
+    results = run_ranks(skip_together, world, world, timeout=240)
+    assert any(r["spiky_here"] for r in results) and not all(r["spiky_here"] for r in results)
+    for rank, r in enumerate(results):
+        assert r["kept"] and r["skipped"] == 1 and r["global_steps"] == 3, (rank, r)

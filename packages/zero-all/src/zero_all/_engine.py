@@ -352,12 +352,7 @@ class Engine(EngineInfo, nn.Module):
                  "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
                  "global_samples": self.global_samples,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        items: dict[str, Any] = {"optimizer": self.optimizer}
-        with zero_optim.gathered(_frozen(self.module)):  # stage 3: frozen weights are partitioned too
-            extras = module_extras(self.module, self.optimizer)
-            if extras:
-                items["module"] = zero_ckpt.tensors_state(extras)
-            zero_ckpt.CheckpointManager(save_dir, self.comm).save(tag, items, client_state=state)
+        save_optimizer(self.optimizer, self.module, self.comm, save_dir, tag, state)
         return tag
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
@@ -443,6 +438,18 @@ class _MasterWeights:
         self.optimizer.load_checkpoint_meta(self.meta)  # our own counters back; the new weights into the model
 
 
+def save_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,
+                   save_dir: str | Path, tag: str, state: dict[str, Any]) -> None:
+    """Save ``module``'s ZeRO optimizer (every rank its shards), the module's buffers and untrained
+    weights (:func:`module_extras`), and the engine's ``state`` as ``save_dir/tag``."""
+    items: dict[str, Any] = {"optimizer": optimizer}
+    with zero_optim.gathered(_frozen(module)):  # stage 3: frozen weights are partitioned too
+        extras = module_extras(module, optimizer)
+        if extras:
+            items["module"] = zero_ckpt.tensors_state(extras)
+        zero_ckpt.CheckpointManager(save_dir, comm).save(tag, items, client_state=state)
+
+
 def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,
                    load_dir: str | Path, tag: str | None, *, strict: bool, weights_only: bool, restore_rng: bool,
                    whole_model: bool) -> dict[str, Any]:
@@ -480,7 +487,7 @@ def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, co
         if extras.keys() - held:
             logger.warning(f"load_checkpoint: the {where} lacks {len(extras.keys() - held)} buffers or frozen "
                            f"weights of the model (left as they are): {', '.join(sorted(extras.keys() - held)[:3])}")
-        if extras.keys() & held:
+        if held:  # collective: a pipeline stage with none of these loads nothing, but joins in
             extra = zero_ckpt.tensors_state({k: v for k, v in extras.items() if k in held})
             manager.load({"module": extra}, tag=reader.tag, restore_rng=False)
     return state

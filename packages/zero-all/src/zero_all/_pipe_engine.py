@@ -30,7 +30,15 @@ import zero_comm
 import zero_pipe
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import Engine, EngineInfo, _no_custom_load, load_optimizer, model_hidden_size, nothing_to_resume
+from ._engine import (
+    Engine,
+    EngineInfo,
+    _no_custom_load,
+    load_optimizer,
+    model_hidden_size,
+    nothing_to_resume,
+    save_optimizer,
+)
 from .checkpointing import configure_from_config
 
 __all__ = ["PipelineEngine", "is_pipeline"]
@@ -72,6 +80,10 @@ class PipelineEngine(EngineInfo, nn.Module):
                                              dynamic_shapes=getattr(module, "dynamic_shape", False))
         # tied across stages: hold the optimizer's hooks off until the stages' gradients are summed
         self._tied = [p for params in module.tied_parameters().values() for p in params if p.requires_grad]
+        # ...and held first by another stage: that stage's share of the gradient norm counts them
+        self._tied_elsewhere = [p for key, params in module.tied_parameters().items() for p in params
+                                if p.requires_grad and module.tie_holders[key][0] != module.stage_id]
+        self._norm_overcount = 0.0
         self._stashed: dict[int, torch.Tensor | None] = {}
         self._handing_over = False
         hooks = [p.register_post_accumulate_grad_hook(self._hide) for p in self._tied]
@@ -87,6 +99,8 @@ class PipelineEngine(EngineInfo, nn.Module):
         self.device = stage.device
         hooks += [p.register_post_accumulate_grad_hook(self._unhide) for p in self._tied]
         self._hooks = hooks
+        if pp > 1:  # clip by, and skip on, the norm of the whole model's gradients
+            stage.optimizer.whole_model_norm = self._whole_model_norm
         self.optimizer, self.lr_scheduler = stage.optimizer, stage.lr_scheduler
         self.pipe.optimizer = self
         self.data_iterator: Iterator[Any] | None = None
@@ -118,6 +132,7 @@ class PipelineEngine(EngineInfo, nn.Module):
         """Called by the schedule at its end (it is not DeepSpeed's user-facing ``step``, which a pipeline
         refuses): give the optimizer the summed tied gradients, then step."""
         ready = [(p, p.grad) for p in self._tied if p.grad is not None]
+        self._norm_overcount = self._tied_norm_sq()
         self._handing_over = True
         try:
             for p, grad in ready:
@@ -126,6 +141,24 @@ class PipelineEngine(EngineInfo, nn.Module):
         finally:
             self._handing_over = False
         self._stage.step()  # the optimizer, then the LR scheduler, as the training engine steps
+
+    def _tied_norm_sq(self) -> float:
+        """The squared norm of the data-parallel mean of the tied gradients whose first holder is another
+        stage (every holder has the same summed gradient: the norm must count it once)."""
+        grads = [p.grad.reshape(-1) for p in self._tied_elsewhere if p.grad is not None]
+        if not grads:
+            return 0.0
+        flat = torch.cat(grads).float()
+        if self.mesh.dp.world_size > 1:  # the optimizer's reduction is still to come
+            self.mesh.dp.all_reduce(flat, "avg")
+        return float(flat.square().sum())
+
+    def _whole_model_norm(self, both: torch.Tensor) -> torch.Tensor:
+        """``[sum of squares, non-finite]`` of this stage's gradients -> of the whole model's."""
+        both = both.clone()
+        both[0] -= self._norm_overcount
+        self.mesh.pp.all_reduce(both)
+        return both
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the optimizer's accumulated gradients (the schedule calls it after each step)."""
@@ -212,13 +245,13 @@ class PipelineEngine(EngineInfo, nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True) -> str:
-        """Save every stage's ZeRO state (each rank its shards) and ``client_state`` as ``save_dir/tag``."""
+        """Save every stage's ZeRO state (each rank its shards), its layers' buffers and untrained weights,
+        and ``client_state`` as ``save_dir/tag``."""
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": client_state or {}, "global_steps": self.global_steps,
                  "skipped_steps": self.skipped_steps,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        zero_ckpt.CheckpointManager(save_dir, self.world).save(tag, {"optimizer": self.optimizer},
-                                                               client_state=state)
+        save_optimizer(self.optimizer, self.module, self.world, save_dir, tag, state)
         return tag
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
@@ -256,9 +289,6 @@ def _apply_pipeline_block(module: zero_pipe.PipelineModule, config: DeepSpeedCon
                           f"DeepSpeed), got {zero.stage}")
     if config.fp16.enabled is True:
         raise ConfigError("fp16.enabled: the pipeline engine does not scale losses; use bf16")
-    if float(config.gradient_clipping) > 0 and module.num_stages > 1:
-        raise ConfigError("gradient_clipping: the pipeline engine does not clip by the norm across stages yet "
-                          "(each stage's optimizer sees only its own gradients); set it to 0")
     if block.stages not in ("auto", module.num_stages):
         raise ConfigError(f"pipeline.stages: the config says {block.stages}, the PipelineModule has "
                           f"{module.num_stages}")

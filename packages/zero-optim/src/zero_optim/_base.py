@@ -100,6 +100,11 @@ class ShardedOptimizer(abc.ABC):
         # stage 2: bucket staging buffers whose reduction finished, to be reused (a new one would
         # fault in its pages every micro-step)
         self._staging_pool: list[torch.Tensor] = []
+        #: Where this optimizer holds part of a model whose other parts other ranks train (pipeline
+        #: stages): given this rank's ``[sum of squared gradients, non-finite flag]`` over its
+        #: data-parallel group, returns them for the whole model, so that clipping and skipping an
+        #: overflowed step agree everywhere. ``None``: the data-parallel group holds the whole model.
+        self.whole_model_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- supplied by a stage --------------------------------------------------------------
     @abc.abstractmethod
@@ -178,11 +183,12 @@ class ShardedOptimizer(abc.ABC):
             for grad in grads:
                 s, f = zk.grad_norm_sq([grad])
                 sumsq, nonfinite = sumsq + s.cpu(), nonfinite | f.cpu()
+        both = torch.stack([sumsq, nonfinite.float()])
         if self.sharded and self.comm.world_size > 1:  # each rank saw only its shard
-            both = torch.stack([sumsq, nonfinite.float()])
             self.comm.all_reduce(both)
-            sumsq, nonfinite = both[0], both[1] > 0
-        return math.sqrt(max(float(sumsq), 0.0)), bool(nonfinite)
+        if self.whole_model_norm is not None:
+            both = self.whole_model_norm(both)
+        return math.sqrt(max(float(both[0]), 0.0)), bool(both[1] > 0)
 
     def step(self) -> bool:
         """Reduce gradients, check for overflow, clip, update, share the new weights.
