@@ -2,6 +2,7 @@
 trains exactly like a plain torch loop (tied layers across stages and ZeRO-1 over the data-parallel
 replicas included), checkpoints resume exactly, and what it cannot run is refused by name."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,12 +75,17 @@ def config(stage: int, **extra: object) -> dict:
 
 
 def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None, resume: bool = False,
-                    norm: bool = False, clip: float = 0.0) -> dict:
+                    norm: bool = False, clip: float = 0.0, fp16: bool = False) -> dict:
     """DeepSpeed's pipeline loop: build the PipelineModule, initialize, train_batch per step."""
     model = PipelineModule(layers(tied, norm), num_stages=stages, loss_fn=F.cross_entropy, seed_layers=True,
                            base_seed=SEED, partition_method="uniform")
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage, gradient_clipping=clip))
-    dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
+    extra = {"fp16": {"enabled": True, "initial_scale_power": 8}} if fp16 else {}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage, gradient_clipping=clip, **extra))
+
+    def batch(step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        made = [micro_batch(step, m, engine.mesh.dp.rank, engine.mesh.dp.world_size) for m in range(ACCUM)]
+        return iter([(x.half() if fp16 else x, y) for x, y in made])
+
     first = 0
     if resume:
         assert root is not None
@@ -87,14 +93,14 @@ def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None
         first = client["step"]
     losses, norms = [], []
     for step in range(first, STEPS):
-        data = iter([micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)])
-        losses.append(engine.train_batch(data).item())
+        losses.append(engine.train_batch(batch(step)).item())
         if root is not None and not resume and step == 1:
             engine.save_checkpoint(Path(root), client_state={"step": 2})
         norms.append(engine.get_global_grad_norm())
-    evaluated = engine.eval_batch(iter([micro_batch(STEPS, m, dp_rank, dp) for m in range(ACCUM)])).item()
+    evaluated = engine.eval_batch(batch(STEPS)).item()
     return {"losses": losses, "eval": evaluated, "first": engine.is_first_stage(), "last": engine.is_last_stage(),
-            "micro_batches": engine.micro_batches, "global_steps": engine.global_steps, "norms": norms}
+            "micro_batches": engine.micro_batches, "global_steps": engine.global_steps, "norms": norms,
+            "skipped": engine.skipped_steps, "scale": engine.optimizer.loss_scale}
 
 
 @pytest.mark.parametrize(("world", "stages", "stage", "tied", "clip"),
@@ -115,6 +121,16 @@ def test_train_batch_matches_plain_torch(world: int, stages: int, stage: int, ti
         assert max(abs(a - b) / b for a, b in zip(got["norms"], want_norms, strict=True)) <= 1e-5, got["norms"]
 
 
+def test_fp16_pipeline_follows_plain_torch():
+    """fp16 weights and activations, the loss scaled on the last stage and unscaled by every stage's
+    optimizer (all moving the scale together): within fp16's precision of the fp32 loop."""
+    want, _ = reference(True, 1, 0.2)
+    results = run_ranks(pipeline_script, 2, 2, 1, True, None, False, False, 0.2, True, timeout=240)
+    for rank, got in enumerate(results):
+        err = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want, strict=True))
+        assert err <= 3e-2 and got["skipped"] == 0 and got["scale"] == 256.0, (rank, got, want)
+
+
 def test_checkpoint_resumes_exactly(tmp_path: Path):
     straight = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), False, True, timeout=240)[0]
     resumed = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), True, True, timeout=240)[0]
@@ -124,7 +140,6 @@ def test_checkpoint_resumes_exactly(tmp_path: Path):
 
 @pytest.mark.parametrize(("extra", "match"), [
     ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage: pipeline parallelism runs with ZeRO stage 0 or 1"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled: the pipeline engine does not scale losses"),
     ({"pipeline": {"partition": "parameters"}}, "pipeline.partition: the config asks 'parameters'"),
     ({"pipeline": {"stages": 3}}, "pipeline.stages: the config says 3"),
 ])
@@ -202,27 +217,31 @@ class Spiky(nn.Module):
         return _InfGrad.apply(x, self.w) if Spiky.spike else x + 0 * self.w
 
 
-def skip_together(world: int) -> dict:
+def skip_together(fp16: bool) -> dict:
     specs = [LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 8, 8), LayerSpec(Spiky),
              LayerSpec(nn.Linear, 8, 4)]
     model = PipelineModule(specs, num_stages=2, loss_fn=F.cross_entropy, partition_method="uniform")
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config(1))
+    extra = {"fp16": {"enabled": True, "initial_scale_power": 10, "hysteresis": 1}} if fp16 else {}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config(1, **extra))
     dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
-    before = None
+    kept, scales = False, []
     for step in range(3):
         Spiky.spike = step == 1
-        if step == 1:
-            before = [p.detach().clone() for p in engine.module.parameters()]
-        engine.train_batch(iter([micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)]))
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        batches = [micro_batch(step, m, dp_rank, dp) for m in range(ACCUM)]
+        engine.train_batch(iter([(x.half() if fp16 else x, y) for x, y in batches]))
         if step == 1:
             kept = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters(), strict=True))
+        scales.append(engine.optimizer.loss_scale)
     return {"spiky_here": any(isinstance(m, Spiky) for m in engine.module.modules()), "kept": kept,
-            "skipped": engine.skipped_steps, "global_steps": engine.global_steps}
+            "skipped": engine.skipped_steps, "global_steps": engine.global_steps, "scales": scales}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_a_step_with_an_inf_gradient_on_one_stage_is_skipped_on_every_stage(world: int):
-    results = run_ranks(skip_together, world, world, timeout=240)
+@pytest.mark.parametrize(("world", "fp16"), [(2, False), (4, False), (2, True)])
+def test_a_step_with_an_inf_gradient_on_one_stage_is_skipped_on_every_stage(world: int, fp16: bool):
+    results = run_ranks(skip_together, world, fp16, timeout=240)
     assert any(r["spiky_here"] for r in results) and not all(r["spiky_here"] for r in results)
     for rank, r in enumerate(results):
         assert r["kept"] and r["skipped"] == 1 and r["global_steps"] == 3, (rank, r)
+        # fp16: every stage halves its loss scale at the overflow, so all keep scaling alike
+        assert r["scales"] == ([1024.0, 512.0, 512.0] if fp16 else [1.0] * 3), (rank, r)

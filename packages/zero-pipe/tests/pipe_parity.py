@@ -86,10 +86,12 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).mean()
 
 
-def two_ties_run(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def two_ties_run(x: torch.Tensor, y: torch.Tensor, schedule: str = "1f1b",
+                 loss_scale: float | None = None) -> dict[str, torch.Tensor]:
     """One batch, no optimizer: the gradients each stage is left with."""
     comm = zero_comm.init_distributed()
     module = PipelineModule(two_ties_layers(), comm.world_size, stage_id=comm.rank, loss_fn=mse,
                             partition_method="uniform", seed=tiny_gpt.SEED)
-    PipelineEngine(module, comm, micro_batches=2, schedule="1f1b").train_batch(batch=(x, y))
+    scale = None if loss_scale is None else (lambda: loss_scale)
+    PipelineEngine(module, comm, micro_batches=2, schedule=schedule, loss_scale=scale).train_batch(batch=(x, y))
     return {name: p.grad.clone() for name, p in module.named_parameters()}

@@ -65,8 +65,10 @@ def test_pipeline_by_tensor_parallel_grid_matches_single_process() -> None:
         assert_matches(tuple(got), want, f"rank {rank}")
 
 
-def test_stages_holding_different_ties_sum_each_tie_gradient() -> None:
-    """Stage 2 holds ties "a" and "b", stages 0 and 1 one each: every copy ends with the whole gradient."""
+@pytest.mark.parametrize(("schedule", "loss_scale"), [("1f1b", None), ("1f1b", 1024.0), ("zb-h1", 1024.0)])
+def test_stages_holding_different_ties_sum_each_tie_gradient(schedule: str, loss_scale: float | None) -> None:
+    """Stage 2 holds ties "a" and "b", stages 0 and 1 one each: every copy ends with the whole gradient
+    (times fp16's loss scale, which the last stage's loss is multiplied by, under either backward)."""
     layers = pipe_parity.two_ties_layers()
     built = {}
     for i, spec in enumerate(layers):
@@ -81,8 +83,9 @@ def test_stages_holding_different_ties_sum_each_tie_gradient() -> None:
     pipe_parity.mse(out, y).backward()
     want = {f"tied.{k}.{n}" if k in "ab" else f"layers.{k}.{n}": p.grad for k, m in built.items()
             for n, p in m.named_parameters()}
-    grads = run_ranks(pipe_parity.two_ties_run, 3, x, y, timeout=90)
+    grads = run_ranks(pipe_parity.two_ties_run, 3, x, y, schedule, loss_scale, timeout=90)
     assert sorted(grads[2]) == ["tied.a.bias", "tied.a.weight", "tied.b.bias", "tied.b.weight"]
     for rank, per_rank in enumerate(grads):
         for name, grad in per_rank.items():
-            torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-7, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(grad, want[name] * (loss_scale or 1.0), rtol=1e-5, atol=1e-7,
+                                       msg=f"rank {rank}: {name}")

@@ -77,7 +77,8 @@ class PipelineEngine(EngineInfo, nn.Module):
         self.micro_batches = int(config.gradient_accumulation_steps or 1)
         self.pipe = zero_pipe.PipelineEngine(module, self.mesh.pp, micro_batches=self.micro_batches,
                                              schedule=getattr(module, "schedule", "1f1b"),
-                                             dynamic_shapes=getattr(module, "dynamic_shape", False))
+                                             dynamic_shapes=getattr(module, "dynamic_shape", False),
+                                             loss_scale=lambda: self.optimizer.loss_scale)  # fp16's; else 1
         # tied across stages: hold the optimizer's hooks off until the stages' gradients are summed
         self._tied = [p for params in module.tied_parameters().values() for p in params if p.requires_grad]
         # ...and held first by another stage: that stage's share of the gradient norm counts them
@@ -287,8 +288,6 @@ def _apply_pipeline_block(module: zero_pipe.PipelineModule, config: DeepSpeedCon
     if zero.stage > 1:
         raise ConfigError(f"zero_optimization.stage: pipeline parallelism runs with ZeRO stage 0 or 1 (as in "
                           f"DeepSpeed), got {zero.stage}")
-    if config.fp16.enabled is True:
-        raise ConfigError("fp16.enabled: the pipeline engine does not scale losses; use bf16")
     if block.stages not in ("auto", module.num_stages):
         raise ConfigError(f"pipeline.stages: the config says {block.stages}, the PipelineModule has "
                           f"{module.num_stages}")

@@ -89,11 +89,15 @@ class PipelineEngine:
             an error raised by the stage that would send it (as in DeepSpeed); the
             fixed sizes let receives be posted ahead of time. ``True`` allows shapes
             to change from batch to batch, for one extra round trip per message.
+        loss_scale: fp16's loss scaling: the last stage multiplies each loss by
+            ``loss_scale()`` before its backward, so every stage's gradients are scaled
+            by it (the optimizer unscales them and moves the scale); ``None``: 1.
     """
 
     def __init__(self, module: PipelineModule, comm: Communicator, *, micro_batches: int,
                  schedule: str | Callable[..., Schedule] = "1f1b", optimizer: Optimizer | None = None,
-                 dp_comm: Communicator | None = None, dynamic_shapes: bool = False):
+                 dp_comm: Communicator | None = None, dynamic_shapes: bool = False,
+                 loss_scale: Callable[[], float] | None = None):
         if comm.world_size != module.num_stages or comm.rank != module.stage_id:
             raise ValueError(f"the module is stage {module.stage_id} of {module.num_stages} but this rank is "
                              f"{comm.rank} of a pipeline group of {comm.world_size}")
@@ -101,6 +105,7 @@ class PipelineEngine:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.module, self.comm, self.micro_batches = module, comm, micro_batches
         self.optimizer, self.dp_comm, self.dynamic_shapes = optimizer, dp_comm, dynamic_shapes
+        self.loss_scale = loss_scale
         self.train_schedule = self._schedule(schedule, train=True)
         self.eval_schedule = self._schedule(schedule, train=False)
         # per schedule (keyed by train): the peer of the next receive after each step; the messages in and out
@@ -307,7 +312,9 @@ class PipelineEngine:
         vs = schedule.virtual_stage(self.comm.rank, a.chunk)
         x, out = state.saved.pop((a.micro_batch, a.chunk))
         if vs == schedule.virtual_stages - 1:
-            torch.autograd.backward(out / schedule.micro_batches)
+            scale = self.loss_scale() if self.loss_scale is not None else 1.0
+            torch.autograd.backward(out / schedule.micro_batches if scale == 1.0 else
+                                    out * scale / schedule.micro_batches)
         else:
             torch.autograd.backward(out, state.received.pop((a.micro_batch, -1 - a.chunk)))
         if vs > 0:
@@ -315,6 +322,10 @@ class PipelineEngine:
                 raise PipelineError(f"{self._where(a.chunk)}'s input got no gradient in micro-batch "
                                     f"{a.micro_batch}: its output does not depend on it")
             state.input_grads[(a.micro_batch, a.chunk)] = x.grad
+
+    def _loss_factor(self, schedule: Schedule) -> float:
+        """What the last stage multiplies each micro-batch's loss by before its backward."""
+        return (self.loss_scale() if self.loss_scale is not None else 1.0) / schedule.micro_batches
 
     def _backward_input(self, schedule: Schedule, a: Action, state: _Batch) -> None:
         """Zero-bubble, first half: the gradient of the chunk's input only, layer by layer from the end;
@@ -324,7 +335,7 @@ class PipelineEngine:
         segments = state.segments[unit]
         out = state.saved.pop(unit)[1]
         last = vs == schedule.virtual_stages - 1  # then ``out`` is the loss, which is scaled by 1 / m
-        grad = (torch.full_like(out, 1 / schedule.micro_batches) if last else
+        grad = (torch.full_like(out, self._loss_factor(schedule)) if last else
                 state.received.pop((a.micro_batch, -1 - a.chunk)))
         grads: list[Any] = []
         for k in range(len(segments) - 1, -1, -1):
