@@ -36,19 +36,11 @@ from zero_comm import Communicator
 
 from ._base import Piece, Segment, ShardedOptimizer
 from ._optimizer import ZeroConfig
-from ._partition import GatherUnit, PartitionedParameter
+from ._partition import GatherUnit, PartitionedParameter, _release
 from ._rules import UpdateRule, check_hyperparameters
 from ._store import StateStore
 
 __all__ = ["ZeroStage3"]
-
-
-def _free(staging: torch.Tensor) -> None:
-    """Give back a unit's full-size gradients once their reduce-scatter finished. The backend may still
-    hold the tensor for a while (Gloo until its worker thread next runs: on a busy machine, several
-    units' worth by the end of a backward), so its memory is released here rather than at the last
-    reference."""
-    staging.untyped_storage().resize_(0)
 
 
 @dataclass
@@ -439,7 +431,7 @@ class ZeroStage3(ShardedOptimizer):
         if first and owner.grad is not None:  # the first micro-step since zero_grad: straight into the shard
             handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True,
                                               consume_input=True)
-            self._pending.append((handle, lambda: _free(staging)))
+            self._pending.append((handle, lambda: _release(staging)))
         else:
             reduced = torch.empty(owner.unit.shard_numel, dtype=self.dtype, device=staging.device)
             handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
@@ -448,10 +440,13 @@ class ZeroStage3(ShardedOptimizer):
 
             def finish() -> None:
                 accumulate()
-                _free(staging)
+                _release(staging)
 
             self._pending.append((handle, finish))
-        # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight
+        # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight.
+        # Once finished they are released at once, not at their last reference: the backend may hold
+        # them a while (Gloo until its worker thread next runs -- on a busy machine, several units'
+        # worth by the end of a backward)
         self._drain(keep=1 if self.config.overlap_comm else 0)
 
     def _accumulate(self, owner: _Owner, reduced: torch.Tensor, first: bool) -> Callable[[], None]:
