@@ -156,13 +156,19 @@ class NormNet(nn.Module):
         self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.net(x) + self.frozen, y)
+        x = x.to(self.frozen.dtype)  # the script casts its inputs for fp16/bf16, as with DeepSpeed
+        return F.cross_entropy((self.net(x) + self.frozen).float(), y)
 
 
-def buffers_script(stage: int, root: str) -> dict:
+def buffers_script(stage: int, root: str, precision: str | None = None) -> dict:
+    """``precision``: fp16 or bf16 also cast the buffers and the frozen weight (DeepSpeed's module.half())."""
+    def ds_config() -> dict:
+        return {**config(stage, None, 0.0, root), **({precision: {"enabled": True}} if precision else {})}
+
     torch.manual_seed(0)
     model = NormNet()
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config(stage, None, 0.0, root))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config())
+    dtypes = {str(b.dtype) for b in model.net[1].buffers() if b.is_floating_point()} | {str(model.frozen.dtype)}
     for step in range(2):
         train_step(engine, step)
     engine.save_checkpoint(Path(root) / "ckpt")
@@ -171,17 +177,19 @@ def buffers_script(stage: int, root: str) -> dict:
     after = [train_step(engine, step) for step in (2, 3)]
     torch.manual_seed(1)  # other initial weights, buffers and frozen weight: the checkpoint must set them
     fresh = NormNet()
-    engine, _, _, _ = deepspeed.initialize(model=fresh, config=config(stage, None, 0.0, root))
+    engine, _, _, _ = deepspeed.initialize(model=fresh, config=ds_config())
     engine.load_checkpoint(Path(root) / "ckpt")
     loaded = fresh.net[1].state_dict()
     return {"buffers_equal": all(torch.equal(loaded[k], v) for k, v in saved.items()),
             "frozen_equal": torch.equal(fresh.frozen, frozen),
-            "after": after, "resumed": [train_step(engine, step) for step in (2, 3)]}
+            "after": after, "resumed": [train_step(engine, step) for step in (2, 3)], "dtypes": dtypes}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_a_checkpoint_keeps_buffers_and_frozen_weights(tmp_path: Path, stage: int):
-    results = run_ranks(buffers_script, 2, stage, str(tmp_path))
+@pytest.mark.parametrize(("stage", "precision"), [(1, None), (3, None), (1, "fp16"), (3, "bf16")])
+def test_a_checkpoint_keeps_buffers_and_frozen_weights(tmp_path: Path, stage: int, precision: str | None):
+    results = run_ranks(buffers_script, 2, stage, str(tmp_path), precision)
+    want = {None: "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[precision]
+    assert all(r["dtypes"] == {want} for r in results), results
     # every rank resumes with rank 0's buffers (a BatchNorm's statistics differ by rank), as in DeepSpeed
     assert results[0]["buffers_equal"]
     for rank, got in enumerate(results):

@@ -12,7 +12,7 @@ from torch import nn
 
 import zero_all as deepspeed
 from zero_all.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from zero_comm.testing import run_ranks
+from zero_comm.testing import RankFailure, run_ranks
 
 STEPS, MICRO, ACCUM, LR, SEED = 4, 2, 3, 1e-2, 1234
 
@@ -224,7 +224,7 @@ def skip_together(fp16: bool) -> dict:
     extra = {"fp16": {"enabled": True, "initial_scale_power": 10, "hysteresis": 1}} if fp16 else {}
     engine, _, _, _ = deepspeed.initialize(model=model, config=config(1, **extra))
     dp_rank, dp = engine.mesh.dp.rank, engine.mesh.dp.world_size
-    kept, scales = False, []
+    kept, scales, applied = False, [], []
     for step in range(3):
         Spiky.spike = step == 1
         before = [p.detach().clone() for p in engine.module.parameters()]
@@ -233,8 +233,11 @@ def skip_together(fp16: bool) -> dict:
         if step == 1:
             kept = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters(), strict=True))
         scales.append(engine.optimizer.loss_scale)
+        applied.append(engine.was_step_applied())
     return {"spiky_here": any(isinstance(m, Spiky) for m in engine.module.modules()), "kept": kept,
-            "skipped": engine.skipped_steps, "global_steps": engine.global_steps, "scales": scales}
+            "skipped": engine.skipped_steps, "global_steps": engine.global_steps, "scales": scales,
+            "applied": applied, "samples": engine.global_samples, "clipping": engine.gradient_clipping(),
+            "mom": engine.get_mom(), "monitor": engine.monitor is not None}
 
 
 @pytest.mark.parametrize(("world", "fp16"), [(2, False), (4, False), (2, True)])
@@ -243,5 +246,18 @@ def test_a_step_with_an_inf_gradient_on_one_stage_is_skipped_on_every_stage(worl
     assert any(r["spiky_here"] for r in results) and not all(r["spiky_here"] for r in results)
     for rank, r in enumerate(results):
         assert r["kept"] and r["skipped"] == 1 and r["global_steps"] == 3, (rank, r)
+        assert r["applied"] == [True, False, True] and r["samples"] == 3 * MICRO * ACCUM * (world // 2), (rank, r)
+        assert r["clipping"] == 0.0 and r["mom"] == [(0.9, 0.999)] and r["monitor"], (rank, r)
         # fp16: every stage halves its loss scale at the overflow, so all keep scaling alike
         assert r["scales"] == ([1024.0, 512.0, 512.0] if fp16 else [1.0] * 3), (rank, r)
+
+
+def stage_without_parameters() -> None:
+    specs = [LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), LayerSpec(nn.Tanh), LayerSpec(nn.Tanh)]
+    model = PipelineModule(specs, num_stages=2, loss_fn=F.cross_entropy, partition_method="uniform")
+    deepspeed.initialize(model=model, config=config(0))
+
+
+def test_a_stage_with_nothing_to_train_is_named():
+    with pytest.raises(RankFailure, match=r"stage 1 \(layers 2-3\) of 2 has no parameter to train"):
+        run_ranks(stage_without_parameters, 2, timeout=120)

@@ -263,3 +263,36 @@ def test_partitioned_construction_runs_under_the_users_profilers(world_size):
     for r in run_ranks(build_under_profilers, world_size):
         assert r == {"torch_hook_kept": True, "torch_partitioned": True, "torch_stack_after": True,
                      "python_hook_kept": True, "python_partitioned": True, "python_saw_inits": True}
+
+
+def modify_in_bf16() -> dict:
+    comm = zero_comm.init_distributed()
+    model = zero_models.make_model("mlp")
+    opt = ZeroStage3(model, AdamW(lr=LR), comm=comm, config=ZeroConfig(stage=3, precision="bf16",
+                                                                       persistence_threshold=0))
+    opt.backward(model(*zero_models.batch("mlp", comm.rank, 4)))
+    opt.step()  # the fp32 masters now hold more than their bf16 rounding
+
+    def masters() -> dict[str, torch.Tensor]:
+        return {k: torch.cat([p.data.reshape(-1).clone() for p in v.pieces]) if v.pieces else torch.zeros(0)
+                for k, v in opt.sharded_state().items() if k.startswith("master/net.0.")}
+
+    before = masters()
+    w = model.net[0].weight
+    with gathered(model.net[0].parameters(), modifier_rank=0):  # one unit: the weight and its bias
+        w.data.mul_(2)
+    after = masters()
+    bias = [k for k in before if k.endswith("bias")]  # (a rank may hold no piece of one)
+    return {"bias_kept": all(torch.equal(before[k], after[k]) for k in bias),
+            "weight_taken": all(torch.equal(after[k], before[k].bfloat16().float() * 2)
+                                for k in before if k.endswith("weight")),
+            "had_more": any(not torch.equal(before[k], before[k].bfloat16().float()) for k in bias)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_change_under_gathered_leaves_the_other_masters_of_its_unit_exact(world_size):
+    """bf16: the master weights take what the block changed, and keep their fp32 value for what it did
+    not (they are not replaced by their bf16 rounding: a resumed checkpoint continues exactly)."""
+    results = run_ranks(modify_in_bf16, world_size)
+    assert all(r["bias_kept"] and r["weight_taken"] for r in results), results
+    assert any(r["had_more"] for r in results), "the test needs masters finer than bf16"

@@ -109,6 +109,17 @@ class EngineInfo:
         before the first)."""
         return self.optimizer.last_grad_norm
 
+    def gradient_clipping(self) -> float:
+        """The config's clipping threshold for the gradient norm (0: no clipping)."""
+        return float(self.config.gradient_clipping)
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_mom(self) -> list[Any]:
+        """Each group's ``betas`` (Adam-like rules) or ``momentum`` (SGD)."""
+        return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
+
 
 class Engine(EngineInfo, nn.Module):
     """The model with its ZeRO optimizer; DeepSpeed's engine API.
@@ -174,6 +185,8 @@ class Engine(EngineInfo, nn.Module):
                 model_parameters if model_parameters is not None else model.named_parameters())
             self.optimizer = zero_optim.ZeroOptimizer(params, rule, comm=comm, config=zcfg, store=store,
                                                       names=names)
+        if precision != "fp32":
+            _cast_floating_state(model, self.optimizer.dtype, frozen_params=zero.stage < 3)
         self.store = store
         self.basic_optimizer = TorchOptimizerView(self.optimizer)  # what torch's schedulers act on
         self.lr_scheduler = self._scheduler(lr_scheduler, client)
@@ -291,13 +304,6 @@ class Engine(EngineInfo, nn.Module):
     def was_step_applied(self) -> bool:
         """Whether the last optimizer step changed the weights (False: skipped for inf/NaN gradients)."""
         return self.basic_optimizer.last_step_applied
-
-    def get_lr(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def get_mom(self) -> list[Any]:
-        """Each group's ``betas`` (Adam-like rules) or ``momentum`` (SGD)."""
-        return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """torch's, then the optimizer's fp32 master weights are set from the loaded weights (else the
@@ -502,6 +508,21 @@ def _to_local_device(model: nn.Module, comm: zero_comm.Communicator) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     if any(p.device != device for p in model.parameters()):
         model.to(device)
+
+
+def _cast_floating_state(model: nn.Module, dtype: torch.dtype, *, frozen_params: bool) -> None:
+    """What DeepSpeed's ``module.half()``/``bfloat16()`` does beyond the trained weights, which the
+    optimizer casts: floating-point buffers (a BatchNorm's running statistics) and, with
+    ``frozen_params``, the weights nothing trains (stage 3 partitions, and casts, those itself)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                    module._buffers[name] = buf.to(dtype)
+            if frozen_params:
+                for p in module.parameters(recurse=False):
+                    if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
 
 
 def _frozen(module: nn.Module) -> list[nn.Parameter]:

@@ -73,6 +73,10 @@ class PipelineEngine(EngineInfo, nn.Module):
             raise ValueError(f"rank {world.rank} is stage {self.mesh.pp.rank} of the (pipeline, data) grid but its "
                              f"module was built as stage {module.stage_id}: build it with deepspeed.pipe."
                              "PipelineModule, which works its stage out")
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"{module.describe_stage()} of {pp} has no parameter to train, so its optimizer "
+                             "would have nothing to step: cut the layers differently (partition_method="
+                             "'parameters', or fewer stages) or unfreeze some of its layers")
         self.world, self.module = world, module
         self.micro_batches = int(config.gradient_accumulation_steps or 1)
         self.pipe = zero_pipe.PipelineEngine(module, self.mesh.pp, micro_batches=self.micro_batches,
@@ -227,8 +231,19 @@ class PipelineEngine(EngineInfo, nn.Module):
     def train_micro_batch_size_per_gpu(self) -> int:
         return int(self.config.train_micro_batch_size_per_gpu or 0)
 
-    def get_lr(self) -> list[float]:
-        return self._stage.get_lr()
+    def was_step_applied(self) -> bool:
+        """Whether the last batch's step changed the weights (False: skipped, on every stage, for an
+        inf/NaN gradient)."""
+        return self._stage.was_step_applied()
+
+    @property
+    def global_samples(self) -> int:
+        return self._stage.global_samples
+
+    @property
+    def monitor(self) -> Any:
+        """The stage's training monitor (the log line, CSV and TensorBoard writers)."""
+        return self._stage.monitor
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a pipeline engine runs whole batches: call train_batch() or eval_batch(), not "

@@ -559,10 +559,20 @@ class ZeroStage3(ShardedOptimizer):
         return self.names
 
     def _reload_master(self, unit: GatherUnit) -> None:
+        """After ``gathered(..., modifier_rank=...)``: the master weights take the unit's new values. In
+        bf16/fp16 an element the block left as it was keeps its fp32 master (the unit may hold other
+        parameters than the ones changed, and its weights are the masters rounded)."""
         owner = self._owner_of.get(id(unit))
-        if owner is not None:
-            with unit.local_shard() as shard:
-                self.store.put(owner.master_key, shard.float())
+        if owner is None:
+            return
+        with unit.local_shard() as shard:
+            new = shard.float()
+            if shard.dtype != torch.float32:
+                old = self.store.get(owner.master_key)
+                kept = old.to(shard.dtype) == shard.to(old.device)
+                new = torch.where(kept, old, new.to(old.device))
+                self.store.release(owner.master_key)
+            self.store.put(owner.master_key, new)
 
     def _after_load(self) -> None:
         for owner in self.owners:
