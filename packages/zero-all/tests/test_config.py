@@ -131,3 +131,11 @@ def test_a_disabled_block_of_a_missing_feature_is_accepted_and_files_are_checked
     bad.write_text("{\"train_batch_size\": 8,")
     with pytest.raises(ConfigError, match="cannot be parsed as json"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("key, value", [("train_micro_batch_size_per_gpu", 0), ("train_micro_batch_size_per_gpu", -1),
+                                        ("train_batch_size", -8), ("gradient_accumulation_steps", 0)])
+def test_batch_sizes_below_one_are_refused_naming_the_key_and_value(key: str, value: int):
+    raw = {"train_micro_batch_size_per_gpu": 2, key: value}
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a positive integer .*got {value}$"):
+        load_config(raw)

@@ -444,6 +444,10 @@ def _describe(tp: Any) -> str:
 
 def _check_combinations(config: DeepSpeedConfig) -> None:
     zero = config.zero_optimization
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = getattr(config, key)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"{key}: must be a positive integer (or \"auto\"), got {value}")
     if config.fp16.enabled is True and config.bf16.enabled is True:
         raise ConfigError("fp16.enabled: fp16 and bf16 cannot both be enabled")
     for name in ("offload_param", "offload_optimizer"):
