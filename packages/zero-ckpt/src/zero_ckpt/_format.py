@@ -6,7 +6,10 @@ flattened tensor it holds, its dtype and where its bytes start in the file --
 and a CRC-32 of every ``block_size`` bytes of the file, so a reader can verify
 exactly the blocks it reads, even when resharding makes it read only part of a
 piece. ``meta.json`` names every tensor with its global shape and dtype, the
-world size that wrote it, the step and each rank's files.
+world size that wrote it, the step and each rank's files, with a CRC-32 of each
+rank's manifest and of ``client.pt``; its own CRC-32 is its last field, taken over
+its encoding with that field zero (``_verify`` checks all of them and every piece
+against the data file before a byte is used).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 __all__ = ["BLOCK", "CheckpointError", "CheckpointMeta", "PieceEntry", "RankManifest", "TensorEntry",
            "dtype_from_name", "dtype_name", "read_exact", "write_file"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json checksums the manifests and itself
+READABLE_VERSIONS = (1, 2)
 BLOCK = 4 << 20
 
 
@@ -46,7 +50,7 @@ class RankManifest(msgspec.Struct, frozen=True):
     block_size: int
     checksums: list[int]  # CRC-32 of each block of the data file
     pieces: list[PieceEntry]
-    extra_file: str = ""  # this rank's RNG states and other small objects (torch.save)
+    extra_file: str = ""  # this rank's RNG states (torch.save of tensors and plain data)
     extra_checksum: int = 0
 
 
@@ -63,6 +67,8 @@ class CheckpointMeta(msgspec.Struct, frozen=True):
     ranks: list[str]  # manifest file of each rank
     client_file: str = ""
     client_checksum: int = 0
+    manifest_checksums: list[int] = msgspec.field(default_factory=list)  # CRC-32 of each file in ``ranks``
+    checksum: int = 0  # CRC-32 of this meta encoded with checksum 0 (format 2 on)
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (

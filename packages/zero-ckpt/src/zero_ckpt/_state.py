@@ -49,7 +49,9 @@ from ._format import (
     fsync_dir,
     write_file,
 )
+from ._load import PreparedLoad, prepare_load
 from ._reader import CheckpointReader
+from ._verify import safe_load, seal_meta
 
 __all__ = [
     "CheckpointManager",
@@ -189,7 +191,7 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------
     def save(self, tag: str, items: Mapping[str, Any], *, client_state: Any = None, async_save: bool = False,
-             overwrite: bool = False) -> None:
+             overwrite: bool = False, update_latest: bool = True) -> None:
         began = time.perf_counter()
         try:
             self.wait()
@@ -215,7 +217,7 @@ class CheckpointManager:
             writes = [(name, start, stop, data.detach().cpu().contiguous()) for name, start, stop, data in writes]
         extra = _rng_state()
         client = {"client_state": client_state, "items": metas} if self.comm.rank == 0 else None
-        job = self._writer(tag, partial, plans, writes, extra, client)
+        job = self._writer(tag, partial, plans, writes, extra, client, update_latest)
         if async_save:
             copied = threading.Event()
             hooks: list[Any] = []
@@ -332,7 +334,7 @@ class CheckpointManager:
         return out
 
     def _writer(self, tag: str, partial: Path, plans: list[_Plan], writes: list, extra: bytes,
-                client: dict | None) -> Callable[[], None]:
+                client: dict | None, update_latest: bool) -> Callable[[], None]:
         rank, world, block = self.comm.rank, self.comm.world_size, self.block_size
 
         def job() -> None:
@@ -349,13 +351,20 @@ class CheckpointManager:
             write_file(partial / f"done.{rank}", [memoryview(b"")], sync=False)  # a signal; the files are synced
             if rank == 0:
                 assert client is not None
-                self._commit(tag, partial, plans, world, client)
+                self._commit(tag, partial, plans, world, client, update_latest)
 
         return job
 
-    def _commit(self, tag: str, partial: Path, plans: list[_Plan], world: int, client: dict) -> None:
+    def _commit(self, tag: str, partial: Path, plans: list[_Plan], world: int, client: dict,
+                update_latest: bool) -> None:
         buf = io.BytesIO()
         torch.save(client, buf)
+        try:  # a load unpickles data only: refuse now what it would refuse then
+            safe_load(buf.getvalue(), partial / "client.pt")
+        except CheckpointError as exc:
+            raise CheckpointError(f"client_state must hold only tensors and plain data (a load unpickles with "
+                                  f"weights_only=True; torch.serialization.add_safe_globals allows more): {exc}"
+                                  ) from None
         write_file(partial / "client.pt", [buf.getbuffer()])
         deadline = time.monotonic() + self.timeout
         while not all((partial / f"done.{r}").exists() for r in range(world)):
@@ -364,10 +373,11 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {tag}: ranks {missing} did not finish writing within "
                                       f"{self.timeout:.0f} s; {self.root / 'latest'} still names the previous one")
             time.sleep(0.01)
-        meta = CheckpointMeta(FORMAT_VERSION, tag, world, plans[0].tensors,
-                              [f"rank{r:05d}.json" for r in range(world)], "client.pt",
-                              checksum_file(partial / "client.pt"))
-        write_file(partial / "meta.json", [memoryview(msgspec.json.encode(meta))])
+        manifests = [f"rank{r:05d}.json" for r in range(world)]
+        meta = CheckpointMeta(FORMAT_VERSION, tag, world, plans[0].tensors, manifests, "client.pt",
+                              checksum_file(partial / "client.pt"),
+                              [checksum_file(partial / name) for name in manifests])
+        write_file(partial / "meta.json", [memoryview(seal_meta(meta))])
         for r in range(world):
             (partial / f"done.{r}").unlink()
         fsync_dir(partial)
@@ -378,10 +388,11 @@ class CheckpointManager:
             os.rename(final, old)
         os.rename(partial, final)
         fsync_dir(self.root)
-        pointer = self.root / f"latest.partial-{plans[0].nonce}"
-        write_file(pointer, [memoryview(tag.encode())])
-        os.replace(pointer, self.root / "latest")
-        fsync_dir(self.root)
+        if update_latest:
+            pointer = self.root / f"latest.partial-{plans[0].nonce}"
+            write_file(pointer, [memoryview(tag.encode())])
+            os.replace(pointer, self.root / "latest")
+            fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -431,28 +442,17 @@ class CheckpointManager:
     # -- loading ---------------------------------------------------------------------------
     def load(self, items: Mapping[str, Any], tag: str | None = None, *, restore_rng: bool = True) -> Any:
         """Fill ``items``' pieces from checkpoint ``tag`` (default: the one ``latest`` names), restore
-        checkpointable items' counters and this rank's RNG, and return the client state."""
-        self.wait()
-        self.comm.barrier()  # every rank's earlier saves are committed before any rank reads `latest`
-        reader = CheckpointReader(self.root, tag)
-        state = _items_state(items)
-        for name, entry in state.items():  # check everything before changing anything
-            want = reader.entry(name)
-            if list(entry.global_shape) != want.shape:
-                raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(want.shape)}, this model "
-                                      f"{tuple(entry.global_shape)}")
-        for name, entry in state.items():
-            for piece in entry.pieces:
-                reader.read_into(name, piece.start, piece.stop, piece.data)
-        client = reader.client()
-        for key, obj in items.items():
-            if isinstance(obj, Checkpointable):
-                if key not in client["items"]:
-                    raise CheckpointError(f"checkpoint {reader.tag} has no counters for item {key!r}")
-                obj.load_checkpoint_meta(client["items"][key])
-        if restore_rng and self.comm.rank < reader.meta.world_size:
-            _set_rng_state(reader.extra(self.comm.rank))
-        return client["client_state"]
+        checkpointable items' counters and this rank's RNG, and return the client state. All or
+        nothing: every rank verifies and stages first, and if any rank cannot, every rank raises the
+        same CheckpointError and no state has changed (:func:`prepare`, then ``apply``)."""
+        return self.prepare(items, tag, restore_rng=restore_rng).apply()
+
+    def prepare(self, items: Mapping[str, Any], tag: str | None = None, *, restore_rng: bool = True,
+                check: Callable[[CheckpointReader, dict[str, Any]], None] | None = None) -> PreparedLoad:
+        """The first half of :meth:`load` (collective): checkpoint ``tag`` verified and staged in host
+        memory for ``items`` on every rank, or the same CheckpointError on every rank. ``check(reader,
+        client)`` may raise to refuse the checkpoint on this rank. Nothing changes until ``apply()``."""
+        return prepare_load(self, items, tag, restore_rng=restore_rng, check=check)
 
 
 def _rng_state() -> bytes:
