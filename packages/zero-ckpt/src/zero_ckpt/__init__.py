@@ -8,8 +8,9 @@ checkpoint from N ranks that M ranks read back; :func:`consolidate` and
 """
 
 from ._activation import ActivationCheckpointConfig, ActivationCheckpointing, CheckpointStats
+from ._export import consolidate, export
 from ._format import CheckpointError
-from ._reader import CheckpointReader, consolidate, export, latest_tag
+from ._reader import CheckpointReader, latest_tag
 from ._rng import RNGStatesTracker
 from ._state import Checkpointable, CheckpointManager, FullTensor, ShardedTensorLike, module_state, tensors_state
 

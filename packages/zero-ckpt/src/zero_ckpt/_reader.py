@@ -2,27 +2,23 @@
 
 :class:`CheckpointReader` opens one checkpoint (``latest`` by default) and reads any
 range of any tensor, from whichever ranks' files hold it, checking the CRC of every
-block it touches. :func:`consolidate` and :func:`export` build whole tensors from it,
-whatever world size wrote the checkpoint.
+block it touches. ``zero_ckpt._export`` builds whole tensors from it, whatever world
+size wrote the checkpoint.
 """
 
 from __future__ import annotations
 
 import difflib
-import io
+import glob
 import os
-import secrets
 import zlib
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import torch
 
 from ._format import (
-    FORMAT_VERSION,
     CheckpointError,
-    CheckpointMeta,
     PieceEntry,
     RankManifest,
     TensorEntry,
@@ -30,8 +26,9 @@ from ._format import (
     dtype_from_name,
     read_exact,
 )
+from ._verify import check_coverage, open_manifest, open_meta, safe_load
 
-__all__ = ["CheckpointReader", "consolidate", "export", "latest_tag"]
+__all__ = ["CheckpointReader", "latest_tag"]
 
 
 def latest_tag(root: str | os.PathLike) -> str:
@@ -41,6 +38,8 @@ def latest_tag(root: str | os.PathLike) -> str:
         tag = path.read_text().strip()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint in {root}: it has no 'latest' file") from None
+    if "/" in tag or "\\" in tag or tag.startswith("."):
+        raise CheckpointError(f"{path} names {tag!r}, which is not a tag in {root}")
     if tag and not (Path(root) / tag).exists():  # an overwrite died between its renames: the old copy
         aside = sorted(Path(root).glob(f"{tag}.partial-old-*"))
         if aside and (aside[0] / "meta.json").is_file():
@@ -50,31 +49,26 @@ def latest_tag(root: str | os.PathLike) -> str:
     return tag
 
 
-
 class CheckpointReader:
-    """Reads one checkpoint, piece by piece, without a process group."""
+    """Reads one checkpoint, piece by piece, without a process group. Opening it verifies
+    ``meta.json`` and every rank's manifest (checksums, and every piece against its data file's
+    size: see ``_verify``); reading verifies the CRC of every block it touches."""
 
     def __init__(self, root: str | os.PathLike, tag: str | None = None):
         self.root = Path(root)
         self.tag = tag or latest_tag(self.root)
         self.dir = self.root / self.tag
-        self.meta = self._decode(self.dir / "meta.json", CheckpointMeta)
-        if self.meta.format_version != FORMAT_VERSION:
-            raise CheckpointError(f"{self.dir}: format version {self.meta.format_version}, this reader reads "
-                                  f"{FORMAT_VERSION}")
-        self.manifests = [self._decode(self.dir / f, RankManifest) for f in self.meta.ranks]
+        if tag and not self.dir.exists():  # an overwrite of this tag died between its two renames
+            aside = sorted(self.root.glob(f"{glob.escape(tag)}.partial-old-*"))
+            if aside and (aside[0] / "meta.json").is_file():
+                self.tag, self.dir = aside[0].name, aside[0]
+        self.meta = open_meta(self.dir / "meta.json")
+        self.manifests = [open_manifest(self.dir, self.meta, r) for r in range(len(self.meta.ranks))]
+        check_coverage(self.dir, self.meta, self.manifests)
         self._index: dict[str, list[tuple[PieceEntry, RankManifest]]] = {}
         for m in self.manifests:
             for p in m.pieces:
                 self._index.setdefault(p.name, []).append((p, m))
-
-    def _decode(self, path: Path, kind: type) -> Any:
-        try:
-            return msgspec.json.decode(path.read_bytes(), type=kind)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing: {self.dir} is not a complete checkpoint") from None
-        except msgspec.DecodeError as exc:
-            raise CheckpointError(f"{path} is corrupted: {exc}") from exc
 
     @property
     def names(self) -> list[str]:
@@ -115,42 +109,32 @@ class CheckpointReader:
 
     def _verified(self, name: str, checksum: int) -> bytes:
         path = self.dir / name
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path} is missing or unreadable: {self.dir} is not a complete checkpoint "
+                                  f"({exc.strerror or exc})") from None
         if zlib.crc32(data) != checksum:
             raise CheckpointError(f"{path} fails its checksum: the file is corrupted")
         return data
 
     def client(self) -> dict[str, Any]:
-        data = self._verified(self.meta.client_file, self.meta.client_checksum)
-        return torch.load(io.BytesIO(data), weights_only=False)
+        """The client state and the items' counters (tensors and plain data only)."""
+        if not self.meta.client_file:
+            raise CheckpointError(f"{self.dir / 'meta.json'} names no client state file")
+        path = self.dir / self.meta.client_file
+        client = safe_load(self._verified(self.meta.client_file, self.meta.client_checksum), path)
+        if not isinstance(client, dict) or not isinstance(client.get("items"), dict) or "client_state" not in client:
+            raise CheckpointError(f"{path} does not hold a client state and items' counters")
+        return client
 
     def extra(self, rank: int) -> dict[str, Any]:
+        """Rank ``rank``'s RNG states (tensors and plain data only)."""
         m = self.manifests[rank]
-        return torch.load(io.BytesIO(self._verified(m.extra_file, m.extra_checksum)), weights_only=False)
-
-
-def consolidate(root: str | os.PathLike, tag: str | None = None, *, prefix: str = "optim/master/",
-                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with ``prefix``, whole, named without the prefix; no process
-    group needed, whatever world size wrote the checkpoint."""
-    reader = CheckpointReader(root, tag)
-    names = [n for n in reader.names if n.startswith(prefix)]
-    if not names:
-        raise CheckpointError(f"checkpoint {reader.dir} has no tensors under {prefix!r} "
-                              f"(it has e.g. {reader.names[:3]})")
-    return {n[len(prefix):]: reader.full(n, dtype) for n in names}
-
-
-def export(root: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, *,
-           prefix: str = "optim/master/", dtype: torch.dtype = torch.float32) -> Path:
-    """Write one ``state_dict`` file that plain ``torch.load`` reads (fp32 by default, or bf16): the
-    consolidated ``prefix`` tensors of the checkpoint. Written atomically."""
-    state = consolidate(root, tag, prefix=prefix, dtype=dtype)
-    out = Path(out)
-    tmp = out.with_name(out.name + f".partial-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return out
+        if not m.extra_file:
+            raise CheckpointError(f"{self.dir / self.meta.ranks[rank]} names no RNG state file for rank {rank}")
+        path = self.dir / m.extra_file
+        extra = safe_load(self._verified(m.extra_file, m.extra_checksum), path)
+        if not isinstance(extra, dict) or not isinstance(extra.get("torch"), torch.Tensor) or "python" not in extra:
+            raise CheckpointError(f"{path} does not hold RNG states")
+        return extra
