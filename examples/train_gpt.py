@@ -108,7 +108,8 @@ def main() -> None:
             print(f"step {step:4d}  loss {losses[-1]:.3f}  lr {engine.get_lr()[0]:.2e}  "
                   f"({time.perf_counter() - began:.0f}s)", flush=True)
 
-    tag = engine.save_checkpoint(out / "checkpoints", client_state={"step": start + args.steps})
+    tag = f"global_step{engine.global_steps}"  # save_checkpoint returns True, as DeepSpeed's does
+    engine.save_checkpoint(out / "checkpoints", tag=tag, client_state={"step": start + args.steps})
     engine.eval()
     prompt = corpus.encode("def ").to(engine.device)
     text = corpus.decode(generate(engine.module, prompt, args.sample_chars, cfg.block_size))

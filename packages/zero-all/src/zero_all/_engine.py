@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-import zero_ckpt
 import zero_comm
 import zero_optim
 from zero_offload import HostStore, NVMeStore
 
+from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 from ._config import ConfigError, DeepSpeedConfig, load_config
 from ._lr import build_scheduler
 from ._monitor import TrainingMonitor, logger
@@ -350,16 +350,17 @@ class Engine(EngineInfo, nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True) -> str:
+                        save_latest: bool = True) -> bool:
         """Save the ZeRO state (every rank its shards), the scheduler's state and ``client_state``
-        as ``save_dir/tag``."""
+        (tensors and plain data) as ``save_dir/tag``, replacing an existing ``tag`` atomically; with
+        ``save_latest`` (the default) ``latest`` then names it. Returns True, as DeepSpeed does."""
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": client_state or {}, "global_steps": self.global_steps,
                  "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
                  "global_samples": self.global_samples,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        save_optimizer(self.optimizer, self.module, self.comm, save_dir, tag, state)
-        return tag
+        save_optimizer(self.optimizer, self.module, self.comm, save_dir, tag, state, update_latest=save_latest)
+        return True
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
@@ -367,7 +368,8 @@ class Engine(EngineInfo, nn.Module):
                         ) -> tuple[str | None, dict | None]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or
         ``(None, None)`` when ``tag`` is not given and ``load_dir`` holds no checkpoint yet (as
-        DeepSpeed does, so a script can always try to resume).
+        DeepSpeed does, so a script can always try to resume). All or nothing: if any rank cannot
+        load it, every rank raises the same CheckpointError and nothing has changed.
 
         DeepSpeed's options: ``load_optimizer_states=False`` loads the weights (the fp32 master
         weights, into the model) and the counters and scheduler, keeping the optimizer's own state
@@ -376,12 +378,14 @@ class Engine(EngineInfo, nn.Module):
         ``load_module_strict=False`` lets the weights of the checkpoint and the model differ in
         names (those in both are loaded). ``custom_load_fn`` is not supported (the weights are
         loaded as fp32 shards, not through a module state dict)."""
-        _no_custom_load(custom_load_fn)
+        no_custom_load(custom_load_fn)
         if nothing_to_resume(load_dir, tag):
             return None, None
-        state = load_optimizer(self.optimizer, self.module, self.comm, load_dir, tag, strict=load_module_strict,
-                               weights_only=load_module_only or not load_optimizer_states,
-                               restore_rng=not load_module_only, whole_model=True)
+        loaded, state = load_optimizer(self.optimizer, self.module, self.comm, load_dir, tag,
+                                       strict=load_module_strict,
+                                       weights_only=load_module_only or not load_optimizer_states,
+                                       restore_rng=not load_module_only, whole_model=True,
+                                       counters=("global_steps", "micro_steps", "skipped_steps"))
         if not load_module_only:
             self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
             self.skipped_steps = state["skipped_steps"]
@@ -389,8 +393,7 @@ class Engine(EngineInfo, nn.Module):
             saved = state.get("lr_scheduler")
             if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
                 self.lr_scheduler.load_state_dict(saved)
-        loaded = tag or zero_ckpt.latest_tag(load_dir)
-        return str(Path(load_dir) / str(loaded)), state["client_state"]
+        return str(Path(load_dir) / loaded), state["client_state"]
 
     def save_16bit_model(self, save_dir: str | Path, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:
@@ -424,81 +427,6 @@ class Engine(EngineInfo, nn.Module):
 DeepSpeedEngine = Engine  # DeepSpeed's name, for isinstance checks
 
 
-class _MasterWeights:
-    """A ZeRO optimizer's fp32 master weights alone, as a checkpoint item: loading them refreshes the
-    model and leaves the optimizer's own state -- rule state, step count, loss scale,
-    hyper-parameters -- as it was (its small values are put back as they were before the load)."""
-
-    def __init__(self, optimizer: zero_optim.ShardedOptimizer, keep: Callable[[str], bool]):
-        self.optimizer, self.keep = optimizer, keep
-        self.meta = optimizer.checkpoint_meta()  # before sharded_state(), which checkpoint_meta() resets
-
-    def sharded_state(self) -> dict[str, Any]:
-        return {k: v for k, v in self.optimizer.sharded_state().items() if k.startswith("master/") and self.keep(k)}
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return self.meta
-
-    def load_checkpoint_meta(self, meta: dict[str, Any]) -> None:
-        del meta  # the saved counters are not this load's to restore
-        self.optimizer.load_checkpoint_meta(self.meta)  # our own counters back; the new weights into the model
-
-
-def save_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,
-                   save_dir: str | Path, tag: str, state: dict[str, Any]) -> None:
-    """Save ``module``'s ZeRO optimizer (every rank its shards), the module's buffers and untrained
-    weights (:func:`module_extras`), and the engine's ``state`` as ``save_dir/tag``."""
-    items: dict[str, Any] = {"optimizer": optimizer}
-    with zero_optim.gathered(_frozen(module)):  # stage 3: frozen weights are partitioned too
-        extras = module_extras(module, optimizer)
-        if extras:
-            items["module"] = zero_ckpt.tensors_state(extras)
-        zero_ckpt.CheckpointManager(save_dir, comm).save(tag, items, client_state=state)
-
-
-def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,
-                   load_dir: str | Path, tag: str | None, *, strict: bool, weights_only: bool, restore_rng: bool,
-                   whole_model: bool) -> dict[str, Any]:
-    """Load the state of ``module``'s ZeRO optimizer (or, ``weights_only``, its master weights) from
-    ``load_dir/tag``; returns the engine's saved state. ``strict``: the checkpoint holds the weights
-    this optimizer trains (and, for a ``whole_model`` on every rank, no others)."""
-    comm.barrier()  # every rank's earlier saves are committed before any rank reads the checkpoint
-    reader = zero_ckpt.CheckpointReader(load_dir, tag)
-    saved = {n.removeprefix("optimizer/") for n in reader.names if n.startswith("optimizer/master/")}
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    mine = {f"master/{n}" for n, p in module.named_parameters() if id(p) in trained}
-    missing, unexpected = sorted(mine - saved), sorted(saved - mine) if whole_model else []
-    where = f"checkpoint {Path(load_dir) / reader.tag}"
-    if strict and (missing or unexpected):
-        raise zero_ckpt.CheckpointError(
-            f"load_checkpoint(load_module_strict=True): the {where} and the model differ in weights"
-            f"{_named(' -- the checkpoint lacks', missing)}{_named(' -- the model lacks', unexpected)}; pass "
-            "load_module_strict=False to load the ones they share")
-    if missing and not weights_only:
-        raise zero_ckpt.CheckpointError(
-            f"load_checkpoint(load_module_strict=False): the {where} lacks weights of this model"
-            f"{_named('', missing)}, so it has no optimizer state for them; pass load_optimizer_states=False "
-            "to load the weights alone")
-    if missing or unexpected:
-        logger.warning(f"load_checkpoint: {len(missing)} weights of the model are not in the {where} (left as "
-                       f"they are); {len(unexpected)} of its weights are not in the model")
-    item: Any = _MasterWeights(optimizer, lambda k: k in saved) if weights_only else optimizer
-    manager = zero_ckpt.CheckpointManager(load_dir, comm)
-    state = manager.load({"optimizer": item}, tag=tag, restore_rng=restore_rng)
-    # then the buffers and untrained weights; stage 3 partitions the latter: gathered (from the shards
-    # just loaded), filled whole, and every rank keeps its part
-    with zero_optim.gathered(_frozen(module), modifier_rank=0):
-        extras = module_extras(module, optimizer)
-        held = {n.removeprefix("module/") for n in reader.names if n.startswith("module/")}
-        if extras.keys() - held:
-            logger.warning(f"load_checkpoint: the {where} lacks {len(extras.keys() - held)} buffers or frozen "
-                           f"weights of the model (left as they are): {', '.join(sorted(extras.keys() - held)[:3])}")
-        if held:  # collective: a pipeline stage with none of these loads nothing, but joins in
-            extra = zero_ckpt.tensors_state({k: v for k, v in extras.items() if k in held})
-            manager.load({"module": extra}, tag=reader.tag, restore_rng=False)
-    return state
-
-
 def _to_local_device(model: nn.Module, comm: zero_comm.Communicator) -> None:
     """Like DeepSpeed's engine, train on this rank's accelerator: a model built on the CPU moves to
     the rank's GPU when the job runs on NCCL (a model partitioned by zero.Init stays where it was built)."""
@@ -525,38 +453,6 @@ def _cast_floating_state(model: nn.Module, dtype: torch.dtype, *, frozen_params:
                         p.data = p.data.to(dtype)
 
 
-def _frozen(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if not p.requires_grad]
-
-
-def module_extras(module: nn.Module, optimizer: zero_optim.ShardedOptimizer) -> dict[str, torch.Tensor]:
-    """What a checkpoint needs besides the optimizer's state: the module's persistent buffers (a
-    BatchNorm's running statistics) and the weights it does not train -- whole (at stage 3, call it
-    where those are gathered), the same on every rank, under their ``state_dict`` names."""
-    out: dict[str, torch.Tensor] = {}
-    for prefix, sub in module.named_modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None and name not in sub._non_persistent_buffers_set:
-                out[f"{prefix}.{name}" if prefix else name] = buf
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    out.update({n: p for n, p in module.named_parameters() if id(p) not in trained})
-    return out
-
-
-def _named(lead: str, names: list[str]) -> str:
-    if not names:
-        return ""
-    shown = ", ".join(n.removeprefix("master/") for n in names[:3])
-    return f"{lead} {shown}{' ...' if len(names) > 3 else ''}"
-
-
-def _no_custom_load(custom_load_fn: Any) -> None:
-    if custom_load_fn is not None:
-        raise NotImplementedError("load_checkpoint(custom_load_fn=...) is not supported: zero loads the fp32 "
-                                  "weight shards straight into the optimizer, with no module state dict to hand "
-                                  "to a function; load with load_module_only=True and change the model after")
-
-
 def model_hidden_size(model: nn.Module) -> int | None:
     """The hidden size ``"auto"`` bucket sizes follow, from a Hugging Face-style ``model.config``
     (``hidden_size``, or the largest of ``hidden_sizes``), as DeepSpeed's HF integration reads it."""
@@ -566,15 +462,6 @@ def model_hidden_size(model: nn.Module) -> int | None:
         return size
     sizes = getattr(config, "hidden_sizes", None)
     return max(sizes) if isinstance(sizes, (list, tuple)) and sizes else None
-
-
-def nothing_to_resume(load_dir: str | Path, tag: str | None) -> bool:
-    """No tag asked for and no ``latest`` file: DeepSpeed warns and loads nothing."""
-    if tag is None and not (Path(load_dir) / "latest").is_file():
-        logger.warning(f"load_checkpoint: no checkpoint in {load_dir} (no 'latest' file); nothing loaded. "
-                       "Pass a tag to load a particular one.")
-        return True
-    return False
 
 
 def _check_all_in_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:

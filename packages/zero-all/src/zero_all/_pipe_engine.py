@@ -25,20 +25,12 @@ import msgspec
 import torch
 from torch import nn
 
-import zero_ckpt
 import zero_comm
 import zero_pipe
 
+from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import (
-    Engine,
-    EngineInfo,
-    _no_custom_load,
-    load_optimizer,
-    model_hidden_size,
-    nothing_to_resume,
-    save_optimizer,
-)
+from ._engine import Engine, EngineInfo, model_hidden_size
 from .checkpointing import configure_from_config
 
 __all__ = ["PipelineEngine", "is_pipeline"]
@@ -260,15 +252,15 @@ class PipelineEngine(EngineInfo, nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True) -> str:
+                        save_latest: bool = True) -> bool:
         """Save every stage's ZeRO state (each rank its shards), its layers' buffers and untrained weights,
-        and ``client_state`` as ``save_dir/tag``."""
+        and ``client_state`` as ``save_dir/tag``, replacing an existing ``tag`` atomically. Returns True."""
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": client_state or {}, "global_steps": self.global_steps,
                  "skipped_steps": self.skipped_steps,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        save_optimizer(self.optimizer, self.module, self.world, save_dir, tag, state)
-        return tag
+        save_optimizer(self.optimizer, self.module, self.world, save_dir, tag, state, update_latest=save_latest)
+        return True
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
@@ -276,19 +268,21 @@ class PipelineEngine(EngineInfo, nn.Module):
                         ) -> tuple[str | None, dict | None]:
         """Load ``load_dir/tag`` (default: the latest); returns ``(path, client_state)``, or ``(None, None)``
         when no tag is given and there is no checkpoint yet. The options mean what they mean for
-        :meth:`Engine.load_checkpoint` (each stage loads the weights of its own layers)."""
-        _no_custom_load(custom_load_fn)
+        :meth:`Engine.load_checkpoint` (each stage loads the weights of its own layers; all or nothing
+        over every stage)."""
+        no_custom_load(custom_load_fn)
         if nothing_to_resume(load_dir, tag):
             return None, None
-        state = load_optimizer(self.optimizer, self.module, self.world, load_dir, tag, strict=load_module_strict,
-                               weights_only=load_module_only or not load_optimizer_states,
-                               restore_rng=not load_module_only, whole_model=False)
+        loaded, state = load_optimizer(self.optimizer, self.module, self.world, load_dir, tag,
+                                       strict=load_module_strict,
+                                       weights_only=load_module_only or not load_optimizer_states,
+                                       restore_rng=not load_module_only, whole_model=False,
+                                       counters=("global_steps", "skipped_steps"))
         if not load_module_only:
             self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
             if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
                 self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        loaded = tag or zero_ckpt.latest_tag(load_dir)
-        return str(Path(load_dir) / str(loaded)), state["client_state"]
+        return str(Path(load_dir) / loaded), state["client_state"]
 
 
 def _repeat(loader: Iterable[Any]) -> Iterator[Any]:
