@@ -48,8 +48,66 @@ def _count(text: str) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------------
+# zero's own options (all take a value), DeepSpeed launcher spellings included
+RUN_VALUE_OPTIONS = frozenset({
+    "--nproc", "--nproc-per-node", "--nproc_per_node", "--num_gpus", "--num_accelerators", "--nnodes",
+    "--num_nodes", "--node-rank", "--node_rank", "--master-addr", "--master_addr", "--master-port",
+    "--master_port", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id", "--hostfile", "-H"})
+ZERO_PICKS = ("--rdzv-backend", "--rdzv_backend", "--standalone")  # zero chooses the rendezvous itself
+
+
+def _torchrun_options() -> dict[str, bool]:
+    """torchrun's options zero passes through as given: {option: takes a value}."""
+    from torch.distributed import run as torchrun
+
+    out = {}
+    for action in torchrun.get_args_parser()._actions:
+        for name in action.option_strings:
+            if name not in RUN_VALUE_OPTIONS and name not in ("-h", "--help", "-m", "--module"):
+                out[name] = action.nargs != 0
+    return out
+
+
+def split_run_argv(argv: list[str]) -> tuple[list[str], list[str], bool, str | None, list[str]]:
+    """``zero run`` argv -> (zero's options, torchrun's options, module?, target, the target's arguments).
+
+    Everything after the script (or ``-m MODULE``) is the script's, untouched: no option after it is
+    read by zero or torchrun, and no option is matched by prefix."""
+    passthrough = _torchrun_options()
+    ours: list[str] = []
+    extra: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token == "--":
+            return ours, extra, False, (argv[i + 1] if i + 1 < len(argv) else None), argv[i + 2:]
+        if token in ("-m", "--module"):
+            if i + 1 >= len(argv):
+                raise UsageError(f"{token} needs a module name")
+            return ours, extra, True, argv[i + 1], argv[i + 2:]
+        if not token.startswith("-") or token == "-":
+            return ours, extra, False, token, argv[i + 1:]
+        if name in ZERO_PICKS:
+            raise UsageError(f"{name}: zero run picks the rendezvous itself (standalone on one node; "
+                             "--rdzv-endpoint for c10d, --master-addr/--master-port for static)")
+        takes_value = name in RUN_VALUE_OPTIONS or passthrough.get(name, False)
+        if name not in RUN_VALUE_OPTIONS and name not in passthrough and token not in ("-h", "--help"):
+            raise UsageError(f"unknown option {name} (neither zero run's nor torchrun's; the script's own "
+                             "options go after the script)")
+        step = 2 if takes_value and "=" not in token else 1
+        if takes_value and "=" not in token and i + 1 >= len(argv):
+            raise UsageError(f"{name} needs a value")
+        (ours if name in RUN_VALUE_OPTIONS or token in ("-h", "--help") else extra).extend(argv[i:i + step])
+        i += step
+    return ours, extra, False, None, []
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._run import plan_launch, run_launch
+    import importlib.util
+    import os
+
+    from ._run import LaunchError, plan_launch, run_launch
 
     try:
         plan = plan_launch(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -57,9 +115,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, hostfile=args.hostfile)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not Path(args.script).is_file():
-        raise UsageError(f"script {args.script} does not exist")
-    return run_launch(plan, args.script, args.script_args)
+    if args.module:
+        top = args.script.split(".", 1)[0]
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # where `python -m` looks first, as the ranks will
+        if not top or importlib.util.find_spec(top) is None:
+            raise UsageError(f"no module named {top!r} (from here, {os.getcwd()})")
+    elif not Path(args.script).is_file():
+        raise UsageError(f"script {args.script} does not exist" if not Path(args.script).exists()
+                         else f"script {args.script} is not a file")
+    try:
+        return run_launch(plan, args.script, args.script_args, module=args.module, extra=args.torchrun_args)
+    except LaunchError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -75,7 +143,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from ._plan import PlanOptions, format_plans, load_model, model_shape, plan_all, synthetic_shape
+    from ._plan import PlanOptions, format_plans, load_model, model_shape, parse_model_args, plan_all, synthetic_shape
 
     options: dict[str, Any] = {k: getattr(args, k) for k in
                                ("precision", "optimizer", "bucket_numel", "prefetch_numel", "max_live_numel",
@@ -111,7 +179,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.model:
-            shape = model_shape(load_model(args.model), args.model)
+            shape = model_shape(load_model(args.model, parse_model_args(args.model_arg or [])), args.model)
         else:
             shape = synthetic_shape(args.params, args.layers)
         plan_options = PlanOptions(world_size=args.world_size, backend="gloo" if device == "cpu" else "nccl",
@@ -196,29 +264,40 @@ def _cmd_ckpt_export(args: argparse.Namespace) -> int:
 
 # -- the parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="zero", description="zero: ZeRO training on torch.distributed -- launch, inspect "
-                     "this machine, plan memory, export checkpoints.", epilog=EPILOG)
+    parser = _Parser(prog="zero", allow_abbrev=False, description="zero: ZeRO training on torch.distributed -- "
+                     "launch, inspect this machine, plan memory, export checkpoints.", epilog=EPILOG)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"zero-all {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="launch a training script on every rank (through torchrun)",
+    run = sub.add_parser("run", allow_abbrev=False,
+                         help="launch a training script on every rank (through torchrun)",
                          description="Launch SCRIPT on every rank of this node through torch's own launcher "
                          "(torch.distributed.run). One node: standalone rendezvous. Several nodes: run this on "
                          "each, with --rdzv-endpoint/--rdzv-id (c10d), --master-addr/--master-port/--node-rank "
                          "(static), or --hostfile. The exit status is the failing rank's.",
                          epilog="example: zero run --nproc 2 train.py --epochs 1")
-    run.add_argument("--nproc", "--nproc-per-node", type=_positive, default=None,
+    run.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", "--num_gpus", "--num_accelerators",
+                     dest="nproc", type=_positive, default=None,
                      help="ranks on this node (default: one per CUDA device, else 2)")
-    run.add_argument("--nnodes", type=_positive, default=None, help="nodes in the job (default 1)")
-    run.add_argument("--node-rank", type=int, default=None, help="this node's index (static rendezvous)")
-    run.add_argument("--master-addr", default=None, help="static rendezvous: node 0's address")
-    run.add_argument("--master-port", type=_positive, default=None, help="static rendezvous: its port (29500)")
-    run.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+    run.add_argument("--nnodes", "--num_nodes", dest="nnodes", type=_positive, default=None,
+                     help="nodes in the job (default 1)")
+    run.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
+                     help="this node's index (static rendezvous)")
+    run.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None,
+                     help="static rendezvous: node 0's address")
+    run.add_argument("--master-port", "--master_port", dest="master_port", type=_positive, default=None,
+                     help="static rendezvous: its port (29500)")
+    run.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", default=None, metavar="HOST:PORT",
                      help="c10d rendezvous endpoint, the same on every node")
-    run.add_argument("--rdzv-id", default=None, help="job id for the c10d rendezvous, the same on every node")
-    run.add_argument("--hostfile", default=None,
+    run.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None,
+                     help="job id for the c10d rendezvous, the same on every node")
+    run.add_argument("--hostfile", "-H", dest="hostfile", default=None,
                      help="DeepSpeed hostfile ('host slots=N' per line): sets --nnodes and --nproc")
-    run.add_argument("script", help="the training script")
-    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    run.add_argument("script", nargs="?", help="the training script (or -m MODULE); torchrun's other options "
+                     "(--max-restarts, --tee, --log-dir, --monitor-interval, ...) are passed to it as given")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script, untouched")
     run.set_defaults(func=_cmd_run)
 
     report = sub.add_parser("report", help="versions, devices, backends, kernels and offload stores usable here",
@@ -230,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--nvme-path", default=None, help="directory to probe for NVMe offload (default: $TMPDIR)")
     report.set_defaults(func=_cmd_report)
 
-    plan = sub.add_parser("plan", help="per-rank memory for each ZeRO stage and offload choice",
+    plan = sub.add_parser("plan", allow_abbrev=False, help="per-rank memory for each ZeRO stage and offload choice",
                           description="Estimate the peak bytes each rank holds while training: parameters, "
                           "gradients, fp32 master weights, optimizer state, ZeRO's buffers and the step's "
                           "transient working set, per device and per host, from what zero-optim allocates. "
@@ -240,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--params", type=_positive, help="trainable parameters (e.g. 7e9)")
     what.add_argument("--model", metavar="MODULE:FACTORY",
                       help="import MODULE and call FACTORY() on the meta device (nothing is allocated)")
+    plan.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                      help="with --model: an argument for FACTORY (VALUE read as JSON, else a string), or a JSON "
+                      "object; repeatable. A factory taking one config object gets it built from these")
     plan.add_argument("--world-size", type=_positive, required=True, help="data-parallel ranks")
     plan.add_argument("--stage", type=int, nargs="+", choices=(0, 1, 2, 3), default=None,
                       help="stages to show (default: all)")
@@ -292,7 +374,22 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_split = None
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):
+        try:
+            run_split = split_run_argv(argv[1:])
+        except UsageError as exc:
+            print(f"zero run: error: {exc}", file=sys.stderr)
+            return 2
+        ours, _, _, target, _ = run_split
+        argv = ["run", *ours, *(["--", target] if target is not None else [])]
     args = parser.parse_args(argv)
+    if run_split is not None:
+        args.torchrun_args, args.module, args.script_args = run_split[1], run_split[2], run_split[4]
+        if args.script is None:
+            print("zero run: error: give the script to run (or -m MODULE)", file=sys.stderr)
+            return 2
     if not getattr(args, "func", None):
         return _help(parser)
     try:

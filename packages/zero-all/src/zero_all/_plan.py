@@ -85,16 +85,85 @@ def synthetic_shape(numel: int, layers: int) -> ModelShape:
     return ModelShape(sizes, tuple((s,) for s in sizes), f"{numel:,} parameters in {layers} blocks")
 
 
-def load_model(spec: str) -> nn.Module:
-    """``module:factory`` -> the model ``factory()`` builds, on the meta device."""
+def parse_model_args(items: Sequence[str]) -> dict[str, object]:
+    """``--model-arg`` values: ``KEY=VALUE`` (VALUE read as JSON, else kept as a string) or one JSON object."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                given = json.loads(item)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--model-arg {item!r}: not a JSON object ({exc})") from None
+            if not isinstance(given, dict):
+                raise ValueError(f"--model-arg {item!r}: not a JSON object")
+            out.update(given)
+            continue
+        key, eq, text = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"--model-arg wants KEY=VALUE or a JSON object, got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def _call_factory(factory: object, kwargs: dict[str, object]) -> object:
+    """``factory(**kwargs)``; when the factory takes one config object instead (``GPT(cfg: GPTConfig)``),
+    ``factory(Config(**kwargs))`` with the class its annotation names."""
+    import dataclasses
+    import inspect
+    import typing
+
+    assert callable(factory)
+    try:
+        params = [p for p in inspect.signature(factory).parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) == 1 and params[0].name not in kwargs:
+        target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+        try:
+            hint = typing.get_type_hints(target).get(params[0].name)
+        except Exception:
+            hint = None
+        if isinstance(hint, type) and (dataclasses.is_dataclass(hint) or hasattr(hint, "__init__")) \
+                and hint.__module__ != "builtins":
+            return factory(hint(**kwargs))
+    return factory(**kwargs)
+
+
+def load_model(spec: str, kwargs: dict[str, object] | None = None) -> nn.Module:
+    """``module:factory`` -> the model ``factory(**kwargs)`` builds, on the meta device. The current
+    directory is on ``sys.path`` first, as for ``python -m``."""
+    import os
+    import sys
+
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model wants module:factory (e.g. mypkg.models:build), got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ValueError(f"--model {spec}: no module named {exc.name!r} (from {os.getcwd()})") from None
+        raise ValueError(f"--model {spec}: importing {module_name} failed: {exc}") from exc
+    factory = getattr(module, attr, None)
     if factory is None:
         raise ValueError(f"--model {spec}: module {module_name!r} has no attribute {attr!r}")
-    with torch.device("meta"):
-        model = factory()
+    try:
+        with torch.device("meta"):
+            model = _call_factory(factory, kwargs or {})
+    except Exception as exc:
+        if os.environ.get("ZERO_TRACEBACK", "") not in ("", "0"):
+            raise
+        raise ValueError(f"--model {spec}: {attr}({', '.join(f'{k}={v!r}' for k, v in (kwargs or {}).items())}) "
+                         f"failed: {type(exc).__name__}: {exc} (--model-arg KEY=VALUE passes arguments; "
+                         "ZERO_TRACEBACK=1 shows the traceback)") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec}: {attr}() returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -25,10 +25,11 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["HostfileError", "LaunchPlan", "parse_hostfile", "plan_launch", "run_launch"]
+__all__ = ["HostfileError", "LaunchError", "LaunchPlan", "parse_hostfile", "plan_launch", "run_launch"]
 
 
 class HostfileError(ValueError):
@@ -90,7 +91,10 @@ class LaunchPlan:
     endpoint: str | None
     rdzv_id: str | None
 
-    def torchrun_argv(self, script: str, script_args: list[str]) -> list[str]:
+    def torchrun_argv(self, script: str, script_args: list[str], *, module: bool = False,
+                      extra: list[str] | tuple[str, ...] = (), wrap: bool = False) -> list[str]:
+        """torchrun's arguments; ``extra`` are torchrun options passed through as given; ``wrap`` runs
+        the target through :mod:`zero_all._rank` (failure reports, dies with the launcher)."""
         argv = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}"]
         if self.rendezvous == "standalone":
             argv.append("--standalone")
@@ -101,7 +105,10 @@ class LaunchPlan:
             argv += [f"--master-addr={host}", f"--master-port={port}"]
         if self.node_rank is not None:
             argv.append(f"--node-rank={self.node_rank}")
-        return [*argv, script, *script_args]
+        argv += list(extra)
+        if wrap:
+            return [*argv, "-m", "zero_all._rank", "--module" if module else "--script", script, *script_args]
+        return [*argv, *(["-m"] if module else []), script, *script_args]
 
 
 def default_nproc() -> int:
@@ -151,26 +158,127 @@ def plan_launch(*, nproc: int | None, nnodes: int | None, node_rank: int | None,
     return LaunchPlan(nnodes, nproc, node_rank if node_rank is not None else 0, "static", endpoint, None)
 
 
-def run_launch(plan: LaunchPlan, script: str, script_args: list[str]) -> int:
+class LaunchError(RuntimeError):
+    """The launch itself failed in a way the user can fix (a port in use): one line, exit status 2."""
+
+
+def rdzv_timeout() -> float:
+    """How long ``zero run`` waits for an answer from a c10d rendezvous endpoint: ``ZERO_RDZV_TIMEOUT``
+    seconds, else 60."""
+    raw = os.environ.get("ZERO_RDZV_TIMEOUT", "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise LaunchError(f"ZERO_RDZV_TIMEOUT={raw!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise LaunchError(f"ZERO_RDZV_TIMEOUT must be positive, got {raw}")
+    return seconds
+
+
+def probe_endpoint(endpoint: str, timeout: float) -> None:
+    """Refuse a c10d endpoint where something listens that is not a c10d store within ``timeout``
+    seconds (torch's store client blocks for as long as such a process holds the port). Nothing
+    listening is fine: this node, or a peer starting later, hosts the store."""
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)):
+            pass
+    except OSError:
+        return
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout))
+            store.num_keys()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, name="zero-rdzv-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise LaunchError(f"rendezvous endpoint {endpoint}: a process listens there but gave no c10d store "
+                          f"answer within {timeout:g}s (another program holds the port? ZERO_RDZV_TIMEOUT "
+                          "sets the wait)")
+    if outcome[0] is not None:
+        raise LaunchError(f"rendezvous endpoint {endpoint}: not a c10d store "
+                          f"({str(outcome[0]).splitlines()[0]})")
+
+
+def run_launch(plan: LaunchPlan, script: str, script_args: list[str], *, module: bool = False,
+               extra: list[str] | tuple[str, ...] = ()) -> int:
     """Run torchrun's agent here; return the exit status of the job."""
+    import tempfile
+
+    from torch.distributed import DistNetworkError
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = plan.torchrun_argv(script, script_args)
-    print(f"zero run: torchrun {' '.join(argv)}", file=sys.stderr, flush=True)
+    if plan.rendezvous == "c10d" and plan.endpoint:
+        probe_endpoint(plan.endpoint, rdzv_timeout())
+    shown = plan.torchrun_argv(script, script_args, module=module, extra=extra)
+    print(f"zero run: torchrun {' '.join(shown)}", file=sys.stderr, flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun would set it too, with a warning per run
-    try:
-        torchrun.run(torchrun.parse_args(argv))
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        status = 128 + -code if code < 0 else code
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
-        return status or 1
-    except SignalException as exc:
-        print(f"zero run: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped",
-              file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
+    os.environ["ZERO_LAUNCHER_PID"] = str(os.getpid())
+    with tempfile.TemporaryDirectory(prefix="zero-run-") as reports:
+        os.environ["ZERO_RUN_REPORTS"] = reports
+        argv = plan.torchrun_argv(script, script_args, module=module, extra=extra, wrap=True)
+        parser = torchrun.get_args_parser()
+        parser.allow_abbrev = False
+        cut = len(argv) - len(script_args) - 2  # the script's own arguments never go through argparse
+        options = parser.parse_args(argv[:cut])
+        options.training_script_args = argv[cut:]
+        try:
+            torchrun.run(options)
+        except ChildFailedError as exc:
+            return _report_failure(exc, Path(reports))
+        except SignalException as exc:
+            print(f"zero run: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped",
+                  file=sys.stderr, flush=True)
+            return 128 + int(exc.sigval)
+        except DistNetworkError as exc:
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+                raise LaunchError(f"rendezvous port {plan.endpoint or ''} is already in use by another process "
+                                  "(pick another --master-port / --rdzv-endpoint)") from None
+            raise
     return 0
+
+
+def _report_failure(exc: Any, reports: Path) -> int:
+    """Name the rank that failed first (by the wrappers' reports of the last attempt) and its error."""
+    import json
+
+    found = []
+    for path in reports.glob("attempt*-rank*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(json.loads(path.read_text()))
+    if found:
+        last = max(r["attempt"] for r in found)
+        found = sorted((r for r in found if r["attempt"] == last), key=lambda r: r["time"])
+        first = found[0]
+        rank, code, line = first["rank"], int(first["code"]), first["line"]
+        users = {r["line"] for r in found if r["user"]}
+        if first["user"] and users == {line}:
+            ranks = sorted(r["rank"] for r in found if r["line"] == line)
+            who = f"rank {rank}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+            print(f"zero run: error: {who}: {line}", file=sys.stderr, flush=True)
+            return code or 1
+        how = f"failed first: {line}" if line else f"failed first (exit code {code})"
+        if line is None:
+            how = f"exited with code {code}"
+        print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
+        return code or 1
+    rank, failure = exc.get_first_failure()
+    code = failure.exitcode
+    status = 128 + -code if code < 0 else code
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
+    return status or 1
