@@ -193,6 +193,64 @@ def test_run_refuses_options_that_do_not_fit_together(tmp_path: Path, capsys: py
     assert code == 2 and "does not exist" in err
 
 
+RESTART_ONCE = """
+import os, sys
+marker = os.path.join(sys.argv[1], f"tried{os.environ['RANK']}")
+if os.environ["RANK"] == "0" and not os.path.exists(marker):
+    open(marker, "w").close()
+    sys.exit(5)
+open(os.path.join(sys.argv[1], f"done{os.environ['RANK']}"), "w").write(os.environ["TORCHELASTIC_RESTART_COUNT"])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_run_a_module_with_torchruns_restarts_and_the_scripts_own_nproc(tmp_path: Path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(textwrap.dedent(RANK_FILES))
+    done = zero("run", "--nproc", "2", "-m", "pkg.train", str(tmp_path), "--nproc", "3", "--nnodes=4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() == "--nproc 3 --nnodes=4"
+    # torchrun's own --max-restarts (and DeepSpeed's --num_gpus): rank 0 fails once, the restart succeeds
+    script = write(tmp_path, "restart.py", RESTART_ONCE)
+    done = zero("run", "--num_gpus", "2", "--max-restarts", "1", "--monitor_interval", "0.1", str(script),
+                str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "done0").read_text() == (tmp_path / "done1").read_text() == "1"
+
+
+def test_run_refuses_what_neither_zero_nor_torchrun_takes_and_prints_the_version(capsys: pytest.CaptureFixture[str]):
+    for args, what in [(["--nproc-per", "2", "x.py"], "unknown option --nproc-per"),
+                       (["--standalone", "x.py"], "picks the rendezvous itself"),
+                       (["-m"], "needs a module name"), (["--nproc", "2"], "give the script")]:
+        code, _, err = cli(capsys, "run", *args)
+        assert code == 2 and what in err and err.strip().count("\n") == 0, (args, err)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"zero-all {zero_all.__version__}"
+
+
+def test_plan_a_model_of_the_current_directory_with_factory_arguments():
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    script = Path(sysconfig.get_path("scripts")) / "zero"
+    command = [str(script)] if script.exists() else [sys.executable, "-I", "-m", "zero_all"]  # -I: cwd not on path
+    def plan(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, "plan", "--world-size", "2", "--stage", "3", "--json", *args], check=False,
+                              capture_output=True, text=True, timeout=120, cwd=examples)
+
+    small, big = plan("--model", "gpt:GPT"), plan("--model", "gpt:GPT", "--model-arg", "n_layer=4",
+                                                  "--model-arg", '{"n_embd": 128}')
+    assert small.returncode == 0 and big.returncode == 0, small.stderr + big.stderr
+    assert json.loads(small.stdout)["trainable_parameters"] < json.loads(big.stdout)["trainable_parameters"]
+    for args, what in [(["--model", "gpt:GPT", "--model-arg", "nlayer=4"], "unexpected keyword argument 'nlayer'"),
+                       (["--model", "gptx:GPT"], "no module named 'gptx'"),
+                       (["--model", "gpt:GPT", "--model-arg", "4"], "KEY=VALUE")]:
+        done = plan(*args)
+        assert done.returncode == 2 and what in done.stderr, (args, done.stderr)
+        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
 # -- report ---------------------------------------------------------------------------------------
 def test_report_names_versions_devices_and_stores():
     done = zero("report")
