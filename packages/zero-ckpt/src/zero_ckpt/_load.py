@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["PreparedLoad", "prepare_load"]
 
 Check = Callable[[CheckpointReader, dict[str, Any]], None]
+Items = Mapping[str, Any] | Callable[[CheckpointReader], Mapping[str, Any]]
 
 
 @dataclass
@@ -49,24 +50,30 @@ class PreparedLoad:
     _rng_restored: bool = field(default=False)
 
     def apply(self, items: Mapping[str, Any] | None = None, *, restore_rng: bool = True) -> Any:
-        """Fill the pieces of ``items`` (default: those prepared; others must name the same tensors and
-        ranges, e.g. the same module state taken again inside a gather), restore checkpointable items'
-        counters and, once, this rank's RNG; return the client state."""
-        from ._state import Checkpointable, _items_state, _set_rng_state
+        """Fill the prepared items' pieces, restore checkpointable items' counters and, once, this rank's
+        RNG; return the client state. ``items`` (default: every prepared item) maps prepared keys to the
+        prepared object itself or to a fresh sharded state over the same tensors and ranges (the same
+        module state taken again inside a gather), to apply items at different times."""
+        from ._state import Checkpointable, _items_state
 
-        state = self.state if items is None else _items_state(items)
-        objects = self.items if items is None else items
-        for name, entry in state.items():
-            for piece in entry.pieces:
-                staged = self.staged.get((name, piece.start, piece.stop))
-                if staged is None:
-                    raise CheckpointError(f"{name}[{piece.start}:{piece.stop}] was not prepared from {self.path}")
-                with torch.no_grad():
-                    piece.data.copy_(staged)
-        for key, obj in objects.items():
+        for key, obj in (self.items if items is None else items).items():
+            if key not in self.items:
+                raise CheckpointError(f"item {key!r} was not prepared from {self.path}")
+            prefix = f"{key}/"
+            state = ({n: e for n, e in self.state.items() if n.startswith(prefix)} if obj is self.items[key]
+                     else _items_state({key: obj}))
+            for name, entry in state.items():
+                for piece in entry.pieces:
+                    staged = self.staged.get((name, piece.start, piece.stop))
+                    if staged is None:
+                        raise CheckpointError(f"{name}[{piece.start}:{piece.stop}] was not prepared from {self.path}")
+                    with torch.no_grad():
+                        piece.data.copy_(staged)
             if isinstance(obj, Checkpointable):
                 obj.load_checkpoint_meta(self.client["items"][key])
         if restore_rng and self.rng is not None and not self._rng_restored:
+            from ._state import _set_rng_state
+
             _set_rng_state(self.rng)
             self._rng_restored = True
         return self.client["client_state"]
@@ -103,11 +110,12 @@ def _check_rng(rng: dict[str, Any], reader: CheckpointReader, rank: int) -> None
         raise CheckpointError(f"{where} does not hold valid RNG states ({exc})") from exc
 
 
-def prepare_load(manager: CheckpointManager, items: Mapping[str, Any], tag: str | None = None, *,
+def prepare_load(manager: CheckpointManager, items: Items, tag: str | None = None, *,
                  restore_rng: bool = True, check: Check | None = None) -> PreparedLoad:
     """Verify and stage checkpoint ``tag`` (default: ``latest``) for ``items`` on this rank, and agree with
     every rank of ``manager.comm`` that all of them could; collective. ``check(reader, client)`` may
-    raise to refuse the checkpoint on this rank (the caller's own conditions)."""
+    raise to refuse the checkpoint on this rank (the caller's own conditions); it runs first. ``items``
+    may be a function of the opened checkpoint (to load what it holds), called after ``check``."""
     from ._state import Checkpointable, _exchange, _items_state
 
     comm = manager.comm
@@ -117,20 +125,18 @@ def prepare_load(manager: CheckpointManager, items: Mapping[str, Any], tag: str 
     try:
         reader = CheckpointReader(manager.root, tag)
         resolved = reader.tag
-        state = _items_state(items)
         client = reader.client()
+        if check is not None:
+            check(reader, client)
+        items = items(reader) if callable(items) else items
+        state = _items_state(items)
         for key, obj in items.items():
             if isinstance(obj, Checkpointable) and key not in client["items"]:
                 raise CheckpointError(f"checkpoint {reader.dir} has no counters for item {key!r}")
-            checker = getattr(obj, "check_checkpoint_meta", None)
-            if isinstance(obj, Checkpointable) and callable(checker):
-                checker(client["items"][key])
         rng = None
         if restore_rng and comm.rank < reader.meta.world_size:
             rng = reader.extra(comm.rank)
             _check_rng(rng, reader, comm.rank)
-        if check is not None:
-            check(reader, client)
         staged = _stage(reader, state)
         prepared = PreparedLoad(reader.tag, reader.dir, client, items, state, staged, rng)
     except Exception as exc:  # any failure here is told to every rank, then raised

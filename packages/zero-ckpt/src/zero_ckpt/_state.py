@@ -49,7 +49,7 @@ from ._format import (
     fsync_dir,
     write_file,
 )
-from ._load import PreparedLoad, prepare_load
+from ._load import Items, PreparedLoad, prepare_load
 from ._reader import CheckpointReader
 from ._verify import safe_load, seal_meta
 
@@ -447,11 +447,12 @@ class CheckpointManager:
         same CheckpointError and no state has changed (:func:`prepare`, then ``apply``)."""
         return self.prepare(items, tag, restore_rng=restore_rng).apply()
 
-    def prepare(self, items: Mapping[str, Any], tag: str | None = None, *, restore_rng: bool = True,
+    def prepare(self, items: Items, tag: str | None = None, *, restore_rng: bool = True,
                 check: Callable[[CheckpointReader, dict[str, Any]], None] | None = None) -> PreparedLoad:
         """The first half of :meth:`load` (collective): checkpoint ``tag`` verified and staged in host
         memory for ``items`` on every rank, or the same CheckpointError on every rank. ``check(reader,
-        client)`` may raise to refuse the checkpoint on this rank. Nothing changes until ``apply()``."""
+        client)`` may raise to refuse the checkpoint on this rank; ``items`` may be a function of the opened
+        checkpoint returning them. Nothing changes until ``apply()``."""
         return prepare_load(self, items, tag, restore_rng=restore_rng, check=check)
 
 

@@ -144,7 +144,7 @@ def safe_load(data: bytes, path: Path) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"it names {found.group(1)}, " if found else ""
         raise CheckpointError(f"{path}: refused to unpickle it: {what}not a tensor or plain data (a checkpoint "
                               "is loaded with weights_only=True)") from None
