@@ -183,8 +183,11 @@ def test_export_writes_a_state_dict_plain_torch_loads(tmp_path):
     run_ranks(save_sharded, 2, str(tmp_path), "e")
     out = export(tmp_path, tmp_path / "weights.pt", prefix="model/", dtype=torch.bfloat16)
     loaded = torch.load(out)
-    assert set(loaded) == set(SHAPES) and all(v.dtype == torch.bfloat16 for v in loaded.values())
+    assert set(loaded) == set(SHAPES)
+    assert {n: v.dtype for n, v in loaded.items()} == {"w": torch.bfloat16, "b": torch.bfloat16, "big": torch.bfloat16,
+                                                       "steps": torch.int64}, "dtype= converts floats only"
     assert torch.equal(loaded["w"], reference_tensors()["w"].to(torch.bfloat16))
+    assert torch.equal(loaded["steps"], reference_tensors()["steps"])
 
 
 def bad_saves(root: str) -> None:

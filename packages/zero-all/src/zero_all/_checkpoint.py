@@ -1,5 +1,11 @@
 """The engines' checkpoints: a ZeRO optimizer's shards, the module's extras and the engine's counters.
 
+Besides the optimizer's fp32 masters (``optimizer/master/<name>``) a checkpoint holds the
+module's persistent buffers and untrained weights (``module/<name>``) and, as that item's
+counters, zero-ckpt's :class:`~zero_ckpt.ModuleRecord`: the ``state_dict`` keys and which
+are tied to which, so that ``zero ckpt export`` rebuilds a ``state_dict`` that loads with
+``strict=True``.
+
 Saving overwrites an existing tag atomically, as DeepSpeed does (the old copy stays
 loadable until the new one is complete; ``latest`` moves last). Loading is all or
 nothing across the ranks (zero-ckpt's ``prepare``, then ``apply``): the checkpoint is
@@ -15,6 +21,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import torch
 from torch import nn
 
 import zero_ckpt
@@ -54,10 +62,30 @@ def save_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, co
     items: dict[str, Any] = {"optimizer": optimizer}
     with zero_optim.gathered(_frozen(module)):  # stage 3: frozen weights are partitioned too
         extras = module_extras(module, optimizer)
-        if extras:
-            items["module"] = zero_ckpt.tensors_state(extras)
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        record = zero_ckpt.module_record(module, weights="optimizer/master/", extras="module/",
+                                         frozen=[n for n, p in module.named_parameters() if id(p) not in trained])
+        items["module"] = zero_ckpt.ModuleState(extras, _merged(comm, record))
         zero_ckpt.CheckpointManager(save_dir, comm).save(tag, items, client_state=state, overwrite=True,
                                                          update_latest=update_latest)
+
+
+def _merged(comm: zero_comm.Communicator, record: zero_ckpt.ModuleRecord) -> zero_ckpt.ModuleRecord:
+    """Every rank's module record as one (pipeline stages hold different layers; data-parallel ranks the
+    same): rank 0 writes the record, so it must name every rank's keys. Collective."""
+    if comm.world_size == 1:
+        return record
+    raw = msgspec.json.encode(record)
+    size = comm.all_gather(torch.tensor([len(raw)], dtype=torch.int64)).tolist()
+    buf = torch.zeros(max(size), dtype=torch.uint8)
+    buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    rows = comm.all_gather(buf).view(comm.world_size, -1)
+    records = [msgspec.json.decode(bytes(rows[r, :size[r]].tolist()), type=zero_ckpt.ModuleRecord)
+               for r in range(comm.world_size)]
+    merged = records[0]
+    for theirs in records[1:]:
+        merged = merged.merged(theirs)
+    return merged
 
 
 def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, comm: zero_comm.Communicator,

@@ -219,9 +219,6 @@ def _config_offload(zero: Any) -> tuple[str, str]:
 
 
 # -- ckpt export ----------------------------------------------------------------------------------
-PREFIXES = ("optimizer/master/", "optim/master/")  # Engine.save_checkpoint's item, zero-ckpt's default
-
-
 def _cmd_ckpt_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -232,32 +229,20 @@ def _cmd_ckpt_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{root} is not a directory")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     began = time.perf_counter()
+    out = Path(args.out)
     try:
         reader = zero_ckpt.CheckpointReader(root, args.tag)
-        prefix = args.prefix or next((p for p in PREFIXES if any(n.startswith(p) for n in reader.names)), None)
-        if prefix is None:
-            raise UsageError(f"checkpoint {reader.dir} holds no master weights under {' or '.join(PREFIXES)} "
-                             f"(it has e.g. {', '.join(reader.names[:3])}); pass --prefix")
-        names = [n for n in reader.names if n.startswith(prefix)]
-        print(f"zero ckpt export: reading {len(names)} tensors from {reader.dir} "
-              f"(written by {len(reader.manifests)} ranks)", file=sys.stderr, flush=True)
-        out = Path(args.out)
-        if out.suffix == ".safetensors":
-            try:
-                from safetensors.torch import save_file
-            except ImportError:
-                raise UsageError("writing .safetensors needs the safetensors package (pip install safetensors)"
-                                 ) from None
-            state = zero_ckpt.consolidate(root, reader.tag, prefix=prefix, dtype=dtype)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out))
-        else:
-            zero_ckpt.export(root, out, reader.tag, prefix=prefix, dtype=dtype)
+        print(f"zero ckpt export: reading {reader.dir} (written by {len(reader.manifests)} ranks)", file=sys.stderr,
+              flush=True)
+        state = zero_ckpt.consolidate(root, reader.tag, prefix=args.prefix, dtype=dtype,
+                                      frozen=not args.exclude_frozen)
+        zero_ckpt.save_state_dict(state, out)
     except zero_ckpt.CheckpointError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
     size = out.stat().st_size
-    print(f"zero ckpt export: wrote {out} ({len(names)} tensors, {size / 2**20:.1f} MiB, {args.dtype}) "
+    print(f"zero ckpt export: wrote {out} ({len(state)} tensors, {size / 2**20:.1f} MiB, {args.dtype}) "
           f"in {time.perf_counter() - began:.1f}s", file=sys.stderr)
     return 0
 
@@ -352,15 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = sub.add_parser("ckpt", help="checkpoint tools", description="Checkpoint tools.")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", parser_class=_Parser)
     export = ckpt_sub.add_parser("export", help="one consolidated fp32 state_dict from a zero checkpoint",
-                                 description="Read a checkpoint written by Engine.save_checkpoint (any number of "
-                                 "ranks, any stage) without a process group and write the whole fp32 master "
-                                 "weights as one state_dict: torch.save, or safetensors when OUT ends with "
-                                 ".safetensors.", epilog="example: zero ckpt export ckpts/ model.pt")
+                                 description="Read a zero checkpoint (any stage, any world size) and write the "
+                                 "model's state_dict -- fp32 master weights, untrained weights, buffers, tied "
+                                 "weights under each of their names -- so that load_state_dict(strict=True) takes "
+                                 "it: torch.save, or safetensors when OUT ends with .safetensors.",
+                                 epilog="example: zero ckpt export ckpts/ model.pt")
     export.add_argument("dir", help="the checkpoint directory (the one holding 'latest')")
     export.add_argument("out", help="output file (.pt, .bin, or .safetensors)")
     export.add_argument("--tag", default=None, help="which checkpoint (default: the one 'latest' names)")
     export.add_argument("--prefix", default=None,
-                        help="tensors to export (default: the first of optimizer/master/, optim/master/)")
+                        help="export the tensors under this prefix as they are (default: the model's state_dict)")
+    export.add_argument("--exclude-frozen", action="store_true",
+                        help="leave out the weights the optimizer did not train")
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="output dtype")
     export.set_defaults(func=_cmd_ckpt_export, command="ckpt export")
     ckpt.set_defaults(func=lambda _: _help(ckpt))

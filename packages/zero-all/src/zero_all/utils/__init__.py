@@ -1,4 +1,5 @@
-"""``deepspeed.utils``: the ``logger`` zero writes to and ``log_dist``, a log line from chosen ranks."""
+"""``deepspeed.utils``: the ``logger`` zero writes to, ``log_dist`` (a log line from chosen ranks) and
+``zero_to_fp32`` (a checkpoint as one fp32 ``state_dict``: ``deepspeed.utils.zero_to_fp32``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import logging
 
 import torch.distributed as dist
 
-__all__ = ["log_dist", "logger"]
+__all__ = ["log_dist", "logger", "zero_to_fp32"]
+
+from . import zero_to_fp32
 
 logger = logging.getLogger("zero_all")
 
