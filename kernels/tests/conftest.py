@@ -1,5 +1,6 @@
-"""Each kernel test runs on both paths: the torch reference, and the Triton kernel
-(on CUDA when present, else on CPU under TRITON_INTERPRET=1 -- the nox `kernels` session)."""
+"""Each kernel test runs on every path: the hand-written torch reference, what CPU tensors
+get by default (torch's built-in ops where zero uses them), and the Triton kernel (on CUDA
+when present, else on CPU under TRITON_INTERPRET=1 -- the nox `kernels` session)."""
 
 import os
 
@@ -15,7 +16,7 @@ def _triton_device() -> str | None:
     return None
 
 
-@pytest.fixture(params=["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.fixture(params=["reference", "cpu-default", pytest.param("triton", marks=pytest.mark.triton)])
 def path(request, monkeypatch) -> str:
     """The implementation under test; yields the device its tensors live on."""
     if request.param == "triton":
@@ -24,5 +25,8 @@ def path(request, monkeypatch) -> str:
             pytest.skip("the Triton path runs in `nox -s kernels` (TRITON_INTERPRET=1) or on a GPU")
         monkeypatch.setenv("ZERO_KERNELS", "triton")
         return device
+    if request.param == "cpu-default":
+        monkeypatch.delenv("ZERO_KERNELS", raising=False)
+        return "cpu"
     monkeypatch.setenv("ZERO_KERNELS", "reference")
     return "cpu"

@@ -1,9 +1,12 @@
-"""Which implementation runs: the Triton kernel or the torch reference.
+"""Which implementation runs: the Triton kernel, torch's built-in op, or the hand-written reference.
 
-CUDA tensors go to Triton (when triton imports); every other device goes to the
-torch reference. ``ZERO_KERNELS=reference`` or ``ZERO_KERNELS=triton`` forces a
-path; forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1`` (the interpreter
-runs kernels on CPU tensors, which is how CI checks them without a GPU).
+CUDA tensors go to Triton (when triton imports); every other device goes to
+torch's own op where torch has a faster one with the same meaning (``F.layer_norm``,
+``F.rms_norm``, ``torch._foreach_norm``, a shorter quantisation formula), else
+to the hand-written torch reference, which defines the maths and is what the
+kernels are tested against. ``ZERO_KERNELS=reference``, ``torch`` or ``triton``
+forces a path; forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1`` (the
+interpreter runs kernels on CPU tensors, which is how CI checks them without a GPU).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "use_triton"]
+__all__ = ["interpreting", "kernel_path", "triton_available", "use_triton"]
 
-_CHOICES = ("reference", "triton", "auto")
+_CHOICES = ("reference", "torch", "triton", "auto")
 
 
 @functools.cache
@@ -35,21 +38,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel should run on ``tensors``."""
+def kernel_path(*tensors: torch.Tensor) -> str:
+    """``"triton"``, ``"torch"`` (torch's built-in op) or ``"reference"``: what runs on ``tensors``.
+
+    An op without a built-in counterpart runs its reference on the ``"torch"`` path.
+    """
     choice = os.environ.get("ZERO_KERNELS", "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"ZERO_KERNELS={choice!r}; expected one of {', '.join(_CHOICES)}")
-    if choice == "reference":
-        return False
+    if choice in ("reference", "torch"):
+        return choice
     on_cuda = all(t.is_cuda for t in tensors)
     if choice == "triton":
         if not triton_available():
             raise RuntimeError(f"ZERO_KERNELS=triton but triton cannot be imported: {_triton_import_error()}")
         if not on_cuda and not interpreting():
             raise RuntimeError("ZERO_KERNELS=triton on non-CUDA tensors needs TRITON_INTERPRET=1")
-        return True
-    return on_cuda and triton_available()
+        return "triton"
+    return "triton" if on_cuda and triton_available() else "torch"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run on ``tensors``."""
+    return kernel_path(*tensors) == "triton"
 
 
 def check_contiguous(**tensors: torch.Tensor | None) -> None:

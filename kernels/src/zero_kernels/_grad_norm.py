@@ -3,13 +3,16 @@
 What fp16 loss scaling (skip the step on overflow) and global-norm clipping both
 need, computed from one read of every gradient: the fp32 sum of squares across a
 list of tensors of any floating dtype, and whether any element was inf or NaN.
+Off the Triton path the norms come from ``torch._foreach_norm`` (one call over the
+fp32 tensors) and ``torch.linalg.vector_norm`` (fp32 accumulation for the others),
+with the elements checked only when the total is not finite.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_contiguous, grid_1d, use_triton
+from ._dispatch import check_contiguous, grid_1d, kernel_path
 
 __all__ = ["global_grad_norm", "grad_norm_sq"]
 
@@ -23,16 +26,19 @@ def grad_norm_sq(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     if not tensors:
         raise ValueError("grad_norm_sq needs at least one tensor")
     device = tensors[0].device
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
             raise ValueError(f"tensors[{i}] must be floating point, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
+    if kernel_path(*tensors) == "torch":
+        return _builtin([t.detach() for t in tensors if t.numel()], device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    for t in tensors:
         if t.numel() == 0:
             continue
-        if use_triton(t):
+        if kernel_path(t) == "triton":
             s, bad = _partial_triton(t)
         else:
             s, bad = _partial_reference(t.detach())
@@ -53,6 +59,20 @@ def _partial_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return norm.square(), torch.zeros((), dtype=torch.bool, device=t.device)
     # an infinite norm is either an inf/NaN element or finite values whose squares overflow
     return norm.square(), ~torch.isfinite(t).all()
+
+
+def _builtin(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's result from torch's norm ops: one sync for the whole list, not one per tensor."""
+    fp32 = [t for t in tensors if t.dtype == torch.float32]
+    norms = list(torch._foreach_norm(fp32, 2)) if fp32 else []
+    norms += [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors if t.dtype != torch.float32]
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), dtype=torch.bool, device=device)
+    total = torch.stack(norms).square().sum()
+    if bool(torch.isfinite(total)):
+        return total, torch.zeros((), dtype=torch.bool, device=device)
+    # as in the reference: an infinite total is an inf/NaN element or finite squares that overflow fp32
+    return total, torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
 
 
 def _partial_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
