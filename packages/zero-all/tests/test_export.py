@@ -10,7 +10,6 @@ import logging
 import sys
 from pathlib import Path
 
-import msgspec
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import nn
 
 import zero_all
 import zero_ckpt
+from zero_all._checkpoint import module_extras
 from zero_all._cli import main
 from zero_all.utils.zero_to_fp32 import (
     convert_zero_checkpoint_to_fp32_state_dict,
@@ -57,8 +57,10 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, idx[:, 0]
 
 
-def train_and_save(root: str, stage: int) -> dict[str, torch.Tensor]:
-    """Three steps at ``stage``, saved; the eval-mode logits of the trained module on a fixed batch."""
+def train_and_save(root: str, stage: int, old_style: bool = False) -> dict[str, torch.Tensor]:
+    """Three steps at ``stage``, saved; the eval-mode logits of the trained module on a fixed batch.
+    ``old_style``: saved as zero did before checkpoints recorded the module (masters, buffers and frozen
+    weights, no record)."""
     torch.manual_seed(0)
     config = {"train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "AdamW", "params": {"lr": 5e-2}},
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
@@ -67,7 +69,12 @@ def train_and_save(root: str, stage: int) -> dict[str, torch.Tensor]:
         idx, target = batch(100 * engine.comm.rank + step)
         engine.backward(F.cross_entropy(engine(idx), target))
         engine.step()
-    engine.save_checkpoint(root)
+    if old_style:
+        items = {"optimizer": engine.optimizer,
+                 "module": zero_ckpt.tensors_state(module_extras(engine.module, engine.optimizer))}
+        zero_ckpt.CheckpointManager(root, engine.comm).save("old", items, client_state={})
+    else:
+        engine.save_checkpoint(root)
     engine.module.eval()
     with torch.no_grad():
         return {"logits": engine(batch(7)[0]), "seen": engine.module.seen.clone()}
@@ -106,15 +113,6 @@ def test_exported_state_dict_loads_strictly_and_gives_the_trained_logits(tmp_pat
     assert torch.equal(logits(from_cli), trained["logits"])
 
     if stage == 2:  # the other ways out, once
-        assert main(["ckpt", "export", str(root), str(tmp_path / "model.safetensors")]) == 0
-        from safetensors.torch import load_file
-
-        loaded = load_file(tmp_path / "model.safetensors")
-        assert torch.equal(loaded["head.weight"], loaded["embed.weight"])
-        via_st = fresh()
-        via_st.load_state_dict(loaded, strict=True)
-        assert torch.equal(logits(via_st), trained["logits"])
-
         out = convert_zero_checkpoint_to_fp32_state_dict(root, tmp_path / "fp32.bin")
         via_convert = fresh()
         via_convert.load_state_dict(torch.load(out, weights_only=True), strict=True)
@@ -126,30 +124,26 @@ def test_exported_state_dict_loads_strictly_and_gives_the_trained_logits(tmp_pat
         assert set(state) - set(no_frozen) == {"frozen.weight", "frozen.bias"}
 
 
-def strip_record(directory: Path) -> None:
-    """Make ``directory`` the checkpoint an older zero wrote: no module record in client.pt (the checksums
-    in a re-sealed meta.json match, so only the missing record is new to the reader)."""
-    import io
-    import zlib
-
-    from zero_ckpt._format import CheckpointMeta
-    from zero_ckpt._verify import seal_meta
-
-    client = torch.load(directory / "client.pt", weights_only=True)
-    del client["items"]["module"]
-    buf = io.BytesIO()
-    torch.save(client, buf)
-    (directory / "client.pt").write_bytes(buf.getvalue())
-    meta = msgspec.json.decode((directory / "meta.json").read_bytes(), type=CheckpointMeta)
-    meta = msgspec.structs.replace(meta, client_checksum=zlib.crc32(buf.getvalue()))
-    (directory / "meta.json").write_bytes(seal_meta(meta))
+def test_safetensors_round_trip_keeps_both_names_of_a_tied_weight(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]):
+    safetensors = pytest.importorskip("safetensors.torch")
+    root = tmp_path / "ckpt"
+    trained = run_ranks(train_and_save, 2, str(root), 3)[0]
+    assert main(["ckpt", "export", str(root), str(tmp_path / "model.safetensors")]) == 0
+    assert "wrote" in capsys.readouterr().err
+    loaded = safetensors.load_file(tmp_path / "model.safetensors")
+    assert torch.equal(loaded["head.weight"], loaded["embed.weight"]), "the tied weight, stored once per name"
+    via_file = fresh()
+    via_file.load_state_dict(loaded, strict=True)
+    assert torch.equal(logits(via_file), trained["logits"])
+    out = convert_zero_checkpoint_to_fp32_state_dict(root, tmp_path / "fp32", safe_serialization=True)
+    assert out.name == "fp32.safetensors" and set(safetensors.load_file(out)) == set(loaded)
 
 
 def test_a_checkpoint_without_the_module_record_exports_what_it_holds_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
     root = tmp_path / "ckpt"
-    run_ranks(train_and_save, 2, str(root), 1)
-    strip_record(root / zero_ckpt.latest_tag(root))
+    run_ranks(train_and_save, 2, str(root), 1, True)
     with caplog.at_level(logging.WARNING, logger="zero_ckpt"):
         state = get_fp32_state_dict_from_zero_checkpoint(root)
     assert "does not record its module's state_dict" in caplog.text
@@ -158,7 +152,9 @@ def test_a_checkpoint_without_the_module_record_exports_what_it_holds_with_a_war
     result = model.load_state_dict(state, strict=False)
     assert result.missing_keys == ["head.weight"] and not result.unexpected_keys
     assert main(["ckpt", "export", str(root), str(tmp_path / "old.pt")]) == 0
-    assert "wrote" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "zero ckpt export: warning: checkpoint" in err and "wrote" in err, err
+    assert set(torch.load(tmp_path / "old.pt", weights_only=True)) == set(state)
 
 
 def test_safetensors_missing_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -230,6 +231,9 @@ def _cmd_ckpt_export(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     began = time.perf_counter()
     out = Path(args.out)
+    warnings = logging.StreamHandler(sys.stderr)  # zero-ckpt's warnings (an older checkpoint) as our lines
+    warnings.setFormatter(logging.Formatter("zero ckpt export: warning: %(message)s"))
+    logging.getLogger("zero_ckpt").addHandler(warnings)
     try:
         reader = zero_ckpt.CheckpointReader(root, args.tag)
         print(f"zero ckpt export: reading {reader.dir} (written by {len(reader.manifests)} ranks)", file=sys.stderr,
@@ -241,6 +245,8 @@ def _cmd_ckpt_export(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    finally:
+        logging.getLogger("zero_ckpt").removeHandler(warnings)
     size = out.stat().st_size
     print(f"zero ckpt export: wrote {out} ({len(state)} tensors, {size / 2**20:.1f} MiB, {args.dtype}) "
           f"in {time.perf_counter() - began:.1f}s", file=sys.stderr)
