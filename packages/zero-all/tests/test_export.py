@@ -167,3 +167,11 @@ def test_safetensors_missing_is_one_line_naming_the_extra(tmp_path: Path, monkey
     err = capsys.readouterr().err
     assert "pip install 'zero-ckpt[safetensors]'" in err and err.strip().count("\n") == 1, err  # reading + error
     assert not list(tmp_path.glob("m.safetensors*")), "no file, not even a partial one"
+
+
+def test_zero_to_fp32_is_where_deepspeed_has_it():
+    import zero_all as deepspeed
+
+    module = deepspeed.utils.zero_to_fp32
+    assert module.get_fp32_state_dict_from_zero_checkpoint is get_fp32_state_dict_from_zero_checkpoint
+    assert deepspeed.utils.logger.name == "zero_all" and callable(deepspeed.utils.log_dist)
