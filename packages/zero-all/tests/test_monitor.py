@@ -29,6 +29,7 @@ class Lines(logging.Handler):
 def monitored(root: str) -> dict:
     lines = Lines()
     logging.getLogger("zero_all").addHandler(lines)
+    logging.getLogger("zero_all").setLevel(logging.INFO)  # the application's choice: zero sets no level
     torch.manual_seed(0)
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
               "steps_per_print": EVERY, "wall_clock_breakdown": True,

@@ -164,6 +164,7 @@ class DeepSpeedConfig(_Block):
     train_micro_batch_size_per_gpu: int | Auto | None = None
     gradient_accumulation_steps: int | Auto | None = None
     steps_per_print: int = 10
+    progress_bar: bool = True  # zero's own key: rank 0's bar on a terminal (ZERO_PROGRESS=0 also turns it off)
     optimizer: OptimizerConfig | None = None
     scheduler: SchedulerConfig | None = None
     fp16: FP16Config = msgspec.field(default_factory=FP16Config)

@@ -26,7 +26,10 @@ MEANING: dict[str, str] = {
                         "batch triangle, completed or checked at `initialize`.",
     "train_micro_batch_size_per_gpu": "Samples per rank per forward/backward.",
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
-    "steps_per_print": "Rank 0 logs a progress line every this many optimizer steps.",
+    "steps_per_print": "Rank 0 logs a progress line every this many optimizer steps (INFO on the `zero_all` "
+                       "logger: shown where the application's logging shows it; `zero run` shows it on stderr).",
+    "progress_bar": "zero's own key: rank 0 redraws a one-line progress bar on stderr when stderr is a terminal "
+                    "(never in logs or CI); false, or `ZERO_PROGRESS=0` in the environment, turns it off.",
     "optimizer": "The update rule; leave it out to pass a client optimizer to `initialize`.",
     "optimizer.type": "Adam, AdamW, Lamb, Lion or SGD (case-insensitive), or any other `torch.optim` class by "
                       "name. Adam decouples weight decay unless `params.adam_w_mode` is false, as in DeepSpeed.",

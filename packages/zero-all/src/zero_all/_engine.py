@@ -21,6 +21,7 @@ engine is an ``nn.Module`` over the model, as DeepSpeed's is).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,8 +38,9 @@ from zero_offload import HostStore, NVMeStore
 from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 from ._config import ConfigError, DeepSpeedConfig, load_config
 from ._lr import build_scheduler
-from ._monitor import TrainingMonitor, logger
+from ._monitor import TrainingMonitor
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
+from .utils import log_dist
 
 __all__ = ["DeepSpeedEngine", "Engine", "initialize"]
 
@@ -321,7 +323,8 @@ class Engine(EngineInfo, nn.Module):
 
     def destroy(self) -> None:
         """Release what the engine holds outside the process's memory: monitor files are flushed and an
-        NVMe store's swap files removed. The engine cannot train afterwards."""
+        NVMe store's swap files removed, the progress bar erased. The engine cannot train afterwards."""
+        self.monitor.close()
         for writer in self.monitor.writers:
             writer.flush()
         close = getattr(self.store, "close", None)
@@ -403,8 +406,9 @@ class Engine(EngineInfo, nn.Module):
         result is False, as in DeepSpeed."""
         if isinstance(self.optimizer, zero_optim.ZeroStage3):
             if self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save is not True:
-                logger.warning("save_16bit_model: nothing saved -- at stage 3 it needs zero_optimization."
-                               "stage3_gather_16bit_weights_on_model_save: true (or use `zero ckpt export`)")
+                log_dist("save_16bit_model: nothing saved -- at stage 3 it needs zero_optimization."
+                         "stage3_gather_16bit_weights_on_model_save: true (or use `zero ckpt export`)",
+                         ranks=[0], level=logging.WARNING)  # every rank calls it: say it once
                 return False
             state = self.optimizer.consolidated_state_dict()
         else:

@@ -38,10 +38,10 @@ from typing import Any, Protocol
 import torch
 
 from ._config import ConfigError
+from .utils import log_dist
 
 __all__ = ["SCHEDULES", "LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "build_scheduler"]
 
-logger = logging.getLogger("zero_all")
 
 
 class HasParamGroups(Protocol):
@@ -174,8 +174,8 @@ class WarmupDecayLR(WarmupLR):
         super().__init__(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
                          last_batch_iteration)
         if self.total_num_steps < self.warmup_num_steps:
-            logger.warning("WarmupDecayLR: total_num_steps %d is less than warmup_num_steps %d",
-                           self.total_num_steps, self.warmup_num_steps)
+            log_dist(f"WarmupDecayLR: total_num_steps {self.total_num_steps} is less than warmup_num_steps "
+                     f"{self.warmup_num_steps}", ranks=[0], level=logging.WARNING)
 
     def _gamma(self) -> float:
         k = self.last_batch_iteration
@@ -202,8 +202,8 @@ class WarmupCosineLR(_Schedule):
         self.warmup_type = _warmup_type(warmup_type)
         self.warmup_min_ratio, self.cos_min_ratio = float(warmup_min_ratio), float(cos_min_ratio)
         if self.total_num_steps < self.warmup_num_steps:
-            logger.warning("WarmupCosineLR: total_num_steps %d is less than warmup_num_steps %d",
-                           self.total_num_steps, self.warmup_num_steps)
+            log_dist(f"WarmupCosineLR: total_num_steps {self.total_num_steps} is less than warmup_num_steps "
+                     f"{self.warmup_num_steps}", ranks=[0], level=logging.WARNING)
         self.org_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._start()
 
@@ -266,7 +266,8 @@ class OneCycle(_Schedule):
         defaults = getattr(optimizer, "defaults", None) or optimizer.param_groups[0]
         self.cycle_momentum = bool(cycle_momentum) and "betas" in defaults
         if cycle_momentum and not self.cycle_momentum:
-            logger.warning("OneCycle: cycle_momentum is off: %s has no betas", type(optimizer).__name__)
+            log_dist(f"OneCycle: cycle_momentum is off: {type(optimizer).__name__} has no betas", ranks=[0],
+                     level=logging.WARNING)
         self.min_moms = [(m, 0.99) for m in self._per_group(cycle_min_mom, "cycle_min_mom")]
         self.max_moms = [(m, 0.99) for m in self._per_group(cycle_max_mom, "cycle_max_mom")]
         if last_batch_iteration == -1:

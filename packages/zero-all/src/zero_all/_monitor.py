@@ -16,9 +16,17 @@ DeepSpeed names them (``Train/Samples/train_loss``, ``Train/Samples/lr``,
 ``output_path/job_name``: the CSV monitor one ``<event with / as _>.csv`` per event
 with a ``step,<last part of the name>`` header; TensorBoard an event file.
 
+zero never configures logging: it installs no handler and sets no level on its loggers,
+so the line shows where the application's logging sends INFO records of ``"zero_all"``
+(``logging.basicConfig(level=logging.INFO)``); ``zero run`` and ``zero ckpt`` configure
+it for the programs they run.
+
 On a terminal, rank 0 also keeps a one-line progress bar on stderr between those lines
 (steps done, of ``total_num_steps`` when the LR schedule has one, steps/s and the time
-left); it is drawn only when stderr is a terminal, so logs and CI output stay clean.
+left). It is drawn only when stderr is a terminal, so logs and CI output get no carriage
+returns; ``"progress_bar": false`` in the config or ``ZERO_PROGRESS=0`` in the environment
+turn it off. It ends on a newline at the schedule's last step, and is erased when the
+engine is destroyed or the process exits, so no half-drawn line is left behind.
 
 The numbers every rank contributes (loss, tokens, memory) travel in one small
 all-reduce at an optimizer step that reports, so every rank takes part in it.
@@ -26,12 +34,15 @@ all-reduce at an optimizer step that reports, so every rank takes part in it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import logging
+import os
 import resource
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,14 +60,14 @@ logger = logging.getLogger("zero_all")
 PHASES = ("forward", "backward", "step")
 
 
-def _ensure_visible() -> None:
-    """Progress lines are INFO: show them on stderr unless the program set up logging itself."""
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [zero_all] %(message)s"))
-        logger.addHandler(handler)
+def progress_wanted(config: DeepSpeedConfig, rank: int, stream: Any = None) -> bool:
+    """Rank 0 draws the bar when the config and ``ZERO_PROGRESS`` allow it and ``stream`` is a terminal."""
+    if rank != 0 or not config.progress_bar:
+        return False
+    if os.environ.get("ZERO_PROGRESS", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    stream = stream if stream is not None else sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -129,16 +140,24 @@ class ProgressBar:
         if self.total and rate > 0 and step < self.total:
             left = int((self.total - step) / rate)
             text += f", {left // 60}m{left % 60:02d}s left"
-        self.stream.write("\r\x1b[K" + text)
+        finished = self.total is not None and step >= self.total
+        self.stream.write("\r\x1b[K" + text + ("\n" if finished else ""))  # the last step's bar stays
         self.stream.flush()
-        self.drawn = True
+        self.drawn = not finished
 
     def clear(self) -> None:
-        """Wipe the bar before a log line is written under it."""
+        """Wipe the bar before a log line is written under it, and at the end of the run."""
         if self.drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.drawn = False
+
+
+def _clear_at_exit(bar: weakref.ref[ProgressBar]) -> None:
+    alive = bar()
+    if alive is not None:
+        with contextlib.suppress(Exception):  # the stream may already be closed
+            alive.clear()
 
 
 class TrainingMonitor:
@@ -153,8 +172,6 @@ class TrainingMonitor:
                   if b.enabled]
         self.writing = bool(blocks)  # the same on every rank: whether each step's events are gathered
         self.writers = [w(Path(b.output_path) / b.job_name) for b, w in blocks] if comm.rank == 0 else []
-        if self.every:
-            _ensure_visible()
         self.times = dict.fromkeys(PHASES, 0.0)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._loss_count = 0
@@ -162,9 +179,10 @@ class TrainingMonitor:
         self._since_print = time.perf_counter()
         self._steps_since_print = 0
         self.progress: ProgressBar | None = None
-        if comm.rank == 0 and sys.stderr.isatty():
+        if progress_wanted(config, comm.rank):
             total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
             self.progress = ProgressBar(total=total if isinstance(total, int) else None)
+            atexit.register(_clear_at_exit, weakref.ref(self.progress))
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -240,6 +258,11 @@ class TrainingMonitor:
         self._since_print = time.perf_counter()
         self._steps_since_print = 0
         self._tokens = 0
+
+    def close(self) -> None:
+        """Erase the progress bar (the engine's ``destroy``)."""
+        if self.progress is not None:
+            self.progress.clear()
 
     def _reset_window(self) -> None:
         """The loss is per optimizer step: cleared at every boundary (tokens count per print interval)."""

@@ -15,6 +15,10 @@ as ``python PATH ARGS`` or ``python -m NAME ARGS`` would (``sys.argv``, ``sys.pa
   are not printed as a traceback on every rank: the launcher prints their one line once.
   ``ZERO_TRACEBACK=1`` prints the full traceback too. Any other exception prints its
   traceback as Python would.
+
+As the application's launcher it also shows zero's INFO lines (the ``steps_per_print``
+line) on stderr while the script has not configured logging itself; the library never
+does this on import or in ``initialize``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import runpy
 import signal
@@ -80,8 +85,26 @@ def _last_line(exc: BaseException) -> str:
     return traceback.format_exception_only(type(exc), exc)[-1].strip()
 
 
+class _UntilConfigured(logging.StreamHandler):
+    """stderr for zero's records until the script gives the root logger a handler (then those print them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def _show_zero_lines() -> None:
+    handler = _UntilConfigured(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(name)s] %(message)s"))
+    zero = logging.getLogger("zero_all")
+    zero.addHandler(handler)
+    if zero.level == logging.NOTSET:
+        zero.setLevel(logging.INFO)
+
+
 def main(argv: list[str]) -> int:
     _die_with_launcher()
+    _show_zero_lines()
     if len(argv) < 2 or argv[0] not in ("--script", "--module"):
         print("usage: python -m zero_all._rank (--script PATH | --module NAME) ARGS...", file=sys.stderr)
         return 2

@@ -205,7 +205,7 @@ class ShardedOptimizer(abc.ABC):
             self.skipped_steps += 1
             if self.scaler:
                 self.scaler.update(True)
-            else:
+            elif self.comm.rank == 0:  # every rank skips; one says so
                 warnings.warn("a gradient held inf or NaN: the step was skipped on every rank", stacklevel=2)
             self.zero_grad()
             return False
