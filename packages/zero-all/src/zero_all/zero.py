@@ -138,10 +138,9 @@ def _check_remote_device(remote_device: str | None, pin_memory: bool, config: De
 
 def partition_module(module: nn.Module, comm: zero_comm.Communicator, dtype: torch.dtype | None = None) -> None:
     """Partition an already built ``module``'s parameters over ``comm`` (``zero.Init(module=...)``)."""
-    for owner in module.modules():
-        for name, p in list(owner.named_parameters(recurse=False)):
-            if not isinstance(p, zero_optim.PartitionedParameter):
-                zero_optim.GatherUnit([p], comm, dtype, names=[f"{type(owner).__name__}.{name}"])
+    for name, p in list(module.named_parameters()):  # named by path; a shared parameter once
+        if not isinstance(p, zero_optim.PartitionedParameter):
+            zero_optim.GatherUnit([p], comm, dtype, names=[name])
 
 
 def check_partitioned_model(model: nn.Module, config: DeepSpeedConfig) -> None:

@@ -9,14 +9,24 @@ list before anything holds them. The end of each ``__init__`` is observed with
 installed from C, such as torch's with ``with_stack=True``); no module class and no
 torch function is patched.
 
-Code that changes parameters after they are partitioned (a custom init loop at the
-end of a model's ``__init__``, loading weights) wraps the change in
+Initialisation code that runs after its modules were partitioned -- an init loop
+over ``self.modules()`` at the end of a model's ``__init__``, ``self.apply(fn)``,
+``p.data.normal_()`` -- works unchanged inside the block and gives exactly the
+values eager construction gives: the first op that reads or writes a released
+parameter gathers it (a collective, so every rank must run the same init code, as
+they already build the same model), and it stays whole until more than one
+module's worth of parameters is open, when the oldest is closed: ``src_rank``'s
+values are broadcast and each rank keeps its shard. Since ``src_rank`` draws its
+random numbers in eager order, its values are eager's, bit for bit. The block's
+end closes the rest. After the block, a change goes through
 ``zero_optim.gathered(params, modifier_rank=0)``.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -32,10 +42,51 @@ from ._partition import GatherUnit, PartitionedParameter
 __all__ = ["partitioned"]
 
 
-def _partition_direct(module: nn.Module, comm: Communicator, dtype: torch.dtype | None, src_rank: int) -> None:
-    for name, p in list(module.named_parameters(recurse=False)):
-        if not isinstance(p, PartitionedParameter):
-            GatherUnit([p], comm, dtype, names=[f"{type(module).__name__}.{name}"], src_rank=src_rank)
+def _partition_direct(module: nn.Module, comm: Communicator, dtype: torch.dtype | None,
+                      src_rank: int) -> list[GatherUnit]:
+    return [GatherUnit([p], comm, dtype, names=[f"{type(module).__name__}.{name}"], src_rank=src_rank)
+            for name, p in list(module.named_parameters(recurse=False)) if not isinstance(p, PartitionedParameter)]
+
+
+def _name_by_path(roots: list[nn.Module]) -> None:
+    """Name each partitioned parameter of ``roots`` by its path in its model (``blocks.0.attn.qkv.weight``),
+    as errors and checkpoints show it."""
+    for root in roots:
+        for name, p in root.named_parameters():
+            if isinstance(p, PartitionedParameter):
+                p.zero.name = name
+
+
+class _OpenForInit:
+    """Units that initialisation code gathered inside the block, oldest first, with at most one
+    module's worth of full parameters open at once (more only for a single larger unit)."""
+
+    def __init__(self, src_rank: int):
+        self.src_rank = src_rank
+        self.units: OrderedDict[int, GatherUnit] = OrderedDict()
+        self.numel = 0  # full elements open now
+        self.budget = 0  # the most full elements one module built in the block holds
+
+    def open(self, unit: GatherUnit, param: PartitionedParameter) -> bool:
+        for old in [u for u in self.units.values() if not u.pinned]:  # oldest first; not the op's others
+            if self.numel + unit.padded <= self.budget:
+                break
+            self.close(old)
+        unit.gather()
+        self.units[id(unit)] = unit
+        self.numel += unit.padded
+        return True
+
+    def close(self, unit: GatherUnit, keep: bool = True) -> None:
+        del self.units[id(unit)]
+        self.numel -= unit.padded
+        if keep:
+            unit.scatter_back(self.src_rank)
+        unit.release()
+
+    def close_all(self, keep: bool) -> None:
+        for unit in list(self.units.values()):
+            self.close(unit, keep)
 
 
 @contextmanager
@@ -49,6 +100,9 @@ def partitioned(comm: Communicator, *, dtype: torch.dtype | None = None, src_ran
     ``ZeroStage3`` to train it.
     """
     depth: dict[int, int] = {}  # module -> __init__ frames of it still running (subclass inits nest)
+    opened = _OpenForInit(src_rank)
+    built: list[weakref.ref[nn.Module]] = []
+    units: list[weakref.ref[GatherUnit]] = []
 
     def module_init(frame: FrameType) -> nn.Module | None:
         if frame.f_code.co_name != "__init__" or not frame.f_code.co_argcount:
@@ -65,10 +119,27 @@ def partitioned(comm: Communicator, *, dtype: torch.dtype | None = None, src_ran
             depth[key] -= 1
             if not depth[key]:
                 del depth[key]
-                _partition_direct(module, comm, dtype, src_rank)
+                made = _partition_direct(module, comm, dtype, src_rank)
+                for unit in made:
+                    unit.on_released_use = opened.open
+                    units.append(weakref.ref(unit))
+                opened.budget = max(opened.budget, sum(u.padded for u in made))
+                built.append(weakref.ref(module))
 
-    with _observing_init_frames(module_init, entered, returned):
-        yield
+    try:
+        with _observing_init_frames(module_init, entered, returned):
+            yield
+    except BaseException:
+        opened.close_all(keep=False)  # no collective: the other ranks may not be here
+        raise
+    finally:
+        for ref in units:
+            if (unit := ref()) is not None and unit.on_released_use == opened.open:
+                unit.on_released_use = None
+    opened.close_all(keep=True)
+    modules = [m for ref in built if (m := ref()) is not None]
+    inner = {id(c) for m in modules for c in m.modules() if c is not m}
+    _name_by_path([m for m in modules if id(m) not in inner])
 
 
 @contextmanager

@@ -65,6 +65,12 @@ _METADATA_OPS = frozenset({
     "__hash__", "untyped_storage", "_is_view", "is_contiguous", "stride", "storage_offset", "__repr__",
     "__format__", "__reduce_ex__", "__setstate__", "get_device", "type",
 })
+_DATA = torch._C.TensorBase.data  # whose getter hands out the storage itself: a read of the values
+
+
+def _reads_values(func: Any) -> bool:
+    name = getattr(func, "__name__", None)
+    return name not in _METADATA_OPS or (name == "__get__" and getattr(func, "__self__", None) is _DATA)
 
 
 class PartitionedParameter(nn.Parameter):
@@ -81,14 +87,20 @@ class PartitionedParameter(nn.Parameter):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        if getattr(func, "__name__", None) not in _METADATA_OPS:
-            for arg in (*args, *kwargs.values()):
-                if isinstance(arg, (list, tuple)):
-                    for item in arg:
-                        if type(item) is PartitionedParameter and not item.zero.unit.gathered:
-                            item.zero.unit.use_released(item, func)
-                elif type(arg) is PartitionedParameter and not arg.zero.unit.gathered:
-                    arg.zero.unit.use_released(arg, func)
+        if _reads_values(func):
+            flat = (a for arg in (*args, *kwargs.values()) for a in (arg if isinstance(arg, (list, tuple)) else (arg,)))
+            params = [a for a in flat if type(a) is PartitionedParameter]
+            if any(not p.zero.unit.gathered for p in params):
+                units = {id(p.zero.unit): p.zero.unit for p in params}.values()
+                for unit in units:
+                    unit.pinned += 1  # this op reads them all: gathering one must not release another
+                try:
+                    for p in params:
+                        if not p.zero.unit.gathered:
+                            p.zero.unit.use_released(p, func)
+                finally:
+                    for unit in units:
+                        unit.pinned -= 1
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -153,6 +165,7 @@ class GatherUnit:
         self.shard = self.full[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
         self.on_change: list[Callable[[GatherUnit], None]] = []  # called after gathered(modifier_rank=...)
         self.on_released_use: Callable[[GatherUnit, PartitionedParameter], bool] | None = None
+        self.pinned = 0  # ops now reading this unit's parameters: not to be released to make room
         self.home: tuple[StateStore, str] | None = None  # where the shard lives when offloaded
         self._handle: Handle | None = None
         self._borrowed: str | None = None  # the store key an all-gather in flight reads from
@@ -272,13 +285,17 @@ class GatherUnit:
         allows that here (inside a module's forward), else say how to gather it."""
         if self.on_released_use is not None and self.on_released_use(self, param):
             return
-        what = getattr(func, "__name__", str(func))
+        what = "reading .data" if getattr(func, "__self__", None) is _DATA else f"{getattr(func, '__name__', func)}()"
+        z = param.zero
+        kept = (f"this rank keeps only elements [{z.start}, {z.stop}) of its {param.numel()}"
+                if self.comm.world_size > 1 else "only its flat shard is kept (all of its elements, on this one rank)")
         raise PartitionedParameterError(
-            f"parameter {param.zero.name!r} (shape {tuple(param.shape)}) is partitioned by ZeRO stage 3: this "
-            f"rank holds only elements [{param.zero.start}, {param.zero.stop}) of it, so {what}() cannot read "
-            "it here. Gather it first: `with zero_optim.gathered(params, modifier_rank=None):` to read it, "
-            "modifier_rank=0 to change it (rank 0's change is then kept), or use it inside the forward of "
-            "the model the ZeroStage3 optimizer runs.")
+            f"parameter {z.name!r} (shape {tuple(param.shape)}) is partitioned by ZeRO stage 3 and released here: "
+            f"{kept}, and the tensor itself has no storage between uses, so {what} cannot use it. Gather it "
+            "first: `with zero_optim.gathered(params, modifier_rank=0):` (DeepSpeed's "
+            "`deepspeed.zero.GatheredParameters`) to change it, rank 0's change being kept, modifier_rank=None "
+            "to read it; or use it inside the forward of the model a stage-3 optimizer runs. Initialisation "
+            "code inside the `zero.Init` / `zero_optim.partitioned` block needs neither.")
 
 
 @contextmanager
