@@ -1,11 +1,13 @@
-"""`zero run` when things go wrong: the rank that failed first is named with its error, the others are
-stopped, a killed launcher leaves no orphan ranks, a taken port or a held rendezvous endpoint is one
-line (exit 2) within a bounded time, and zero's own user errors are one line printed once."""
+"""`zero run` when things go wrong: the rank that failed first is named with its error (a rank that hung
+or was killed, not the peers that then failed waiting for it), the others are stopped, a killed launcher
+leaves no orphan ranks, a taken port or a held rendezvous endpoint is one line (exit 2) within a bounded
+time, and zero's own user errors are one line printed once."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +78,57 @@ def test_the_other_ranks_are_stopped_within_seconds(tmp_path: Path):
     assert time.monotonic() - began < 30, "the sleeping rank was not stopped"
     assert done.returncode == 1 and "rank 0 failed first: RuntimeError: rank zero broke" in done.stderr
     assert not alive(int((tmp_path / "pid1").read_text()))
+
+
+ONE_RANK_HANGS = """
+import sys, time, torch, zero_comm
+comm = zero_comm.init_distributed()
+hung = int(sys.argv[1])
+t = torch.ones(1)
+comm.all_reduce(t)
+if comm.rank == hung:
+    while True:  # stuck in its own code: it never reaches the next collective
+        time.sleep(0.1)
+comm.all_reduce(t)  # the others time out here (ZERO_COMM_TIMEOUT)
+"""
+
+
+@pytest.mark.parametrize(("nproc", "hung"), [(2, 1), (4, 2)])
+def test_a_hung_rank_is_named_not_the_peers_that_timed_out_waiting(tmp_path: Path, nproc: int, hung: int):
+    script = write(tmp_path, "hang.py", ONE_RANK_HANGS)
+    began = time.monotonic()
+    done = zero("run", "--nproc", str(nproc), str(script), str(hung), env={"ZERO_COMM_TIMEOUT": "4"})
+    assert time.monotonic() - began < 45, "the hang was not ended by the collective timeout"
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    named = re.match(r"zero run: error: ranks? ([\d, ]+) stopped responding .*; ranks? ([\d, ]+) failed waiting "
+                     r"for it \(.*Timed out", last)
+    assert named, last
+    # at 4 ranks a peer stopped by the launcher before it could report is listed too: never instead
+    silent, waited = ({int(r) for r in g.split(", ")} for g in named.groups())
+    assert hung in silent and hung not in waited and waited, last
+    if nproc == 2:
+        assert silent == {1} and waited == {0}, last
+
+
+RANK_1_KILLED = """
+import os, signal, time, torch, zero_comm
+comm = zero_comm.init_distributed()
+t = torch.ones(1)
+comm.all_reduce(t)
+if comm.rank == 1:
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no Python error, no report
+comm.all_reduce(t)
+"""
+
+
+def test_a_rank_killed_without_a_python_error_is_named_with_its_signal(tmp_path: Path):
+    done = zero("run", "--nproc", "2", str(write(tmp_path, "kill.py", RANK_1_KILLED)))
+    assert done.returncode == 128 + signal.SIGKILL, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("zero run: error: rank 1 was killed by signal 9 (SIGKILL) without a Python error; "
+                           "rank 0 failed waiting for it"), last
 
 
 SLEEP = """

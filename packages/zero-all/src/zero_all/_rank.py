@@ -8,9 +8,12 @@ as ``python PATH ARGS`` or ``python -m NAME ARGS`` would (``sys.argv``, ``sys.pa
   check that the launcher, ``ZERO_LAUNCHER_PID``, is still its parent); elsewhere a daemon
   thread that exits when the parent changes. A SIGKILLed ``zero run`` leaves no orphans.
 - a failure is reported to the launcher: ``ZERO_RUN_REPORTS/attempt<A>-rank<R>.json``
-  with the time, the exit code and the error's last line, so the launcher names the rank
-  that failed *first* (torchrun names whichever it polled, often a peer that failed later
-  because the first one vanished).
+  with the time, the exit code, the error's last line and whether it was a collective
+  failing on a peer, so the launcher names the rank that failed *first* with an error of
+  its own (torchrun names whichever it polled, often a peer that failed later because the
+  first one vanished). ``attempt<A>-rank<R>.start`` marks each rank that started, so a
+  rank that hung, or died without a Python error, while its peers timed out waiting for it
+  is the one named.
 - zero's own user errors (a bad config, a bad hostfile, a checkpoint that is not one)
   are not printed as a traceback on every rank: the launcher prints their one line once.
   ``ZERO_TRACEBACK=1`` prints the full traceback too. Any other exception prints its
@@ -44,8 +47,28 @@ USER_ERRORS = frozenset({
 })
 
 
+# a collective that failed on a peer (timed out waiting, connection closed): the peer's failure is the story
+PEER_ERRORS = frozenset({"zero_comm._communicator.CommError", "torch.distributed.DistError"})
+# torch.distributed on Gloo raises a plain RuntimeError from the transport
+PEER_MESSAGES = ("gloo/transport", "Connection closed by peer", "Timed out waiting")
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}
+
+
 def is_user_error(exc: BaseException) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(exc).__mro__)
+    return bool(_names(exc) & USER_ERRORS)
+
+
+def failed_on_peer(exc: BaseException) -> bool:
+    """``exc`` (or an exception it was raised from) is a collective that failed waiting on a peer."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if _names(seen) & PEER_ERRORS or any(m in str(seen) for m in PEER_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _die_with_launcher() -> None:
@@ -67,18 +90,30 @@ def _die_with_launcher() -> None:
     threading.Thread(target=watch, name="zero-launcher-watch", daemon=True).start()
 
 
-def _report(code: int, line: str | None, user: bool) -> None:
+def _report_path(suffix: str) -> Path | None:
     folder = os.environ.get("ZERO_RUN_REPORTS")
     if not folder:
-        return
-    rank = os.environ.get("RANK", "0")
+        return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    path = Path(folder) / f"attempt{attempt}-rank{rank}.json"
+    return Path(folder) / f"attempt{attempt}-rank{os.environ.get('RANK', '0')}{suffix}"
+
+
+def _report(code: int, line: str | None, user: bool, peer: bool = False) -> None:
+    if (path := _report_path(".json")) is None:
+        return
     with contextlib.suppress(OSError):
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": int(rank), "attempt": int(attempt), "time": time.time(),
-                                   "code": code, "line": line, "user": user, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"rank": int(os.environ.get("RANK", "0")),
+                                   "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                                   "time": time.time(), "code": code, "line": line, "user": user, "peer": peer,
+                                   "pid": os.getpid()}))
         tmp.replace(path)
+
+
+def _report_start() -> None:
+    if (path := _report_path(".start")) is not None:
+        with contextlib.suppress(OSError):
+            path.write_text(str(os.getpid()))
 
 
 def _last_line(exc: BaseException) -> str:
@@ -109,6 +144,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m zero_all._rank (--script PATH | --module NAME) ARGS...", file=sys.stderr)
         return 2
     kind, target, args = argv[0], argv[1], argv[2:]
+    _report_start()
     try:
         if kind == "--script":
             sys.argv = [target, *args]
@@ -129,7 +165,7 @@ def main(argv: list[str]) -> int:
         if kind == "--module" and isinstance(exc, ModuleNotFoundError) and exc.name and \
                 (target == exc.name or target.startswith(exc.name + ".")):
             user = True  # `zero run -m typo`
-        _report(1, f"{type(exc).__name__}: {exc}" if user else _last_line(exc), user)
+        _report(1, f"{type(exc).__name__}: {exc}" if user else _last_line(exc), user, failed_on_peer(exc))
         if not user or os.environ.get("ZERO_TRACEBACK", "") not in ("", "0"):
             traceback.print_exception(exc)
         sys.stderr.flush()

@@ -253,17 +253,27 @@ def run_launch(plan: LaunchPlan, script: str, script_args: list[str], *, module:
 
 
 def _report_failure(exc: Any, reports: Path) -> int:
-    """Name the rank that failed first (by the wrappers' reports of the last attempt) and its error."""
+    """Name the rank to blame, by the wrappers' reports of the last attempt: the first with an error of
+    its own; else (every report is a collective failing on a peer) a rank that died without a Python
+    error, or one that was still running -- hung -- when its peers timed out waiting for it."""
     import json
 
-    found = []
+    found, started = [], []
     for path in reports.glob("attempt*-rank*.json"):
         with contextlib.suppress(OSError, ValueError):
             found.append(json.loads(path.read_text()))
+    for path in reports.glob("attempt*-rank*.start"):
+        with contextlib.suppress(ValueError):
+            attempt, rank = path.stem.removeprefix("attempt").split("-rank")
+            started.append((int(attempt), int(rank)))
+    failures = exc.failures  # global rank -> ProcessFailure, those that had exited when the agent looked
     if found:
         last = max(r["attempt"] for r in found)
         found = sorted((r for r in found if r["attempt"] == last), key=lambda r: r["time"])
-        first = found[0]
+        own = [r for r in found if not r.get("peer")]
+        if not own:
+            return _blame_silent_rank(found, {r for a, r in started if a == last}, failures)
+        first = own[0]
         rank, code, line = first["rank"], int(first["code"]), first["line"]
         users = {r["line"] for r in found if r["user"]}
         if first["user"] and users == {line}:
@@ -277,8 +287,42 @@ def _report_failure(exc: Any, reports: Path) -> int:
         print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
         return code or 1
     rank, failure = exc.get_first_failure()
-    code = failure.exitcode
-    status = 128 + -code if code < 0 else code
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    print(f"zero run: error: rank {rank} {how} (its output is above)", file=sys.stderr, flush=True)
-    return status or 1
+    print(f"zero run: error: rank {rank} {_exit_words(failure.exitcode)} (its output is above)",
+          file=sys.stderr, flush=True)
+    return _exit_status(failure.exitcode)
+
+
+def _exit_words(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _exit_status(code: int) -> int:
+    return (128 - code if code < 0 else code) or 1
+
+
+def _blame_silent_rank(found: list[dict], started: set[int], failures: dict[int, Any]) -> int:
+    """Every report is a rank whose collective failed on a peer: blame the peer that said nothing."""
+    reported = {r["rank"] for r in found}
+    waiting = ", ".join(map(str, sorted(reported)))
+    waited = f"rank{'s' if len(reported) > 1 else ''} {waiting} failed waiting for it ({found[0]['line']})"
+    # the agent stops the ranks still running with SIGTERM once one has failed: those were not dead
+    died = sorted(r for r in failures if r not in reported and failures[r].exitcode != -signal.SIGTERM)
+    if died:
+        code = failures[died[0]].exitcode
+        print(f"zero run: error: rank {died[0]} {_exit_words(code)} without a Python error; {waited}",
+              file=sys.stderr, flush=True)
+        return _exit_status(code)
+    hung = sorted((started | set(failures)) - reported)
+    if hung:
+        who = f"rank {hung[0]}" if len(hung) == 1 else f"ranks {', '.join(map(str, hung))}"
+        print(f"zero run: error: {who} stopped responding (still running, so stopped by the launcher); {waited}",
+              file=sys.stderr, flush=True)
+        return int(found[0]["code"]) or 1
+    first = found[0]
+    print(f"zero run: error: rank {first['rank']} failed first, waiting for a peer on another node: "
+          f"{first['line']} (its output is above)", file=sys.stderr, flush=True)
+    return int(first["code"]) or 1
