@@ -3,7 +3,8 @@
     nox                      the default sessions: lint, types, tests (each package alone), kernels, integration
     nox -s tests             each package installed alone, with only its declared dependencies
     nox -s "tests(package='zero-comm')"
-    nox -s integration       all packages together: parity and end-to-end runs
+    nox -s integration       all packages together: parity and end-to-end runs (the fault suite included)
+    nox -s faults            the fault suite alone: bad checkpoints, dead and hung ranks, launcher errors
     nox -s kernels           zero-kernels' Triton kernels under TRITON_INTERPRET=1
     nox -s demo              train a small GPT on several CPU ranks
     nox -s bench             the benchmarks, each against its baseline in the same run
@@ -95,6 +96,14 @@ def integration(session: nox.Session) -> None:
     _install(session, *PACKAGES)
     session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout")
     _pytest(session, str(ROOT / "integration-tests"), "--rootdir", str(ROOT / "integration-tests"))
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite alone (``integration-tests/faults``; ``integration`` runs it too)."""
+    _install(session, *PACKAGES)
+    session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout")
+    _pytest(session, str(ROOT / "integration-tests" / "faults"), "--rootdir", str(ROOT / "integration-tests"))
 
 
 @nox.session
