@@ -6,6 +6,7 @@ time, and zero's own user errors are one line printed once."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -213,6 +214,24 @@ def test_a_config_error_is_one_line_printed_once(tmp_path: Path):
                      "integer (or \"auto\"), got 0"], done.stderr[-3000:]
     full = zero("run", "--nproc", "2", str(script), env={"ZERO_TRACEBACK": "1"})
     assert full.returncode == 1 and full.stderr.count("Traceback") == 2, full.stderr[-3000:]
+
+
+BAD_BATCH = """
+import json, sys, torch, zero_all
+config = {"train_micro_batch_size_per_gpu": 2, **json.loads(sys.argv[1])}
+zero_all.initialize(model=torch.nn.Linear(2, 2), config=config)
+"""
+
+
+@pytest.mark.parametrize(("key", "value"), [("train_micro_batch_size_per_gpu", 0),
+                                            ("train_micro_batch_size_per_gpu", -1), ("train_batch_size", -8),
+                                            ("gradient_accumulation_steps", 0)])
+def test_a_batch_size_below_one_is_refused_in_one_line(tmp_path: Path, key: str, value: int):
+    done = zero("run", "--nproc", "2", str(write(tmp_path, "batch.py", BAD_BATCH)), json.dumps({key: value}))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "ConfigError" in line]
+    assert len(lines) == 1 and lines[0].startswith("zero run: error: ranks 0, 1: ConfigError: "), done.stderr[-3000:]
+    assert f"{key}: " in lines[0] and f"got {value}" in lines[0], lines
 
 
 def test_a_real_bug_keeps_its_traceback(tmp_path: Path):
