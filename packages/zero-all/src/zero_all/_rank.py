@@ -47,9 +47,10 @@ USER_ERRORS = frozenset({
 })
 
 
-# a collective that failed on a peer (timed out waiting, connection closed): the peer's failure is the story
-PEER_ERRORS = frozenset({"zero_comm._communicator.CommError", "torch.distributed.DistError"})
-# torch.distributed on Gloo raises a plain RuntimeError from the transport
+# a collective that failed on a peer (timed out waiting, connection closed): the peer's failure is the story.
+# zero_comm's CommError is not listed (it also means "not initialised"): the backend error it was raised
+# from is, and torch.distributed on Gloo raises a plain RuntimeError from the transport.
+PEER_ERRORS = frozenset({"torch.distributed.DistError"})
 PEER_MESSAGES = ("gloo/transport", "Connection closed by peer", "Timed out waiting")
 
 
@@ -90,23 +91,26 @@ def _die_with_launcher() -> None:
     threading.Thread(target=watch, name="zero-launcher-watch", daemon=True).start()
 
 
+def _rank_attempt() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _report_path(suffix: str) -> Path | None:
     folder = os.environ.get("ZERO_RUN_REPORTS")
     if not folder:
         return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return Path(folder) / f"attempt{attempt}-rank{os.environ.get('RANK', '0')}{suffix}"
+    rank, attempt = _rank_attempt()
+    return Path(folder) / f"attempt{attempt}-rank{rank}{suffix}"
 
 
 def _report(code: int, line: str | None, user: bool, peer: bool = False) -> None:
     if (path := _report_path(".json")) is None:
         return
+    rank, attempt = _rank_attempt()
     with contextlib.suppress(OSError):
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": int(os.environ.get("RANK", "0")),
-                                   "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                                   "time": time.time(), "code": code, "line": line, "user": user, "peer": peer,
-                                   "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"rank": rank, "attempt": attempt, "time": time.time(), "code": code,
+                                   "line": line, "user": user, "peer": peer, "pid": os.getpid()}))
         tmp.replace(path)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -63,23 +62,20 @@ class _OpenForInit:
 
     def __init__(self, src_rank: int):
         self.src_rank = src_rank
-        self.units: OrderedDict[int, GatherUnit] = OrderedDict()
-        self.numel = 0  # full elements open now
+        self.units: dict[int, GatherUnit] = {}  # oldest first
         self.budget = 0  # the most full elements one module built in the block holds
 
     def open(self, unit: GatherUnit, param: PartitionedParameter) -> bool:
         for old in [u for u in self.units.values() if not u.pinned]:  # oldest first; not the op's others
-            if self.numel + unit.padded <= self.budget:
+            if sum(u.padded for u in self.units.values()) + unit.padded <= self.budget:
                 break
             self.close(old)
         unit.gather()
         self.units[id(unit)] = unit
-        self.numel += unit.padded
         return True
 
     def close(self, unit: GatherUnit, keep: bool = True) -> None:
         del self.units[id(unit)]
-        self.numel -= unit.padded
         if keep:
             unit.scatter_back(self.src_rank)
         unit.release()
