@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from zero_offload import NVMeStore, SwapIOError
+from zero_offload._nvme import OWNER, sweep_orphans
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 
@@ -100,9 +101,13 @@ def test_put_of_the_wrong_size_or_dtype_is_refused(tmp_path: Path):
             store.get("v")
 
 
-def test_a_missing_or_unusable_path_is_refused_before_anything_is_written(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        NVMeStore(tmp_path / "missing")
+def test_a_missing_path_is_created_and_an_unusable_one_refused_before_anything_is_written(tmp_path: Path):
+    with NVMeStore(tmp_path / "missing" / "swap") as store:  # as DeepSpeed does: made, parents too
+        store.create("x", torch.ones(10))
+        assert store.directory.parent == tmp_path / "missing" / "swap"
+    with pytest.raises(PermissionError, match=r"NVMe offload path /proc/zero-swap-test does not exist and cannot be "
+                                              r"created"):
+        NVMeStore("/proc/zero-swap-test")
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         NVMeStore(tmp_path / "file")
@@ -115,7 +120,7 @@ def test_more_state_than_free_space_is_refused_before_writing(tmp_path: Path):
         free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
         with pytest.raises(OSError, match=r"GiB free; the offloaded state needs"):
             store.reserve(free + (1 << 40))
-        assert list(store.directory.iterdir()) == []
+        assert [p.name for p in store.directory.iterdir()] == [OWNER]  # only its owner's lock
 
 
 def test_a_truncated_swap_file_is_an_error_naming_the_file_not_wrong_weights(tmp_path: Path):
@@ -228,3 +233,41 @@ def test_a_closed_store_says_so_and_reservations_add_up(tmp_path: Path):
     store.close()
     with pytest.raises(RuntimeError, match="was closed"):
         store.get("x")
+
+
+KILLED = """
+import os, signal, sys, torch, zero_offload
+s = zero_offload.NVMeStore(sys.argv[1])
+s.create("x", torch.zeros(1000))
+s.flush()
+print(s.directory, flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)  # no finaliser, no atexit: the files stay behind
+sys.stdin.read()  # "live": hold the store until told to go
+"""
+
+
+def test_swap_files_of_a_killed_process_are_removed_by_the_next_store_and_a_live_ones_kept(tmp_path: Path):
+    def killed() -> Path:
+        run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), "kill"], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert run.returncode == -9
+        return Path(run.stdout.strip())
+
+    live = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path), "live"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        held = Path(live.stdout.readline().strip())  # type: ignore[union-attr]
+        orphan = killed()
+        assert any(orphan.iterdir())
+        assert sweep_orphans(tmp_path) == [orphan]  # held's lock is taken: not touched
+        assert not orphan.exists() and held.exists()
+        orphan = killed()
+        with NVMeStore(tmp_path) as store:  # opening a store sweeps too
+            assert not orphan.exists() and held.exists()
+            mine = store.directory
+        assert not mine.exists()
+    finally:
+        live.communicate("", timeout=60)
+    assert not held.exists()  # the live one cleaned up after itself on exit
+    assert not list(tmp_path.glob("zero-swap-*"))

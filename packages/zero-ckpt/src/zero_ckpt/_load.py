@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import torch
 
+from ._exchange import exchange
 from ._format import CheckpointError, dtype_from_name
 from ._reader import CheckpointReader
+from ._rng import set_process_rng_state
 
 if TYPE_CHECKING:
     from ._state import CheckpointManager
@@ -72,9 +74,7 @@ class PreparedLoad:
             if isinstance(obj, Checkpointable):
                 obj.load_checkpoint_meta(self.client["items"][key])
         if restore_rng and self.rng is not None and not self._rng_restored:
-            from ._state import _set_rng_state
-
-            _set_rng_state(self.rng)
+            set_process_rng_state(self.rng)
             self._rng_restored = True
         return self.client["client_state"]
 
@@ -116,7 +116,7 @@ def prepare_load(manager: CheckpointManager, items: Items, tag: str | None = Non
     every rank of ``manager.comm`` that all of them could; collective. ``check(reader, client)`` may
     raise to refuse the checkpoint on this rank (the caller's own conditions); it runs first. ``items``
     may be a function of the opened checkpoint (to load what it holds), called after ``check``."""
-    from ._state import Checkpointable, _exchange, _items_state
+    from ._state import Checkpointable, _items_state
 
     comm = manager.comm
     manager.wait()
@@ -142,7 +142,7 @@ def prepare_load(manager: CheckpointManager, items: Items, tag: str | None = Non
     except Exception as exc:  # any failure here is told to every rank, then raised
         problem, cause = f"rank {comm.rank}: {exc}", exc
     outcomes = [msgspec.json.decode(r, type=tuple[str, str])
-                for r in _exchange(comm, msgspec.json.encode((problem, resolved)))]
+                for r in exchange(comm, msgspec.json.encode((problem, resolved)))]
     problems = [p for p, _ in outcomes if p]
     tags = {t for p, t in outcomes if not p}
     if not problems and len(tags) > 1:

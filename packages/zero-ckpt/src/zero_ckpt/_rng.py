@@ -11,12 +11,15 @@ its recomputation.
 
 from __future__ import annotations
 
+import io
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-__all__ = ["RNGStatesTracker"]
+__all__ = ["RNGStatesTracker", "process_rng_state", "set_process_rng_state"]
 
 
 class RNGStatesTracker:
@@ -71,3 +74,20 @@ class RNGStatesTracker:
         finally:
             self._states[name] = self._get()
             self._set(outer)
+
+
+def process_rng_state() -> bytes:
+    """This process's default generators (torch, Python, every CUDA device), serialised for a checkpoint."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def set_process_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

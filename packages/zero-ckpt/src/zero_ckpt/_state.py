@@ -18,9 +18,9 @@ optimizer) also gets its counters back and refreshes the model from what was loa
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
-import random
 import secrets
 import shutil
 import threading
@@ -35,6 +35,7 @@ import torch
 
 from zero_comm import Communicator
 
+from ._exchange import exchange, subtract
 from ._format import (
     BLOCK,
     FORMAT_VERSION,
@@ -51,6 +52,7 @@ from ._format import (
 )
 from ._load import Items, PreparedLoad, prepare_load
 from ._reader import CheckpointReader
+from ._rng import process_rng_state
 from ._verify import safe_load, seal_meta
 
 __all__ = [
@@ -133,34 +135,6 @@ def _items_state(items: Mapping[str, Any]) -> dict[str, ShardedTensorLike]:
     return out
 
 
-def _exchange(comm: Communicator, payload: bytes) -> list[bytes]:
-    """Every rank's ``payload``, on every rank."""
-    if comm.world_size == 1:
-        return [payload]
-    size = torch.tensor([len(payload)], dtype=torch.int64)
-    sizes = comm.all_gather(size).tolist()
-    buf = torch.zeros(max(sizes), dtype=torch.uint8)
-    if payload:
-        buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    gathered = comm.all_gather(buf).view(comm.world_size, -1)
-    return [bytes(as_bytes(gathered[r, :sizes[r]].contiguous())) for r in range(comm.world_size)]
-
-
-def _subtract(ranges: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = []
-    for start, stop in ranges:
-        pos = start
-        for a, b in sorted(covered):
-            if b <= pos or a >= stop:
-                continue
-            if a > pos:
-                out.append((pos, a))
-            pos = max(pos, b)
-        if pos < stop:
-            out.append((pos, stop))
-    return out
-
-
 class _Plan(msgspec.Struct):
     nonce: str
     tensors: dict[str, TensorEntry]
@@ -215,7 +189,7 @@ class CheckpointManager:
             writes = self._stage([w for w in writes if w[0].split("/", 1)[0] not in guarded], later)
         else:
             writes = [(name, start, stop, data.detach().cpu().contiguous()) for name, start, stop, data in writes]
-        extra = _rng_state()
+        extra = process_rng_state()
         client = {"client_state": client_state, "items": metas} if self.comm.rank == 0 else None
         job = self._writer(tag, partial, plans, writes, extra, client, update_latest)
         if async_save:
@@ -235,21 +209,29 @@ class CheckpointManager:
             self._thread.start()
             self.last_save_blocked_s = time.perf_counter() - began
             return
-        failed = torch.zeros(1)
+        error: BaseException | None = None
         try:
-            job()
+            job(commit=False)  # every rank's files, durable ...
         except BaseException as exc:
-            failed += 1
-            error: BaseException | None = exc
-        else:
-            error = None
-        self.comm.all_reduce(failed)  # every rank learns whether the checkpoint was committed
-        if error is not None:
-            raise CheckpointError(f"rank {self.comm.rank} could not write checkpoint {tag}: {error}") from error
-        if failed.item():
-            raise CheckpointError(f"checkpoint {tag} was not committed: another rank failed to write it "
-                                  f"(its error says why); {self.root / 'latest'} still names the previous one")
+            error = exc
+        failures = self._failures(error)
+        if not failures and self.comm.rank == 0:
+            try:  # ... then, only if every rank's are, rank 0 commits them
+                self._commit(tag, partial, plans, self.comm.world_size, client or {}, update_latest)
+            except BaseException as exc:
+                error = exc
+        failures = failures or self._failures(error)  # rank 0's commit
+        if failures:
+            if self.comm.rank == 0:  # every rank is done with it: free its space now, not at the next save
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {tag} was not saved ({'; '.join(failures)}); "
+                                  f"{self.root / 'latest'} still names the previous one") from error
         self.last_save_blocked_s = time.perf_counter() - began
+
+    def _failures(self, error: BaseException | None) -> list[str]:
+        """Every rank's error, on every rank (collective)."""
+        told = exchange(self.comm, (str(error) or type(error).__name__).encode() if error is not None else b"")
+        return [f"rank {r}: {m.decode(errors='replace')}" for r, m in enumerate(told) if m]
 
     def _collect(self, state: Mapping[str, ShardedTensorLike]) -> list[tuple[str, int, int, torch.Tensor]]:
         mine = []
@@ -273,7 +255,7 @@ class CheckpointManager:
         plan = _Plan(secrets.token_hex(4) if self.comm.rank == 0 else "",
                      {n: TensorEntry(list(e.global_shape), dtype_name(e.dtype)) for n, e in state.items()},
                      [(n, s, e) for n, s, e, _ in mine])
-        raw = _exchange(self.comm, msgspec.json.encode([problem, plan]))
+        raw = exchange(self.comm, msgspec.json.encode([problem, plan]))
         decoded = [msgspec.json.decode(r, type=tuple[str, _Plan]) for r in raw]
         problems = [p for p, _ in decoded if p]
         if problems:
@@ -290,8 +272,8 @@ class CheckpointManager:
         for name, entry in tensors.items():
             numel = torch.Size(entry.shape).numel()
             ranges = sorted((s, e) for p in plans for n, s, e in p.pieces if n == name)
-            if _subtract([(0, numel)], ranges):
-                gap = _subtract([(0, numel)], ranges)[0]
+            if subtract([(0, numel)], ranges):
+                gap = subtract([(0, numel)], ranges)[0]
                 raise CheckpointError(f"{name}: no rank holds elements [{gap[0]}, {gap[1]}) of it")
         return plans
 
@@ -328,16 +310,27 @@ class CheckpointManager:
                 covered.setdefault(n, []).append((s, e))
         out = []
         for name, start, stop, data in mine:
-            for s, e in _subtract([(start, stop)], covered.get(name, [])):
+            for s, e in subtract([(start, stop)], covered.get(name, [])):
                 out.append((name, s, e, data[s - start:e - start]))
             covered.setdefault(name, []).append((start, stop))
         return out
 
     def _writer(self, tag: str, partial: Path, plans: list[_Plan], writes: list, extra: bytes,
-                client: dict | None, update_latest: bool) -> Callable[[], None]:
+                client: dict | None, update_latest: bool) -> Callable[..., None]:
         rank, world, block = self.comm.rank, self.comm.world_size, self.block_size
 
-        def job() -> None:
+        def job(commit: bool = True) -> None:
+            try:
+                write()
+            except BaseException as exc:
+                with contextlib.suppress(OSError):  # best effort (the disk may be full): rank 0 stops waiting
+                    (partial / f"failed.{rank}").write_text(str(exc) or type(exc).__name__)
+                raise
+            if rank == 0 and commit:
+                assert client is not None
+                self._commit(tag, partial, plans, world, client, update_latest)
+
+        def write() -> None:
             data_file, extra_file = f"rank{rank:05d}.data", f"rank{rank:05d}.extra"
             pieces, chunks, offset = [], [], 0
             for name, start, stop, data in writes:
@@ -349,9 +342,6 @@ class CheckpointManager:
             manifest = RankManifest(rank, data_file, size, block, sums, pieces, extra_file, extra_sums[0])
             write_file(partial / f"rank{rank:05d}.json", [memoryview(msgspec.json.encode(manifest))])
             write_file(partial / f"done.{rank}", [memoryview(b"")], sync=False)  # a signal; the files are synced
-            if rank == 0:
-                assert client is not None
-                self._commit(tag, partial, plans, world, client, update_latest)
 
         return job
 
@@ -368,6 +358,9 @@ class CheckpointManager:
         write_file(partial / "client.pt", [buf.getbuffer()])
         deadline = time.monotonic() + self.timeout
         while not all((partial / f"done.{r}").exists() for r in range(world)):
+            if failed := sorted(partial.glob("failed.*")):
+                raise CheckpointError("; ".join(f"rank {f.suffix[1:]} failed to write its files: "
+                                                f"{f.read_text(errors='replace')}" for f in failed))
             if time.monotonic() > deadline:
                 missing = [r for r in range(world) if not (partial / f"done.{r}").exists()]
                 raise CheckpointError(f"checkpoint {tag}: ranks {missing} did not finish writing within "
@@ -454,21 +447,3 @@ class CheckpointManager:
         client)`` may raise to refuse the checkpoint on this rank; ``items`` may be a function of the opened
         checkpoint returning them. Nothing changes until ``apply()``."""
         return prepare_load(self, items, tag, restore_rng=restore_rng, check=check)
-
-
-def _rng_state() -> bytes:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-

@@ -9,13 +9,20 @@ ahead if it was prefetched), ``put`` (write it back, asynchronously) or ``releas
 ``reserve`` (refuse, before anything is written, bytes the disk cannot hold).
 
 The swap directory is removed by :meth:`close`, when the store is garbage
-collected, and at interpreter exit -- also when training ended in an error.
+collected, and at interpreter exit -- also when training ended in an error. A
+process that cannot clean up (SIGKILLed, out of memory) leaves its directory
+behind; each store holds an advisory lock on a file in its own directory for its
+whole life, so the next store opened under the same path, or any store closing
+there, removes the directories whose owner is gone (the kernel dropped its lock).
+The path is created, as DeepSpeed does, when it does not exist.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import re
 import shutil
@@ -33,6 +40,8 @@ from ._swapper import Swapper, SwapStats, _Entry, human_bytes, padded
 __all__ = ["NVMeStore", "StoreHandle"]
 
 T = TypeVar("T")
+logger = logging.getLogger("zero_offload")
+OWNER = ".owner.lock"  # in each swap directory, locked (flock) by the store's process while it lives
 
 
 class StoreHandle(Generic[T]):
@@ -62,11 +71,45 @@ def _allocate(path: Path, nbytes: int) -> None:
         os.close(fd)
 
 
-def _cleanup(directory: Path, io: BlockIO, swap: Swapper) -> None:
+def _cleanup(directory: Path, io: BlockIO, swap: Swapper, owner: int) -> None:
     with contextlib.suppress(Exception):  # cleaning up after a failure: the files go regardless
         swap.free_all()  # every request finished (and its file closed) before the files go
     io.shutdown()
     shutil.rmtree(directory, ignore_errors=True)
+    os.close(owner)
+    sweep_orphans(directory.parent)
+
+
+def _lock_owner(directory: Path) -> int:
+    """Mark ``directory`` as this live process's: a lock the kernel drops when the process dies."""
+    fd = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def sweep_orphans(root: Path) -> list[Path]:
+    """Remove the swap directories under ``root`` whose store's process is gone (its lock is free);
+    return them. A directory whose lock is held belongs to a live store and is left alone."""
+    removed = []
+    for directory in root.glob("zero-swap-*"):
+        try:
+            fd = os.open(directory / OWNER, os.O_RDWR)
+        except OSError:  # no lock file: not a store's (or one being created this instant)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: its store is alive
+            continue
+        try:
+            pid = os.read(fd, 32).decode(errors="replace")
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(directory)
+        logger.warning(f"removed swap files left by a store whose process (pid {pid or '?'}) died: {directory}")
+    return removed
 
 
 class NVMeStore:
@@ -93,7 +136,12 @@ class NVMeStore:
                  block_bytes: int = 8 << 20, direct: bool | None = None, pin: bool | None = None):
         root = Path(path)
         if not root.exists():
-            raise FileNotFoundError(errno.ENOENT, f"NVMe offload path {root} does not exist", str(root))
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PermissionError(exc.errno, f"NVMe offload path {root} does not exist and cannot be created: "
+                                                 f"{exc.strerror}", str(root)) from exc
+            logger.info(f"created the NVMe offload path {root}")
         if not root.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"NVMe offload path {root} is not a directory", str(root))
         if not os.access(root, os.W_OK | os.X_OK):
@@ -107,6 +155,13 @@ class NVMeStore:
             raise PermissionError(exc.errno, f"NVMe offload path {root} is not writable: {exc.strerror}",
                                   str(root)) from exc
         try:
+            owner = _lock_owner(self.directory)
+        except OSError as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise PermissionError(exc.errno, f"NVMe offload path {root} is not writable: {exc.strerror}",
+                                  str(root)) from exc
+        sweep_orphans(root)
+        try:
             supported = probe_direct(self.directory)
             if direct and not supported:
                 raise OSError(errno.EINVAL, f"the filesystem of {root} does not support O_DIRECT (direct=True)")
@@ -114,10 +169,12 @@ class NVMeStore:
             self._io = BlockIO(threads=io_threads, block_bytes=block_bytes, direct=self.direct)
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
+            os.close(owner)
             raise
         pin = torch.cuda.is_available() if pin is None else pin
         self._swap = Swapper(self._io, buffer_bytes, pin)
-        self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io, self._swap)
+        self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io, self._swap,
+                                          owner)
         self._reserved = 0  # bytes promised by reserve() and not yet created
         self.device = torch.device("cpu")
 
