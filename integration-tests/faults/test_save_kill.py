@@ -68,7 +68,7 @@ def test_sigkill_of_every_rank_during_save_leaves_latest_whole_and_loadable(tmp_
             if directory.is_dir() and ".partial-" not in directory.name:  # a tag directory is always whole
                 zero_ckpt.consolidate(ck, directory.name)
             elif ".partial-" in directory.name:
-                with pytest.raises(CheckpointError, match="bad checkpoint tag|partial"):
+                with pytest.raises(CheckpointError, match=r"bad checkpoint tag|partial"):
                     zero_ckpt.consolidate(ck, directory.name)
     print(f"{during} of {KILLS} kills landed while a save was being written; latest after each: {seen}")
     assert during >= KILLS // 2, f"only {during} of {KILLS} kills landed while a save was being written"

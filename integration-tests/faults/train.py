@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -28,8 +29,9 @@ def args() -> argparse.Namespace:
     p.add_argument("--offload", choices=["none", "cpu", "nvme"], default="none")
     p.add_argument("--nvme-path", default="")
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--poison-step", type=int, default=-1, help="this step's gradient is inf on --poison-rank")
+    p.add_argument("--poison-step", type=int, default=-1, help="this step's gradients overflow on --poison-rank")
     p.add_argument("--poison-rank", type=int, default=1)
+    p.add_argument("--die-step", type=int, default=-1, help="--poison-rank SIGKILLs itself in this step")
     p.add_argument("--resources", action="store_true")
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -74,17 +76,16 @@ def main() -> None:
         y = x.sum(dim=1, keepdim=True).sin()
         mine = slice(rank * 4, (rank + 1) * 4)
         loss = nn.functional.mse_loss(engine(x[mine].to(dtype)).float(), y[mine])
-        engine.backward(loss)
-        if step == a.poison_step and rank == a.poison_rank:
-            for p in engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("inf"))
+        poisoned = step == a.poison_step and rank == a.poison_rank  # an overflow in this rank's gradients only
+        engine.backward(loss * float("inf") if poisoned else loss)
+        if step == a.die_step and rank == a.poison_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         engine.step()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         if a.save_every and (step + 1) % a.save_every == 0:
             engine.save_checkpoint(a.save_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
-        record = {"step": step + 1, "loss": total.item() / world, "scale": engine.loss_scale(),
+        record = {"step": step + 1, "loss": total.item() / world, "scale": engine.optimizer.loss_scale,
                   "applied": engine.was_step_applied(),
                   "weight": float(sum(p.detach().double().sum() for p in engine.module.parameters() if p.numel()))}
         if a.resources:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zero_offload import NVMeStore, SwapIOError
-from zero_offload._nvme import OWNER, sweep_orphans
+from zero_offload import NVMeStore, SwapIOError, sweep_orphans
+from zero_offload._nvme import OWNER
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 

@@ -236,6 +236,7 @@ def run_launch(plan: LaunchPlan, script: str, script_args: list[str], *, module:
         cut = len(argv) - len(script_args) - 2  # the script's own arguments never go through argparse
         options = parser.parse_args(argv[:cut])
         options.training_script_args = argv[cut:]
+        os.environ["ZERO_SWAP_REGISTRY"] = str(Path(reports) / "swap-roots")
         try:
             torchrun.run(options)
         except ChildFailedError as exc:
@@ -249,7 +250,19 @@ def run_launch(plan: LaunchPlan, script: str, script_args: list[str], *, module:
                 raise LaunchError(f"rendezvous port {plan.endpoint or ''} is already in use by another process "
                                   "(pick another --master-port / --rdzv-endpoint)") from None
             raise
+        finally:
+            _sweep_swap_roots(Path(reports) / "swap-roots")
     return 0
+
+
+def _sweep_swap_roots(registry: Path) -> None:
+    """Remove the swap files of ranks that died without cleaning up (SIGKILL, out of memory, or stopped by
+    torchrun while blocked): each NVMe store recorded its path here, and a dead store's lock is free."""
+    from zero_offload import sweep_orphans
+
+    roots = {path.read_text() for path in registry.glob("*")} if registry.is_dir() else set()
+    for root in sorted(roots):
+        sweep_orphans(Path(root))
 
 
 def _report_failure(exc: Any, reports: Path) -> int:

@@ -298,7 +298,8 @@ class CheckpointManager:
         free = shutil.disk_usage(self.root).free
         need = nbytes * self.comm.world_size  # a rank's share, taken as typical
         if free < need:
-            return f"{self.root} has {free / 2**30:.2f} GiB free; this checkpoint needs about {need / 2**30:.2f} GiB"
+            return (f"no space for checkpoint {tag}: {self.root} has {_mib(free)} free and it needs about {_mib(need)} "
+                    "(free some space or save elsewhere)")
         return ""
 
     def _dedupe(self, plans: list[_Plan], mine: list) -> list[tuple[str, int, int, torch.Tensor]]:
@@ -447,3 +448,7 @@ class CheckpointManager:
         client)`` may raise to refuse the checkpoint on this rank; ``items`` may be a function of the opened
         checkpoint returning them. Nothing changes until ``apply()``."""
         return prepare_load(self, items, tag, restore_rng=restore_rng, check=check)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -10,10 +10,10 @@ shards. The stores satisfy zero-optim's ``StateStore`` protocol and ``CPUAdam`` 
 from ._cpu_adam import CPUAdam, cpu_adam_step
 from ._host import HostStore
 from ._io import ALIGN, SwapIOError, aligned_empty
-from ._nvme import NVMeStore, StoreHandle
+from ._nvme import NVMeStore, StoreHandle, sweep_orphans
 from ._swapper import SwapStats
 
 __version__ = "0.1.0"
 
 __all__ = ["ALIGN", "CPUAdam", "HostStore", "NVMeStore", "StoreHandle", "SwapIOError", "SwapStats", "aligned_empty",
-           "cpu_adam_step"]
+           "cpu_adam_step", "sweep_orphans"]

@@ -13,7 +13,8 @@ collected, and at interpreter exit -- also when training ended in an error. A
 process that cannot clean up (SIGKILLed, out of memory) leaves its directory
 behind; each store holds an advisory lock on a file in its own directory for its
 whole life, so the next store opened under the same path, or any store closing
-there, removes the directories whose owner is gone (the kernel dropped its lock).
+there, removes the directories whose owner is gone (the kernel dropped its lock);
+``zero run`` does it too once all its ranks have exited.
 The path is created, as DeepSpeed does, when it does not exist.
 """
 
@@ -86,6 +87,16 @@ def _lock_owner(directory: Path) -> int:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def _register(root: Path, directory: Path) -> None:
+    """Where a supervisor asks (``ZERO_SWAP_REGISTRY``, set by ``zero run``), record the path this store
+    works under, so that once every rank has exited it can remove what a killed rank left there."""
+    registry = os.environ.get("ZERO_SWAP_REGISTRY")
+    if registry:
+        with contextlib.suppress(OSError):
+            Path(registry).mkdir(parents=True, exist_ok=True)
+            (Path(registry) / f"{os.getpid()}-{directory.name}").write_text(str(root.resolve()))
 
 
 def sweep_orphans(root: Path) -> list[Path]:
@@ -161,6 +172,7 @@ class NVMeStore:
             raise PermissionError(exc.errno, f"NVMe offload path {root} is not writable: {exc.strerror}",
                                   str(root)) from exc
         sweep_orphans(root)
+        _register(root, self.directory)
         try:
             supported = probe_direct(self.directory)
             if direct and not supported:
