@@ -78,7 +78,7 @@ def main() -> None:
         loss = nn.functional.mse_loss(engine(x[mine].to(dtype)).float(), y[mine])
         poisoned = step == a.poison_step and rank == a.poison_rank  # an overflow in this rank's gradients only
         engine.backward(loss * float("inf") if poisoned else loss)
-        if step == a.die_step and rank == a.poison_rank:
+        if step == a.die_step and a.poison_rank in (rank, -1):  # -1: every rank
             os.kill(os.getpid(), signal.SIGKILL)
         engine.step()
         total = loss.detach().clone()
