@@ -144,6 +144,21 @@ def test_one_corrupt_shard_fails_every_rank_at_once_and_changes_nothing(saved: P
     assert results[0]["error"] == results[1]["error"], "every rank raises the same error"
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("damage", "says"), [(truncate, "rank00001.data"), (Path.unlink, "rank00001.data is missing")],
+                         ids=["truncated", "missing"])
+def test_a_truncated_or_missing_shard_fails_every_rank_naming_the_file(saved: Path, damage, says: str):
+    damage(saved / "bad" / "rank00001.data")
+    results = run_ranks(load, 2, str(saved), "bad", timeout=60, collective_timeout=30)
+    for r in results:
+        assert r["error"] and says in r["error"], r
+        assert r["untouched"] and r["good"]
+    assert results[0]["error"] == results[1]["error"], "every rank raises the same error"
+
+
 def test_a_missing_extra_is_a_checkpoint_error(saved: Path):
     (saved / "bad" / "rank00000.extra").unlink()
     for r in run_ranks(load, 2, str(saved), "bad", timeout=60):

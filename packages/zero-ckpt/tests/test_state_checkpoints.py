@@ -153,6 +153,9 @@ def test_corruption_and_truncation_fail_the_load_naming_the_file(tmp_path):
     data.write_bytes(bytes(raw[: len(raw) // 3]))
     with pytest.raises(CheckpointError, match=r"rank00000\.data is \d+ bytes; its manifest says"):
         consolidate(tmp_path, prefix="m/")
+    data.unlink()
+    with pytest.raises(CheckpointError, match=r"rank00000\.data is missing: .* is not a complete checkpoint"):
+        consolidate(tmp_path, prefix="m/")
     (tmp_path / "a" / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"meta\.json is corrupted"):
         consolidate(tmp_path, prefix="m/")

@@ -113,6 +113,9 @@ def open_manifest(directory: Path, meta: CheckpointMeta, rank: int) -> RankManif
         raise CheckpointError(f"{path}: its pieces end at byte {end}, its data file is {m.size} bytes")
     try:
         actual = (directory / m.data_file).stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / m.data_file} is missing: {directory} is not a complete checkpoint "
+                              "(a shard was deleted or never written)") from None
     except OSError as exc:
         raise CheckpointError(f"{directory / m.data_file}: cannot open checkpoint data ({exc})") from exc
     if actual != m.size:
