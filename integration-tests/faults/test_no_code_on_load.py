@@ -22,6 +22,14 @@ def keyword(call: ast.Call, name: str) -> ast.expr | None:
 def unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):  # `from pickle import loads` would hide the call from the rest
+            found += [(node.lineno, f"from {node.module} import {a.name}") for a in node.names
+                      if (node.module, a.name) in UNPICKLERS]
+            continue
+        if isinstance(node, ast.Import):  # `import pickle as p` likewise
+            found += [(node.lineno, f"import {a.name} as {a.asname}") for a in node.names
+                      if a.asname and any(a.name == owner for owner, _ in UNPICKLERS)]
+            continue
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and isinstance(node.func.value, ast.Name)):
             continue
@@ -52,5 +60,6 @@ def test_no_source_unpickles_code():
 
 def test_the_scan_finds_what_it_forbids():
     planted = ast.parse("import torch, pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
-                        "torch.load(f, weights_only=True)\npickle.loads(b)\n")
-    assert [line for line, _ in unsafe_calls(planted)] == [2, 3, 5]
+                        "torch.load(f, weights_only=True)\npickle.loads(b)\nfrom pickle import loads\n"
+                        "import marshal as m\nimport pickle\n")
+    assert sorted(line for line, _ in unsafe_calls(planted)) == [2, 3, 5, 6, 7]

@@ -32,6 +32,7 @@ def args() -> argparse.Namespace:
     p.add_argument("--poison-step", type=int, default=-1, help="this step's gradients overflow on --poison-rank")
     p.add_argument("--poison-rank", type=int, default=1)
     p.add_argument("--die-step", type=int, default=-1, help="--poison-rank SIGKILLs itself in this step")
+    p.add_argument("--raise-step", type=int, default=-1, help="--poison-rank raises in this step, after backward")
     p.add_argument("--resources", action="store_true")
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -80,6 +81,8 @@ def main() -> None:
         engine.backward(loss * float("inf") if poisoned else loss)
         if step == a.die_step and a.poison_rank in (rank, -1):  # -1: every rank
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == a.raise_step and rank == a.poison_rank:
+            raise RuntimeError(f"rank {rank} found a bad batch in step {step + 1}")
         engine.step()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
