@@ -43,3 +43,14 @@ def test_put_of_the_wrong_size_or_dtype_is_refused():
         store.put("a", torch.tensor(5.0))
     with pytest.raises(ValueError, match="float64"):
         store.put("a", torch.zeros(4, dtype=torch.float64))
+
+
+def test_a_deleted_key_is_gone_and_can_be_created_again():
+    store = HostStore()
+    store.create("a", torch.zeros(4))
+    store.delete("a")
+    assert store.keys() == [] and store.nbytes() == 0
+    with pytest.raises(KeyError, match="no state named 'a'"):
+        store.delete("a")
+    store.create("a", torch.ones(2))
+    assert torch.equal(store.get("a"), torch.ones(2))

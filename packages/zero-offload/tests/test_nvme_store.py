@@ -271,3 +271,22 @@ def test_swap_files_of_a_killed_process_are_removed_by_the_next_store_and_a_live
         live.communicate("", timeout=60)
     assert not held.exists()  # the live one cleaned up after itself on exit
     assert not list(tmp_path.glob("zero-swap-*"))
+
+
+def test_a_deleted_key_loses_its_file_and_buffer_but_not_while_borrowed(tmp_path: Path):
+    with NVMeStore(tmp_path, buffer_bytes=2 * 4096) as store:
+        for key in ("a/", "a_", "b"):  # "a/" and "a_" share a file name once sanitised
+            store.create(key, torch.full((1000,), float(len(key))))
+        store.get("b")
+        with pytest.raises(RuntimeError, match="cannot delete 'b': it is borrowed"):
+            store.delete("b")
+        store.release("b")
+        store.prefetch(["a/", "b"])  # reads in flight or queued are finished or dropped
+        store.delete("a/")
+        store.delete("b")
+        assert store.keys() == ["a_"] and len(list(store.directory.glob("*.swp"))) == 1
+        store.create("a/", torch.arange(1000.0))  # a fresh file: no clash with the one of "a_"
+        store.drop_cache()
+        assert torch.equal(store.get("a/"), torch.arange(1000.0))
+        assert torch.equal(store.get("a_"), torch.full((1000,), 2.0))
+        assert store.stats.peak_buffer_bytes <= 2 * 4096

@@ -46,6 +46,11 @@ class HostStore:
         if value.data_ptr() != mine.data_ptr():
             mine.copy_(value.reshape(mine.shape))
 
+    def delete(self, key: str) -> None:
+        """Drop ``key``: its memory is freed once no one else holds the tensor."""
+        self.get(key)
+        del self._tensors[key]
+
     def release(self, key: str) -> None:
         """Nothing to give back: the tensor stays in host memory."""
 

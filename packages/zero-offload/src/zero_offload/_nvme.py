@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -188,6 +189,7 @@ class NVMeStore:
         self._finalizer = weakref.finalize(self, _cleanup, self.directory, self._io, self._swap,
                                           owner)
         self._reserved = 0  # bytes promised by reserve() and not yet created
+        self._file_ids = itertools.count()
         self.device = torch.device("cpu")
 
     # -- StateStore ---------------------------------------------------------------------------
@@ -211,10 +213,14 @@ class NVMeStore:
             self.reserve(nbytes)
             self._reserved -= nbytes
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:100]
-        path = self.directory / f"{len(self._swap.entries):06d}-{name}.swp"
+        path = self.directory / f"{next(self._file_ids):06d}-{name}.swp"  # unique, also after a delete
         _allocate(path, nbytes)
         self._swap.entries[key] = _Entry(key, path, value.dtype, value.numel(), nbytes)
-        self._swap.put(key, value.detach())
+        try:
+            self._swap.put(key, value.detach())
+        except BaseException:  # no buffer for it, or the write could not start: no half-made key
+            self._swap.delete(key)
+            raise
 
     def get(self, key: str) -> torch.Tensor:
         self._check_open()
@@ -235,6 +241,11 @@ class NVMeStore:
     def flush(self) -> None:
         self._check_open()
         self._swap.flush()
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` and its file (its buffer goes back to the pool); refused while it is borrowed."""
+        self._check_open()
+        self._swap.delete(key)
 
     def get_async(self, key: str) -> StoreHandle[torch.Tensor]:
         """Start reading ``key`` (within the budget, after what is already queued); ``wait()`` borrows

@@ -176,6 +176,19 @@ class Swapper:
             self._free.clear()
             self._used = 0
 
+    def delete(self, key: str) -> None:
+        """Forget ``key``: finish its I/O, give its buffer back to the pool, remove its file."""
+        entry = self._entry(key)
+        if entry.holds:
+            raise RuntimeError(f"cannot delete {key!r}: it is borrowed (get() without put()/release())")
+        if key in self._queue:
+            self._queue.remove(key)
+        if entry.io is not None:
+            self._finish_quietly(entry)  # a failed write of a key being deleted loses nothing wanted
+        self._recycle(entry)
+        del self.entries[key]
+        entry.path.unlink(missing_ok=True)
+
     def held(self) -> list[str]:
         return [k for k, e in self.entries.items() if e.holds]
 
