@@ -38,11 +38,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # a key bias gets no gradient
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         # by the head size, not the head count: a tensor-parallel rank holds only some heads
         q, k, v = (z.reshape(b, t, -1, self.head_dim).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # decoding: attend over the keys and values the cache holds for this layer
+            mask = cache.attention_mask(t, x.device)
+            causal = cache.offset == 0 and t > 1
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -54,13 +60,16 @@ class Block(nn.Module):
         hidden = 4 * cfg.n_embd
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_embd))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
-    """``model(idx, targets)`` is the mean cross-entropy; ``model(idx)`` the logits."""
+    """``model(idx, targets)`` is the mean cross-entropy; ``model(idx)`` the logits.
+
+    ``model(idx, kv_cache=cache)`` decodes with a key/value cache (``zero_pipe.KVCache``):
+    ``idx`` holds only the tokens after the ``cache.offset`` already stored."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -75,10 +84,13 @@ class GPT(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        start = kv_cache.offset if kv_cache is not None else 0
+        x = self.tok(idx) + self.pos(torch.arange(start, start + idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(idx.shape[1])
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits

@@ -8,6 +8,7 @@ reference; ``ZERO_KERNELS=reference|triton`` forces a path.
 from ._adam import adam_step
 from ._dispatch import use_triton
 from ._grad_norm import global_grad_norm, grad_norm_sq
+from ._int8_weights import QuantizedWeights, quantize_weights_, weight_bytes
 from ._linear_ce import fused_linear_cross_entropy
 from ._lion import lion_step
 from ._memory import peak_memory
@@ -19,6 +20,7 @@ from ._sgd import sgd_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "QuantizedWeights",
     "adam_step",
     "apply_rotary",
     "dequantize_int8",
@@ -29,8 +31,10 @@ __all__ = [
     "lion_step",
     "peak_memory",
     "quantize_int8",
+    "quantize_weights_",
     "rms_norm",
     "rotary_tables",
     "sgd_step",
     "use_triton",
+    "weight_bytes",
 ]

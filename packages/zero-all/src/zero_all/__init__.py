@@ -9,14 +9,17 @@ any torch scheduler works too), a client optimizer, data loaders and monitoring;
 ``pipe.PipelineModule`` it returns the :class:`PipelineEngine`. DeepSpeed's module names
 are here too: ``comm``, ``zero`` (``Init``, ``GatheredParameters``), ``checkpointing``,
 ``pipe``, ``accelerator`` (``get_accelerator()``), ``utils`` (``logger``, ``log_dist``),
-``runtime.lr_schedules`` and ``ops.adam``. The ``zero`` command (``run``, ``report``, ``plan``,
-``ckpt export``) launches jobs, reports the environment, plans memory and exports checkpoints.
+``runtime.lr_schedules`` and ``ops.adam``. :func:`init_inference` serves a model
+(:class:`InferenceEngine`: tensor parallelism, a KV cache, int8 weights, ZeRO-Inference). The
+``zero`` command (``run``, ``report``, ``plan``, ``ckpt export``, ``generate``) launches jobs,
+reports the environment, plans memory, exports checkpoints and generates text.
 """
 
-from . import accelerator, checkpointing, comm, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
+from . import accelerator, checkpointing, comm, inference, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
 from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
 from ._engine import DeepSpeedEngine, Engine, initialize
+from ._inference import InferenceEngine, init_inference
 from ._lr import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
 from ._optim import TorchOptimizerView, TorchRule
 from ._pipe_engine import PipelineEngine
@@ -24,7 +27,7 @@ from ._pipe_engine import PipelineEngine
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "DeepSpeedEngine", "Engine",
-           "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView", "TorchRule",
-           "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments", "build_scheduler",
-           "checkpointing", "comm", "init_distributed", "initialize", "load_config", "ops", "pipe", "runtime",
-           "utils", "zero"]
+           "InferenceEngine", "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView",
+           "TorchRule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments",
+           "build_scheduler", "checkpointing", "comm", "inference", "init_distributed", "init_inference", "initialize",
+           "load_config", "ops", "pipe", "runtime", "utils", "zero"]

@@ -400,14 +400,14 @@ def _check(raw: Mapping[str, Any], cls: type, path: str) -> dict[str, Any]:
     return out
 
 
-def _explain(message: str, raw: Mapping[str, Any]) -> str:
+def _explain(message: str, raw: Mapping[str, Any], root: type = DeepSpeedConfig) -> str:
     """msgspec's 'Expected `int`, got `str` - at `$.zero_optimization.stage`' as
     'zero_optimization.stage: expected one of 0, 1, 2, 3, got "three"'."""
     text, _, where = message.partition(" - at `$")
     where = where.rstrip("`").lstrip(".")
     if not where:
         return text.replace("`", "")
-    tp: Any = DeepSpeedConfig
+    tp: Any = root
     value: Any = raw
     for part in where.split("."):
         cls = _struct_of(tp)

@@ -7,11 +7,15 @@ over zero-comm's point-to-point operations.
 
 Tensor parallelism: :class:`ColumnParallelLinear`, :class:`RowParallelLinear`,
 :class:`VocabParallelEmbedding`, :func:`vocab_parallel_cross_entropy`, and
-:func:`tensor_parallelize`, which rewrites a GPT-style model's linears in place.
+:func:`tensor_parallelize`, which rewrites a GPT-style model's linears in place (also
+Hugging Face GPT-2 and Llama-family models).
+
+Decoding: :class:`KVCache`, a preallocated key/value cache whose cost per token is flat.
 """
 
 from ._engine import BatchTiming, Optimizer, PipelineEngine
 from ._errors import PipelineAborted, PipelineError
+from ._kv_cache import KVCache
 from ._layers import LayerSpec, TiedLayerSpec
 from ._module import PipelineModule
 from ._partition import layer_weights, partition_balanced
@@ -31,6 +35,7 @@ __all__ = [
     "Action",
     "BatchTiming",
     "ColumnParallelLinear",
+    "KVCache",
     "LayerSpec",
     "Op",
     "Optimizer",

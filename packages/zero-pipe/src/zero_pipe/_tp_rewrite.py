@@ -1,14 +1,20 @@
 """Rewrite a GPT-style model's attention and MLP linears into tensor-parallel ones, in place.
 
 The plan maps a pattern on a linear's qualified name to how it is split. Each
-block's first linear (attention's QKV, the MLP's up projection) becomes a
-:class:`ColumnParallelLinear` and its second (attention's output, the MLP's down
-projection) a :class:`RowParallelLinear`, so a block costs one all-reduce forward
-and one backward. Attention modules (those with an ``n_head`` attribute) have
-``n_head`` divided by the degree: each rank runs its own heads, which requires the
-attention's forward to take the head size from its QKV output, not from the
-model width. The default plan covers the usual names (nanoGPT's ``c_attn``,
-``c_proj``, ``c_fc``; ``qkv``/``proj``; ``nn.Sequential`` MLPs as ``mlp.0``/``mlp.2``).
+block's first linears (attention's QKV, the MLP's up and gate projections) become
+:class:`ColumnParallelLinear` and its last (attention's output, the MLP's down
+projection) a :class:`RowParallelLinear`, so an attention and an MLP each cost one
+all-reduce forward (as in Megatron-LM). Each rank runs its own heads: the attention's
+forward must take the head count from its QKV output (a reshape by head size, as
+nanoGPT-style models and Hugging Face's GPT-2 and Llama do). Head-count attributes
+an attention keeps (``n_head``, ``num_heads``, ``num_key_value_heads``, GPT-2's
+``split_size``) are divided by the degree.
+
+The default plan covers the usual names: nanoGPT's and GPT-2's ``c_attn``,
+``c_proj``, ``c_fc``; ``qkv``/``proj``; Llama's ``q_proj``/``k_proj``/``v_proj``/
+``o_proj`` and ``gate_proj``/``up_proj``/``down_proj``; ``nn.Sequential`` MLPs as
+``mlp.0``/``mlp.2``. Hugging Face's ``Conv1D`` (a linear whose weight is stored
+transposed) is rewritten like a linear.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from zero_comm import Communicator
@@ -26,11 +33,42 @@ __all__ = ["GPT_PLAN", "tensor_parallelize"]
 
 GPT_PLAN: dict[str, str] = {
     r"attn\.(qkv|c_attn)$": "column_qkv",
+    r"attn\.(q_proj|k_proj|v_proj)$": "column",
     r"attn\.(proj|c_proj|out_proj|o_proj)$": "row",
-    r"mlp\.(0|fc|c_fc|up_proj|fc1)$": "column",
+    r"mlp\.(0|fc|c_fc|up_proj|gate_proj|fc1)$": "column",
     r"mlp\.(2|proj|c_proj|down_proj|fc2)$": "row",
 }
 _STYLES = ("column", "column_qkv", "row")
+# attributes an attention module may keep that count its heads (or, GPT-2's split_size, their width)
+HEAD_ATTRS = ("n_head", "num_heads", "num_key_value_heads", "split_size")
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as an ``nn.Linear`` (itself, or a copy of a Hugging Face ``Conv1D``), else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = getattr(module, "weight", None)
+    nf, nx = getattr(module, "nf", None), getattr(module, "nx", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.shape == (nx, nf):
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(int(nx), int(nf), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+    return None
+
+
+def _check_heads(owner_name: str, owner: nn.Module, linear: nn.Linear, blocks: int, degree: int) -> None:
+    """A column split of an attention projection must fall on head boundaries."""
+    head_dim = getattr(owner, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return
+    heads = linear.out_features // blocks // head_dim
+    if heads * head_dim * blocks == linear.out_features and heads % degree:
+        raise ValueError(f"{owner_name or 'the model'} has {heads} attention heads in this projection (of "
+                         f"{head_dim} features each), not divisible by the tensor-parallel degree {degree}")
 
 
 def tensor_parallelize(model: nn.Module, comm: Communicator, plan: Mapping[str, str] | None = None) -> list[str]:
@@ -44,28 +82,43 @@ def tensor_parallelize(model: nn.Module, comm: Communicator, plan: Mapping[str, 
         if style not in _STYLES:
             raise ValueError(f"plan entry {pattern!r} has style {style!r}; expected one of {', '.join(_STYLES)}")
     compiled = [(re.compile(p), s) for p, s in plan.items()]
-    done: list[str] = []
+    chosen: list[tuple[str, str, nn.Linear]] = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        style = next((s for p, s in compiled if p.search(name)), None)
+        linear = _as_linear(module) if style is not None else None
+        if linear is None or style is None:
             continue
-        chosen = next((s for p, s in compiled if p.search(name)), None)
-        if chosen is None:
+        parent_name = name.rpartition(".")[0]
+        if style != "row":
+            _check_heads(parent_name, model.get_submodule(parent_name), linear, 3 if style == "column_qkv" else 1,
+                         comm.world_size)
+        chosen.append((name, style, linear))
+    if not chosen:
+        raise ValueError("the tensor-parallel plan matched no linear of the model; linears are named "
+                         f"{[n for n, m in model.named_modules() if _as_linear(m) is not None][:8]}")
+    # the modules above a rewritten linear (its attention, block, the model) may count heads
+    owners = {name[:i] for name, _, _ in chosen for i in [0, *(j for j, c in enumerate(name) if c == ".")]}
+    for name, module in model.named_modules():  # check every head count before changing anything
+        if name not in owners:
             continue
-        if chosen == "row":
-            new: nn.Module = RowParallelLinear.from_linear(module, comm)
+        for attr in HEAD_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value % comm.world_size:
+                raise ValueError(f"{name or 'the model'}.{attr} is {value}, not divisible by the tensor-parallel "
+                                 f"degree {comm.world_size}")
+    done: list[str] = []
+    for name, style, linear in chosen:
+        if style == "row":
+            new: nn.Module = RowParallelLinear.from_linear(linear, comm)
         else:
-            new = ColumnParallelLinear.from_linear(module, comm, blocks=3 if chosen == "column_qkv" else 1)
+            new = ColumnParallelLinear.from_linear(linear, comm, blocks=3 if style == "column_qkv" else 1)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        setattr(model.get_submodule(parent_name), child, new.to(linear.weight.device, linear.weight.dtype))
         done.append(name)
-    if not done:
-        raise ValueError("the tensor-parallel plan matched no nn.Linear of the model; linears are named "
-                         f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]}")
     for name, module in model.named_modules():
-        heads = getattr(module, "n_head", None)
-        if isinstance(heads, int) and any(d.startswith(f"{name}.") or not name for d in done):
-            if heads % comm.world_size:
-                raise ValueError(f"{name or 'the model'} has {heads} attention heads, not divisible by the "
-                                 f"tensor-parallel degree {comm.world_size}")
-            module.n_head = heads // comm.world_size
+        if name in owners:
+            for attr in HEAD_ATTRS:
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    setattr(module, attr, value // comm.world_size)
     return done

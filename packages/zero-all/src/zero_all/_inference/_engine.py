@@ -1,0 +1,201 @@
+"""``init_inference``: DeepSpeed's inference entry point, wired from zero's parts.
+
+:class:`InferenceEngine` prepares a model in order -- load a checkpoint, cast to the
+serving dtype, split attention heads and MLP columns over the tensor-parallel group
+(zero-pipe's rewrite), quantise weights to int8 (zero-kernels), stream the layer stack
+from host memory or NVMe (zero-offload), move to the device -- and then behaves as the
+model did: ``engine(...)`` is its forward, ``engine.module`` the model itself, and
+``engine.generate(...)`` decodes with a key/value cache (:mod:`._generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import zero_comm
+import zero_kernels
+import zero_offload
+import zero_pipe
+
+from .._config import ConfigError
+from ._config import InferenceConfig, load_inference_config
+from ._generate import Sampling, decode
+from ._models import check_tp_divides, find_layers, is_hf, load_weights
+
+__all__ = ["InferenceEngine", "init_inference"]
+
+logger = logging.getLogger("zero_all.inference")
+_SAMPLING_KEYS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                  "pad_token_id", "attention_mask", "generator", "num_beams", "use_cache"}
+
+
+def init_inference(model: nn.Module, config: str | Path | Mapping[str, Any] | None = None,
+                   **kwargs: Any) -> InferenceEngine:
+    """Serve ``model`` as DeepSpeed's ``deepspeed.init_inference`` does: ``config`` is DeepSpeed's
+    inference config (a dict or a JSON file) and keyword arguments are its keys (``dtype``,
+    ``tensor_parallel={"tp_size": N}``, ``replace_with_kernel_inject``, ``checkpoint``,
+    ``max_out_tokens``, ``quant``, ``zero``, ...). Every rank of the job calls it with the same model."""
+    cfg, objects = load_inference_config(config, kwargs)
+    return InferenceEngine(model, cfg, tp_group=objects.get("tp_group"))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _tp_comm(tp_size: int, tp_group: Any) -> zero_comm.Communicator | None:
+    if tp_group is not None:
+        return zero_comm.ProcessGroupCommunicator(tp_group, name="tp")
+    if tp_size == 1:
+        return None
+    world = zero_comm.init_distributed()
+    if tp_size > world.world_size:
+        raise ConfigError(f"tensor_parallel.tp_size: {tp_size} needs {tp_size} ranks; this job has "
+                          f"{world.world_size} (launch it with zero run --nproc {tp_size})")
+    if world.world_size % tp_size:
+        raise ConfigError(f"tensor_parallel.tp_size: {tp_size} does not divide the job's {world.world_size} ranks")
+    if tp_size == world.world_size:
+        return world
+    return zero_comm.build_mesh(zero_comm.ParallelDims(world.world_size, tp=tp_size)).tp
+
+
+def _check_same_weights(model: nn.Module, tp: zero_comm.Communicator) -> None:
+    """Every rank must start from the same weights: compare a checksum across the group."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        total += p.detach().double().sum().cpu() + p.numel()
+    low, high = total.clone(), total.clone()
+    tp.all_reduce(low, op="min")
+    tp.all_reduce(high, op="max")
+    if not torch.equal(low, high):
+        raise ConfigError("tensor_parallel: the ranks hold different weights (build or load the model the same "
+                          "way on every rank: same seed, same checkpoint)")
+
+
+class InferenceEngine(nn.Module):
+    """A model prepared for serving; ``forward`` and ``generate`` are the model's, ``module`` the model."""
+
+    def __init__(self, model: nn.Module, config: InferenceConfig, *, tp_group: Any = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"init_inference serves a torch.nn.Module, got {type(model).__name__}")
+        self.module = model.eval()
+        self._config = config
+        self.tp = _tp_comm(config.tp_size, tp_group)
+        self.device = _device()
+        self.streamer: zero_offload.LayerStreamer | None = None
+        self.quantized: zero_kernels.QuantizedWeights | None = None
+        notes: list[str] = []
+        if config.checkpoint is not None:
+            notes.append(f"weights from {load_weights(model, config.checkpoint, config.base_dir)}")
+        if config.torch_dtype != torch.int8:
+            model.to(config.torch_dtype)
+        if self.tp is not None and self.tp.world_size > 1:
+            check_tp_divides(model, self.tp.world_size)
+            _check_same_weights(model, self.tp)
+            zero_pipe.tensor_parallelize(model, self.tp)
+            notes.append(f"tensor parallel over {self.tp.world_size} ranks")
+        if config.int8:
+            block = config.quant.weight.group_size if config.quant is not None else 64
+            self.quantized = zero_kernels.quantize_weights_(model, block_size=block)
+            notes.append(f"int8 weights ({self.quantized.ratio:.2f}x the bytes)")
+        offload = config.zero.offload_param
+        if config.zero.stage == 3 and offload is not None and offload.device != "none":
+            store: Any = (zero_offload.NVMeStore(Path(offload.nvme_path or "") / f"rank{self._rank()}")
+                          if offload.device == "nvme" else zero_offload.HostStore())
+            name, layers = find_layers(model)
+            self.streamer = zero_offload.LayerStreamer(list(layers), store, device=self.device)
+            notes.append(f"{len(layers)} layers of {name} streamed from {offload.device}")
+        model.to(self.device)
+        if config.enable_cuda_graph:
+            notes.append("enable_cuda_graph ignored" + (" on CPU" if self.device.type == "cpu" else
+                                                        ": zero does not capture CUDA graphs"))
+        if self._rank() == 0:
+            logger.info("init_inference: %s, %s, %s", type(model).__name__,
+                        str(config.torch_dtype).removeprefix("torch."), "; ".join(notes) or "as given")
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def config(self) -> InferenceConfig:
+        return self._config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | None = None, *, on_token: Callable[[int], None] | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Decode after ``input_ids`` (batch, positions) as Hugging Face's ``generate`` does (greedy unless
+        ``do_sample``; ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+        ``pad_token_id``). Options beyond those go to a Hugging Face model's own ``generate``."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
+            raise ValueError("generate needs input_ids, a tensor of token ids of shape (batch, positions)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        input_ids = input_ids.to(self.device)
+        hf = is_hf(self.module)
+        mask = kwargs.get("attention_mask")
+        plain = (set(kwargs) <= _SAMPLING_KEYS and kwargs.get("num_beams", 1) == 1 and kwargs.get("use_cache", True)
+                 and (mask is None or bool(torch.all(mask == 1))))
+        if hf and not plain:
+            return self.module.generate(input_ids, **kwargs)
+        unknown = set(kwargs) - _SAMPLING_KEYS
+        if unknown:
+            raise TypeError(f"generate: unknown option(s) {sorted(unknown)} for {type(self.module).__name__}")
+        options = _options(self.module, kwargs, input_ids.shape[1]) if hf else dict(kwargs)
+        new = options.get("max_new_tokens")
+        if new is None:
+            new = options["max_length"] - input_ids.shape[1] if "max_length" in options else 32
+        if input_ids.shape[1] + new > self._config.max_out_tokens:
+            raise ValueError(f"generate: {input_ids.shape[1]} prompt + {new} new tokens exceed max_out_tokens "
+                             f"{self._config.max_out_tokens} (raise it in init_inference)")
+        eos = options.get("eos_token_id")
+        eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        sampling = Sampling(bool(options.get("do_sample", False)), float(options.get("temperature") or 1.0),
+                            int(options.get("top_k") or 0), float(options.get("top_p") or 1.0),
+                            options.get("generator"))
+        return decode(self.module, input_ids, max_new_tokens=max(new, 0), max_len=input_ids.shape[1] + max(new, 0),
+                      sampling=sampling, eos=eos_list, pad=options.get("pad_token_id"), tp=self.tp,
+                      on_token=on_token)
+
+    def destroy(self) -> None:
+        """Put streamed weights back into the model (on the device) and free the store."""
+        if self.streamer is not None:
+            self.streamer.restore()
+            self.streamer = None
+
+
+def _options(model: nn.Module, kwargs: Mapping[str, Any], prompt: int) -> dict[str, Any]:
+    """A Hugging Face model's generation defaults (its ``generation_config``) overridden by ``kwargs``."""
+    gen = getattr(model, "generation_config", None)
+    out: dict[str, Any] = {}
+    for key in ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                "pad_token_id"):
+        value = getattr(gen, key, None)
+        if value is not None:
+            out[key] = value
+    out.update({k: v for k, v in kwargs.items() if v is not None})
+    if "max_new_tokens" in kwargs:
+        out.pop("max_length", None)
+    elif "max_length" in kwargs or "max_new_tokens" not in out:
+        out.pop("max_new_tokens", None)
+        out.setdefault("max_length", 20)
+    if "pad_token_id" not in out and out.get("eos_token_id") is not None:
+        eos = out["eos_token_id"]
+        out["pad_token_id"] = eos if isinstance(eos, int) else next(iter(eos))
+    return out
