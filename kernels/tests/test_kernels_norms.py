@@ -6,7 +6,7 @@ import torch
 import zero_kernels as zk
 
 SHAPES = [(1, 8), (3, 5, 100), (17, 1000)]  # rows of non-power-of-two length
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-12}
 
 
 def _naive(x, w, b, eps, is_rms):
@@ -53,12 +53,13 @@ def test_norm_forward_and_backward_match_float64(path, shape, dtype, kind):
         assert _rel(bt.grad, b64.grad) <= tol * 4, "bias gradient"
 
 
-def test_gradcheck_in_float64():
-    """torch.autograd.gradcheck on the reference path's hand-written backward."""
+def test_gradcheck_in_float64(path):
+    """torch.autograd.gradcheck on each path's backward: the reference's hand-written one, torch's
+    built-in, the Triton kernels (fp64 input is computed in fp64 there too)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(7, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64).to(path).requires_grad_()
+    w = torch.rand(7, generator=g, dtype=torch.float64).to(path).requires_grad_()
+    b = torch.randn(7, generator=g, dtype=torch.float64).to(path).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: zk.rms_norm(x, w, 1e-6), (x, w))
     assert torch.autograd.gradcheck(lambda x, w, b: zk.layer_norm(x, w, b, 1e-5), (x, w, b))
 

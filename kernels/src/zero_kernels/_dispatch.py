@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import triton.language as tl
 
 __all__ = ["interpreting", "kernel_path", "triton_available", "use_triton"]
 
@@ -108,6 +112,17 @@ def require_fp32(**lists: list[torch.Tensor] | None) -> None:
         for i, t in enumerate(items or []):
             if t.dtype != torch.float32:
                 raise ValueError(f"{name}[{i}] must be fp32 (master weights and optimizer state), got {t.dtype}")
+
+
+def triton_acc(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype a kernel computes in for ``dtype`` input: fp64 for fp64, else fp32.
+
+    The references compute in ``promote_types(dtype, float32)``; a kernel that narrowed
+    fp64 to fp32 would hand back fp64 tensors holding fp32-accurate values.
+    """
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def grid_1d(n: int) -> tuple[int, int]:

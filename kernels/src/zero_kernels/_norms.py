@@ -1,6 +1,6 @@
 """RMSNorm and LayerNorm over the last dimension, forward and backward.
 
-Statistics and arithmetic are fp32 (fp64 for fp64 input, reference path); the output and the
+Statistics and arithmetic are fp32 (fp64 for fp64 input, on every path); the output and the
 input gradient take the input's dtype, the weight and bias gradients the
 weight's. The forward saves only the per-row mean and 1/std, so the backward
 re-derives the normalised input instead of keeping it. Off the Triton path, inputs
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, use_triton, warps_for
+from ._dispatch import kernel_path, triton_acc, use_triton, warps_for
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -120,14 +120,14 @@ def _forward_triton(rows, weight, bias, eps, is_rms):
 
     m, n = rows.shape
     y = torch.empty_like(rows)
-    mean = torch.empty(m, dtype=torch.float32, device=rows.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=rows.device)
+    mean = torch.empty(m, dtype=_acc(rows.dtype), device=rows.device)
+    rstd = torch.empty(m, dtype=_acc(rows.dtype), device=rows.device)
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     if m:
         block = _block(n)
         norm_forward_kernel[(m,)](rows, w, b, y, mean, rstd, n, eps, IS_RMS=is_rms, HAS_BIAS=bias is not None,
-                                  BLOCK=block, num_warps=warps_for(block))
+                                  ACC=triton_acc(rows.dtype), BLOCK=block, num_warps=warps_for(block))
     return y, mean, rstd
 
 
@@ -139,12 +139,12 @@ def _backward_triton(dy, rows, weight, mean, rstd, is_rms, has_bias):
     per_program = -(-m // programs)
     programs = -(-m // per_program)
     dx = torch.empty_like(rows)
-    dw_part = torch.empty(programs, n, dtype=torch.float32, device=rows.device)
-    db_part = torch.empty(programs, n, dtype=torch.float32, device=rows.device) if has_bias else dw_part
+    dw_part = torch.empty(programs, n, dtype=_acc(rows.dtype), device=rows.device)
+    db_part = torch.empty(programs, n, dtype=_acc(rows.dtype), device=rows.device) if has_bias else dw_part
     if m:
         norm_backward_kernel[(programs,)](dy, rows, weight.contiguous(), mean, rstd, dx, dw_part, db_part, m, n,
-                                          per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, BLOCK=_block(n),
-                                          num_warps=warps_for(_block(n)))
+                                          per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, ACC=triton_acc(rows.dtype),
+                                          BLOCK=_block(n), num_warps=warps_for(_block(n)))
     else:
         dw_part.zero_()
     dw = dw_part.sum(0).to(weight.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import triton_acc, use_triton
 
 __all__ = ["apply_rotary", "rotary_tables"]
 
@@ -71,6 +71,6 @@ def _rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: 
     out = torch.empty_like(x)
     if rows:
         half = head_dim // 2
-        rotary_kernel[(rows,)](x, cos, sin, out, seq, heads, half, sign,
+        rotary_kernel[(rows,)](x, cos, sin, out, seq, heads, half, sign, ACC=triton_acc(x.dtype),
                                BLOCK=triton.next_power_of_2(half))
     return out
