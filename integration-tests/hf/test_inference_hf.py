@@ -84,3 +84,23 @@ def bad_tp(kind: str, heads: int, kv_heads: int, tp: int) -> str:
 def test_heads_that_do_not_divide_are_a_one_line_error_naming_the_dimension(kind, heads, kv_heads, says):
     for message in run_ranks(bad_tp, 2, kind, heads, kv_heads, 2):
         assert message == f"tensor_parallel.tp_size: {says}", message
+
+
+def test_zero_generate_on_a_saved_hugging_face_model(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = build("gpt2")
+    model.save_pretrained(tmp_path / "tiny-gpt2")
+    ids = prompt()[:1]
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for tp in ("1", "2"):
+        done = subprocess.run([sys.executable, "-m", "zero_all", "generate", "--model", str(tmp_path / "tiny-gpt2"),
+                               "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--max-new-tokens", "10",
+                               "--tp", tp], capture_output=True, text=True, timeout=240, check=False,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == want[0].tolist()

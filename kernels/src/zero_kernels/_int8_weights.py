@@ -63,11 +63,11 @@ class _Dequantize:
         self.dtype, self.shape, self.block_size = dtype, shape, block_size
 
     def before(self, module: nn.Module, args: object) -> None:
-        q, scales = module.weight_int8, module.weight_scale
+        q, scales = module.get_buffer("weight_int8"), module.get_buffer("weight_scale")
         module.weight = dequantize_int8(q.reshape(-1), scales, self.block_size, self.dtype).view(self.shape)
 
     def after(self, module: nn.Module, args: object, output: object) -> None:
-        module.weight = None
+        module.weight = None  # type: ignore[assignment]  # a plain attribute once the parameter is gone
 
 
 def quantize_weights_(model: nn.Module, *, block_size: int = 64,

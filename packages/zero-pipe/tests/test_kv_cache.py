@@ -38,7 +38,7 @@ def test_cached_attention_equals_causal_attention_over_the_whole_sequence(chunks
 
 def test_memory_is_allocated_once_for_max_len():
     cache = KVCache(max_len=16)
-    q, k, v = qkv(16)
+    _, k, v = qkv(16)
     cache.update(0, k[:, :, :4], v[:, :, :4])
     cache.advance(4)
     full = cache.nbytes()

@@ -1,10 +1,10 @@
-"""The ``zero`` command: ``run``, ``report``, ``plan`` and ``ckpt export``.
+"""The ``zero`` command: ``run``, ``report``, ``plan``, ``ckpt export`` and ``generate``.
 
 Each subcommand is a thin shell over a function that can be called from Python
 (:func:`zero_all._run.plan_launch`, :func:`zero_all._report.collect_report`,
-:func:`zero_all._plan.plan_memory`, :func:`zero_ckpt.export`). A user's mistake (a
-bad flag, a missing file, a checkpoint that is not one) is one line on stderr and
-exit status 2, never a traceback.
+:func:`zero_all._plan.plan_memory`, :func:`zero_ckpt.export`, :func:`zero_all.init_inference`).
+A user's mistake (a bad flag, a missing file, a checkpoint that is not one) is one line on
+stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="output dtype")
     export.set_defaults(func=_cmd_ckpt_export, command="ckpt export")
     ckpt.set_defaults(func=lambda _: _help(ckpt))
+
+    from ._inference._cli import add_generate_parser
+
+    add_generate_parser(sub, _positive)
     return parser
 
 

@@ -26,6 +26,7 @@ the optimizer state goes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Iterable, Sequence
@@ -135,9 +136,9 @@ def _call_factory(factory: object, kwargs: dict[str, object]) -> object:
     return factory(**kwargs)
 
 
-def load_model(spec: str, kwargs: dict[str, object] | None = None) -> nn.Module:
-    """``module:factory`` -> the model ``factory(**kwargs)`` builds, on the meta device. The current
-    directory is on ``sys.path`` first, as for ``python -m``."""
+def load_model(spec: str, kwargs: dict[str, object] | None = None, *, meta: bool = True) -> nn.Module:
+    """``module:factory`` -> the model ``factory(**kwargs)`` builds, on the meta device (``meta=False``:
+    for real, on the default device). The current directory is on ``sys.path`` first, as for ``python -m``."""
     import os
     import sys
 
@@ -156,7 +157,7 @@ def load_model(spec: str, kwargs: dict[str, object] | None = None) -> nn.Module:
     if factory is None:
         raise ValueError(f"--model {spec}: module {module_name!r} has no attribute {attr!r}")
     try:
-        with torch.device("meta"):
+        with torch.device("meta") if meta else contextlib.nullcontext():
             model = _call_factory(factory, kwargs or {})
     except Exception as exc:
         if os.environ.get("ZERO_TRACEBACK", "") not in ("", "0"):

@@ -49,9 +49,10 @@ def _as_linear(module: nn.Module) -> nn.Linear | None:
         return module
     weight = getattr(module, "weight", None)
     nf, nx = getattr(module, "nf", None), getattr(module, "nx", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.shape == (nx, nf):
+    if (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and isinstance(nf, int)
+            and isinstance(nx, int) and weight.shape == (nx, nf)):
         bias = getattr(module, "bias", None)
-        linear = nn.Linear(int(nx), int(nf), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(nx, nf, bias=bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight.t())
             if bias is not None:
@@ -84,15 +85,15 @@ def tensor_parallelize(model: nn.Module, comm: Communicator, plan: Mapping[str, 
     compiled = [(re.compile(p), s) for p, s in plan.items()]
     chosen: list[tuple[str, str, nn.Linear]] = []
     for name, module in list(model.named_modules()):
-        style = next((s for p, s in compiled if p.search(name)), None)
-        linear = _as_linear(module) if style is not None else None
-        if linear is None or style is None:
+        found = next((s for p, s in compiled if p.search(name)), None)
+        linear = _as_linear(module) if found is not None else None
+        if linear is None or found is None:
             continue
         parent_name = name.rpartition(".")[0]
-        if style != "row":
-            _check_heads(parent_name, model.get_submodule(parent_name), linear, 3 if style == "column_qkv" else 1,
+        if found != "row":
+            _check_heads(parent_name, model.get_submodule(parent_name), linear, 3 if found == "column_qkv" else 1,
                          comm.world_size)
-        chosen.append((name, style, linear))
+        chosen.append((name, found, linear))
     if not chosen:
         raise ValueError("the tensor-parallel plan matched no linear of the model; linears are named "
                          f"{[n for n, m in model.named_modules() if _as_linear(m) is not None][:8]}")

@@ -169,7 +169,8 @@ class InferenceEngine(nn.Module):
         plain = (set(kwargs) <= _SAMPLING_KEYS and kwargs.get("num_beams", 1) == 1 and kwargs.get("use_cache", True)
                  and (mask is None or bool(torch.all(mask == 1))))
         if hf and not plain:
-            return self.module.generate(input_ids, **kwargs)
+            hf_generate: Callable[..., torch.Tensor] = getattr(self.module, "generate")  # noqa: B009
+            return hf_generate(input_ids, **kwargs)
         unknown = set(kwargs) - _SAMPLING_KEYS
         if unknown:
             raise TypeError(f"generate: unknown option(s) {sorted(unknown)} for {type(self.module).__name__}")

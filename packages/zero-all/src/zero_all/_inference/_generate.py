@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,8 @@ class Decoder:
             from transformers import DynamicCache  # an HF model: transformers is installed
 
             self.kind = "hf"
-            self.cache = DynamicCache(config=model.config)
+            config: Any = model.config
+            self.cache = DynamicCache(config=config)
             params = inspect.signature(model.forward).parameters
             self.cache_key = "cache" if "cache" in params else "past_key_values"
         else:
