@@ -49,13 +49,13 @@ def served(tp: int) -> dict:
         return {"tokens": out, "logits": engine(out)}
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_kv_cache_decoding_matches_the_eager_loop(tp: int):
+@pytest.mark.parametrize(("world", "tp"), [(1, 1), (2, 2), (4, 4), (4, 2)])  # 4 ranks as 2 groups of 2
+def test_kv_cache_decoding_matches_the_eager_loop(world: int, tp: int):
     model = build()
     want = eager_greedy(model, prompt(), NEW_TOKENS)
     with torch.no_grad():
         logits = model(want)
-    for got in run_ranks(served, tp, tp, timeout=180):
+    for got in run_ranks(served, world, tp, timeout=180):
         assert torch.equal(got["tokens"], want)
         assert ((got["logits"] - logits).abs().max() / logits.abs().max()).item() <= 1e-5
 
