@@ -157,7 +157,7 @@ def deepspeed(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks, each as a ratio to a baseline measured in the same run; results land in benchmarks/results."""
     _install(session, *PACKAGES, extras="")
-    session.install("-c", CONSTRAINTS, "matplotlib")
+    session.install("-c", CONSTRAINTS, "matplotlib", "transformers==5.25.0")
     session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run("python", str(ROOT / "benchmarks" / "kernels.py"), "--quick")
     session.run("python", str(ROOT / "benchmarks" / "zero_step.py"), env={"OMP_NUM_THREADS": "1"})
@@ -165,3 +165,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "activations.py"))
     session.run("python", str(ROOT / "benchmarks" / "offload.py"))
     session.run("python", str(ROOT / "benchmarks" / "pipe.py"), env={"OMP_NUM_THREADS": "1"})
+    session.run("python", str(ROOT / "benchmarks" / "inference.py"), env={"OMP_NUM_THREADS": "1"})
