@@ -1,10 +1,11 @@
 """Every check zero runs, each in its own virtual environment.
 
-    nox                      the default sessions: lint, types, tests (each package alone), kernels, integration
+    nox                      the default sessions: lint, types, tests (each package alone), kernels, integration, hf
     nox -s tests             each package installed alone, with only its declared dependencies
     nox -s "tests(package='zero-comm')"
     nox -s integration       all packages together: parity and end-to-end runs (the fault suite included)
     nox -s faults            the fault suite alone: bad checkpoints, dead and hung ranks, launcher errors
+    nox -s hf                with the optional Hugging Face extra (transformers, pinned): integration-tests/hf
     nox -s kernels           zero-kernels' Triton kernels under TRITON_INTERPRET=1
     nox -s demo              train a small GPT on several CPU ranks
     nox -s bench             the benchmarks, each against its baseline in the same run
@@ -25,7 +26,7 @@ import tomllib
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
 
-nox.options.sessions = ["lint", "types", "tests", "kernels", "integration"]
+nox.options.sessions = ["lint", "types", "tests", "kernels", "integration", "hf"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "virtualenv"
 
@@ -95,7 +96,17 @@ def integration(session: nox.Session) -> None:
     """Every package together: parity with plain PyTorch and end-to-end runs."""
     _install(session, *PACKAGES)
     session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout")
-    _pytest(session, str(ROOT / "integration-tests"), "--rootdir", str(ROOT / "integration-tests"))
+    # integration-tests/hf needs the optional transformers: the `hf` session runs it
+    _pytest(session, str(ROOT / "integration-tests"), "--rootdir", str(ROOT / "integration-tests"),
+            "--ignore", str(ROOT / "integration-tests" / "hf"))
+
+
+@nox.session
+def hf(session: nox.Session) -> None:
+    """The Hugging Face integrations, with transformers pinned by constraints.txt (``zero-all[hf]``)."""
+    _install(session, *PACKAGES)
+    session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout", "transformers")
+    _pytest(session, str(ROOT / "integration-tests" / "hf"), "--rootdir", str(ROOT / "integration-tests"))
 
 
 @nox.session
@@ -157,7 +168,7 @@ def deepspeed(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks, each as a ratio to a baseline measured in the same run; results land in benchmarks/results."""
     _install(session, *PACKAGES, extras="")
-    session.install("-c", CONSTRAINTS, "matplotlib", "transformers==5.25.0")
+    session.install("-c", CONSTRAINTS, "matplotlib", "transformers")
     session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run("python", str(ROOT / "benchmarks" / "kernels.py"), "--quick")
     session.run("python", str(ROOT / "benchmarks" / "zero_step.py"), env={"OMP_NUM_THREADS": "1"})

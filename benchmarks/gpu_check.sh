@@ -6,12 +6,14 @@
 #   4. zero-ckpt on CUDA: checkpointing bitwise equal with the CUDA RNG, device bytes held, async save
 #   5. zero-offload on CUDA: stage 2 with the optimizer in pinned host memory (parity), stage 3 with
 #      everything on NVMe (bf16, loss must fall), device peak against the model's states
-#   6. the kernel benchmark table (benchmarks/kernels.py)
+#   6. inference's parts on CUDA: KV-cache decoding equal to the eager loop, int8 weights through the
+#      Triton dequantisation, layers streamed from pinned host memory (benchmarks/gpu_inference_check.py)
+#   7. the kernel benchmark table (benchmarks/kernels.py)
 # Runs from the source tree (PYTHONPATH), as on the lent GPU machine, which has torch, triton
 # and pytest installed and no network. Results go to $OUT (default benchmarks/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/packages/zero-comm/src:$PWD/kernels/src:$PWD/packages/zero-optim/src:$PWD/packages/zero-ckpt/src:$PWD/packages/zero-offload/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/packages/zero-comm/src:$PWD/kernels/src:$PWD/packages/zero-optim/src:$PWD/packages/zero-ckpt/src:$PWD/packages/zero-offload/src:$PWD/packages/zero-pipe/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -31,6 +33,7 @@ step "training on CUDA: demo GPT, NCCL" 120 torchrun --standalone --nproc-per-no
 step "ZeRO stage 3 on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_stage3_check.py
 step "zero-ckpt on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_ckpt_check.py
 step "zero-offload on CUDA" 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_offload_check.py
+step "inference parts on CUDA" 90 python3 benchmarks/gpu_inference_check.py
 step "kernel benchmark table" 180 python3 benchmarks/kernels.py --out "$OUT"
 
 echo

@@ -45,6 +45,8 @@ class Decoder:
             self.cache = DynamicCache(config=config)
             params = inspect.signature(model.forward).parameters
             self.cache_key = "cache" if "cache" in params else "past_key_values"
+            # only the last position's logits are needed: the prompt's forward skips the rest of the head
+            self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         else:
             self.kind = "plain"
             self.seen: torch.Tensor | None = None
@@ -53,7 +55,7 @@ class Decoder:
         if self.kind == "kv_cache":
             out = self.model(new, kv_cache=self.cache)
         elif self.kind == "hf":
-            out = self.model(input_ids=new, **{self.cache_key: self.cache}, use_cache=True)
+            out = self.model(input_ids=new, **{self.cache_key: self.cache}, use_cache=True, **self.extra)
         else:
             self.seen = new if self.seen is None else torch.cat([self.seen, new], dim=1)
             out = self.model(self.seen)
