@@ -64,6 +64,11 @@ def test_text_through_a_tokenizer_object(weights: tuple[Path, torch.Tensor]):
     (["--model", "/no/such/dir", "--prompt-ids", "1"], "--model /no/such/dir does not exist"),
     ([*MODEL, "--prompt-ids", "1", "--max-new-tokens", "0"], "'0' must be >= 1"),
     ([*MODEL, "--prompt-ids", "1", "--checkpoint", "/no/such.pt"], "checkpoint: /no/such.pt does not exist"),
+    ([*MODEL, "--prompt-ids", "500,1"], "token ids must be in [0, 96) for this model's vocabulary"),
+    ([*MODEL, "--prompt-ids", "1,2", "--max-new-tokens", "100"], "2 prompt + 100 new tokens exceed the model's 48 "
+                                                                 "positions (GPT.cfg.block_size)"),
+    ([*MODEL, "--prompt-ids", "1", "--offload", "nvme"], "--offload nvme needs --nvme-path"),
+    ([*MODEL, "--prompt-ids", "1", "--do-sample", "--temperature", "0"], "temperature must be > 0 when sampling"),
 ])
 def test_mistakes_are_one_line_exit_2(args: list[str], says: str):
     done = zero(*args)

@@ -104,3 +104,52 @@ def test_zero_generate_on_a_saved_hugging_face_model(tmp_path):
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout.strip().splitlines()[-1]) == want[0].tolist()
+
+
+def hf_options(kind: str) -> dict:
+    """What only Hugging Face's generate does, through the engine: its results, as the model's own."""
+    model = build(kind)
+    model.generation_config.repetition_penalty = 5.0
+    engine = zero_all.init_inference(model, dtype=torch.float32)
+    ids = prompt()
+    padded = torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.tensor([[0, 0], [1, 1]]), torch.ones_like(ids)], dim=1)
+    return {"penalty": engine.generate(ids, max_new_tokens=12, eos_token_id=None),
+            "default": engine.generate(ids, eos_token_id=None),
+            "beams": engine.generate(input_ids=padded, attention_mask=mask, num_beams=2, max_new_tokens=6,
+                                     eos_token_id=None, pad_token_id=0)}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_options_beyond_zeros_loop_give_the_models_own_results(kind: str):
+    got = hf_options(kind)
+    model = build(kind)
+    model.generation_config.repetition_penalty = 5.0
+    ids = prompt()
+    padded = torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.tensor([[0, 0], [1, 1]]), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        assert torch.equal(got["penalty"], model.generate(ids, max_new_tokens=12, eos_token_id=None))
+        assert torch.equal(got["default"], model.generate(ids, eos_token_id=None))  # HF's default length
+        assert torch.equal(got["beams"], model.generate(input_ids=padded, attention_mask=mask, num_beams=2,
+                                                        max_new_tokens=6, eos_token_id=None, pad_token_id=0))
+
+
+def sampled_through_hf(kind: str) -> torch.Tensor:
+    import torch.distributed as dist
+
+    torch.manual_seed(100 + dist.get_rank())  # ranks' own generators differ: the engine must agree a seed
+    engine = zero_all.init_inference(build(kind), tensor_parallel={"tp_size": 2}, dtype=torch.float32)
+    ids = prompt()
+    padded = torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.tensor([[0, 0], [1, 1]]), torch.ones_like(ids)], dim=1)
+    ours = engine.generate(ids, do_sample=True, max_new_tokens=8, eos_token_id=None)  # zero's loop
+    theirs = engine.generate(input_ids=padded, attention_mask=mask, do_sample=True, max_new_tokens=8,
+                             pad_token_id=0, eos_token_id=None)  # the model's own generate
+    return torch.cat([ours.flatten(), theirs.flatten()])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_sampling_under_tensor_parallelism_never_diverges_across_ranks(kind: str):
+    first, second = run_ranks(sampled_through_hf, 2, kind, timeout=240)
+    assert torch.equal(first, second)

@@ -142,3 +142,53 @@ def different_weights() -> str:
 def test_ranks_that_hold_different_weights_are_refused():
     for message in run_ranks(different_weights, 2):
         assert message.startswith("tensor_parallel: the ranks hold different weights"), message
+
+
+def test_options_zeros_loop_cannot_honour_are_refused_not_dropped():
+    engine = init_inference(TinyLM(), dtype="fp32")
+    ids = torch.tensor([[3, 1, 4], [0, 2, 7]])
+    with pytest.raises(ValueError, match="num_beams needs a Hugging Face model's own generate"):
+        engine.generate(ids, num_beams=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="attention_mask with padding needs a Hugging Face model's own generate"):
+        engine.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['min_new_tokens'\]"):
+        engine.generate(ids, min_new_tokens=2)
+    for bad, says in [({"do_sample": True, "temperature": 0.0}, "temperature must be > 0 when sampling, got 0.0"),
+                      ({"top_p": 1.5}, r"top_p must be in \[0, 1\], got 1.5"), ({"top_k": -3}, "top_k must be >= 0"),
+                      ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+                      ({"max_length": 2}, "max_length 2 leaves no room after the 3-token prompt")]:
+        with pytest.raises(ValueError, match=says):
+            engine.generate(ids, **bad)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.generate(torch.zeros(1, 0, dtype=torch.long))
+    assert engine.generate(ids).shape == (2, 23)  # Hugging Face's default: 20 new tokens
+
+
+def test_int8_with_streamed_layers_is_refused_before_the_model_changes():
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="zero.offload_param: zero streams float weights"):
+        init_inference(model, dtype=torch.int8, zero={"stage": 3, "offload_param": {"device": "cpu"}})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_one_dtype_spelled_two_ways_is_not_a_conflict():
+    engine = init_inference(TinyLM(), config={"dtype": "fp32"}, dtype=torch.float32)
+    assert engine.config.torch_dtype == torch.float32
+
+
+def test_a_checkpoint_description_json_names_the_weights(tmp_path):
+    torch.manual_seed(3)
+    trained = TinyLM()
+    with torch.no_grad():
+        trained.head.bias.add_(0.5)
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "ckpt.json").write_text(json.dumps({"type": "ds_model", "checkpoints": ["weights.pt"],
+                                                    "version": 1.0}))
+    for checkpoint in (str(tmp_path / "ckpt.json"), {"checkpoints": ["weights.pt"]}):
+        engine = init_inference(TinyLM(), dtype="fp32", checkpoint=checkpoint, base_dir=str(tmp_path)
+                                if isinstance(checkpoint, dict) else "")
+        assert torch.equal(engine.module.head.bias, trained.head.bias)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="bad.json is not a JSON checkpoint description"):
+        init_inference(TinyLM(), dtype="fp32", checkpoint=str(tmp_path / "bad.json"))

@@ -31,8 +31,9 @@ class _Usage(Exception):
 
 
 def add_generate_parser(sub: Any, positive: Any) -> None:
+    about = __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "")
     gen = sub.add_parser("generate", allow_abbrev=False, help="generate text with init_inference (TP, int8, "
-                         "ZeRO-Inference)", description=__doc__.split("\n\n")[1].replace("\n", " "),
+                         "ZeRO-Inference)", description=about,
                          epilog="examples: zero generate --model ./my-gpt2 --prompt 'Hello' --max-new-tokens 20; "
                          "zero generate --model gpt:GPT --checkpoint demo-output/checkpoints --tokenizer "
                          "gpt:CharCorpus --prompt 'def ' --tp 2")
@@ -73,7 +74,8 @@ def _import(spec: str, what: str, kwargs: dict[str, object] | None = None) -> An
 
         return getattr(importlib.import_module(module), attr)()
     except (ValueError, ImportError, AttributeError) as exc:
-        raise _Usage(f"--{what} {spec}: {exc}") from None
+        message = str(exc)
+        raise _Usage(message if message.startswith(f"--{what} ") else f"--{what} {spec}: {message}") from None
 
 
 def _hf_model(path: Path, seed: int) -> nn.Module:
@@ -83,8 +85,8 @@ def _hf_model(path: Path, seed: int) -> nn.Module:
         raise _Usage(f"--model {path}: a Hugging Face model needs transformers (pip install 'zero-all[hf]')") from None
     directory = path if path.is_dir() else path.parent
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
-    if path.is_dir() and has_weights:
-        return transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    if has_weights and (path.is_dir() or path.name == "config.json"):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(directory))
     config = transformers.AutoConfig.from_pretrained(str(path))
     print(f"zero generate: {path} holds no weights: random weights from --seed {seed}", file=sys.stderr)
     torch.manual_seed(seed)
@@ -95,12 +97,15 @@ def _tokenizer(args: argparse.Namespace, model_path: Path | None) -> Any:
     if args.tokenizer and ":" in args.tokenizer and not Path(args.tokenizer).exists():
         return _import(args.tokenizer, "tokenizer")
     where = Path(args.tokenizer) if args.tokenizer else model_path
+    if where is not None and where.is_file():
+        where = where.parent
     if where is not None and where.is_dir() and any(where.glob("tokenizer*")):
         import transformers
 
         return transformers.AutoTokenizer.from_pretrained(str(where))
     if args.prompt is not None:
-        raise _Usage("--prompt needs a tokenizer: the model directory has none; give --tokenizer or --prompt-ids")
+        which = f"--tokenizer {args.tokenizer} holds no tokenizer" if args.tokenizer else "the model has no tokenizer"
+        raise _Usage(f"--prompt needs a tokenizer: {which}; give --tokenizer or --prompt-ids")
     return None
 
 
@@ -114,6 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .._config import ConfigError
     from ._engine import init_inference
 
+    if args.offload == "nvme" and not args.nvme_path:
+        raise UsageError("--offload nvme needs --nvme-path (where the weights' files go)")
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args.tp)
     try:

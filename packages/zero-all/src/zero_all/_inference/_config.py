@@ -116,6 +116,12 @@ def load_inference_config(config: str | Path | Mapping[str, Any] | None, kwargs:
     """The config from ``config`` (dict, JSON string or file) and keyword arguments (which must agree
     where both give a key, as in DeepSpeed), plus the Python objects given (``tp_group``, ``mpu``, ...)."""
     raw = dict(_read(config) if isinstance(config, str | Path) else (config or {}))
+    kwargs = dict(kwargs)
+    for given in (raw, kwargs):  # torch.float16 and "fp16" are one dtype
+        if given.get("dtype") is not None:
+            name = _dtype_name(given["dtype"])
+            given["dtype"] = next((n for n, d in DTYPES.items() if n.startswith("torch.") and d == DTYPES[name]),
+                                  name) if isinstance(name, str) and name in DTYPES else name
     for key, value in kwargs.items():
         if key in raw and raw[key] != value:
             raise ConfigError(f"{key}: given as {value!r} and in the config as {raw[key]!r}; give it once")
@@ -176,6 +182,9 @@ def _check_values(cfg: InferenceConfig, objects: Mapping[str, Any]) -> None:
     offload = cfg.zero.offload_param
     if offload is not None and offload.device == "nvme" and not offload.nvme_path:
         raise ConfigError("zero.offload_param.nvme_path: device 'nvme' needs an nvme_path")
+    if offload is not None and offload.device != "none" and cfg.int8:
+        raise ConfigError("zero.offload_param: zero streams float weights; int8 weights would stay resident in "
+                          "every layer (use one of int8 or zero.offload_param)")
     if offload is not None and offload.device != "none" and cfg.zero.stage != 3:
         raise ConfigError(f"zero.offload_param: weights are streamed from {offload.device} only at zero.stage 3 "
                           f"(ZeRO-Inference), this config has stage {cfg.zero.stage}")

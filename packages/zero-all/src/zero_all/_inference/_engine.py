@@ -28,12 +28,11 @@ from .._config import ConfigError
 from ._config import InferenceConfig, load_inference_config
 from ._generate import Sampling, decode
 from ._models import check_tp_divides, find_layers, is_hf, load_weights
+from ._options import needs_hf_generate, resolve_options
 
 __all__ = ["InferenceEngine", "init_inference"]
 
 logger = logging.getLogger("zero_all.inference")
-_SAMPLING_KEYS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                  "pad_token_id", "attention_mask", "generator", "num_beams", "use_cache"}
 
 
 def init_inference(model: nn.Module, config: str | Path | Mapping[str, Any] | None = None,
@@ -153,42 +152,45 @@ class InferenceEngine(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | None = None, *, on_token: Callable[[int], None] | None = None,
-                 **kwargs: Any) -> torch.Tensor:
-        """Decode after ``input_ids`` (batch, positions) as Hugging Face's ``generate`` does (greedy unless
-        ``do_sample``; ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``pad_token_id``). Options beyond those go to a Hugging Face model's own ``generate``."""
+                 **kwargs: Any) -> Any:
+        """Decode after ``input_ids`` (batch, positions) as Hugging Face's ``generate`` does: greedy unless
+        ``do_sample`` (``temperature``, ``top_k``, ``top_p``, ``generator``), ``max_new_tokens`` or
+        ``max_length``, ``eos_token_id``/``pad_token_id``; a Hugging Face model's ``generation_config``
+        supplies the defaults. What zero's loop does not do (beams, a padded ``attention_mask``, a
+        repetition penalty, ...) goes to a Hugging Face model's own ``generate``. ``on_token(i)`` is
+        called after each token of zero's loop."""
         if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)
+            input_ids = kwargs.pop("inputs", kwargs.pop("input_ids", None))
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
             raise ValueError("generate needs input_ids, a tensor of token ids of shape (batch, positions)")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         input_ids = input_ids.to(self.device)
         hf = is_hf(self.module)
-        mask = kwargs.get("attention_mask")
-        plain = (set(kwargs) <= _SAMPLING_KEYS and kwargs.get("num_beams", 1) == 1 and kwargs.get("use_cache", True)
-                 and (mask is None or bool(torch.all(mask == 1))))
-        if hf and not plain:
-            hf_generate: Callable[..., torch.Tensor] = getattr(self.module, "generate")  # noqa: B009
+        if needs_hf_generate(self.module, hf, kwargs):
+            return self._hf_generate(input_ids, dict(kwargs))
+        options = resolve_options(self.module, hf, kwargs, input_ids, self._config.max_out_tokens)
+        sampling = Sampling(options.do_sample, options.temperature, options.top_k, options.top_p, options.generator)
+        return decode(self.module, input_ids, max_new_tokens=options.new_tokens,
+                      max_len=input_ids.shape[1] + options.new_tokens, sampling=sampling, eos=options.eos,
+                      pad=options.pad, tp=self.tp, on_token=on_token)
+
+    def _hf_generate(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        """The model's own ``generate``. Sampling draws from torch's global generator: it is seeded alike on
+        every rank of the tensor-parallel group (from ``generator`` when given), so the ranks never diverge."""
+        hf_generate: Callable[..., Any] = getattr(self.module, "generate")  # noqa: B009
+        generator = kwargs.pop("generator", None)
+        if not (kwargs.get("do_sample") or getattr(getattr(self.module, "generation_config", None), "do_sample",
+                                                         False)):
             return hf_generate(input_ids, **kwargs)
-        unknown = set(kwargs) - _SAMPLING_KEYS
-        if unknown:
-            raise TypeError(f"generate: unknown option(s) {sorted(unknown)} for {type(self.module).__name__}")
-        options = _options(self.module, kwargs, input_ids.shape[1]) if hf else dict(kwargs)
-        new = options.get("max_new_tokens")
-        if new is None:
-            new = options["max_length"] - input_ids.shape[1] if "max_length" in options else 32
-        if input_ids.shape[1] + new > self._config.max_out_tokens:
-            raise ValueError(f"generate: {input_ids.shape[1]} prompt + {new} new tokens exceed max_out_tokens "
-                             f"{self._config.max_out_tokens} (raise it in init_inference)")
-        eos = options.get("eos_token_id")
-        eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        sampling = Sampling(bool(options.get("do_sample", False)), float(options.get("temperature") or 1.0),
-                            int(options.get("top_k") or 0), float(options.get("top_p") or 1.0),
-                            options.get("generator"))
-        return decode(self.module, input_ids, max_new_tokens=max(new, 0), max_len=input_ids.shape[1] + max(new, 0),
-                      sampling=sampling, eos=eos_list, pad=options.get("pad_token_id"), tp=self.tp,
-                      on_token=on_token)
+        seed = torch.tensor([generator.initial_seed() if generator is not None
+                             else int(torch.randint(0, 2**62, (1,)))], dtype=torch.int64)
+        if self.tp is not None and self.tp.world_size > 1:
+            self.tp.broadcast(seed, src=0)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            return hf_generate(input_ids, **kwargs)
 
     def destroy(self) -> None:
         """Put streamed weights back into the model (on the device) and free the store."""
@@ -196,23 +198,3 @@ class InferenceEngine(nn.Module):
             self.streamer.restore()
             self.streamer = None
 
-
-def _options(model: nn.Module, kwargs: Mapping[str, Any], prompt: int) -> dict[str, Any]:
-    """A Hugging Face model's generation defaults (its ``generation_config``) overridden by ``kwargs``."""
-    gen = getattr(model, "generation_config", None)
-    out: dict[str, Any] = {}
-    for key in ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                "pad_token_id"):
-        value = getattr(gen, key, None)
-        if value is not None:
-            out[key] = value
-    out.update({k: v for k, v in kwargs.items() if v is not None})
-    if "max_new_tokens" in kwargs:
-        out.pop("max_length", None)
-    elif "max_length" in kwargs or "max_new_tokens" not in out:
-        out.pop("max_new_tokens", None)
-        out.setdefault("max_length", 20)
-    if "pad_token_id" not in out and out.get("eos_token_id") is not None:
-        eos = out["eos_token_id"]
-        out["pad_token_id"] = eos if isinstance(eos, int) else next(iter(eos))
-    return out

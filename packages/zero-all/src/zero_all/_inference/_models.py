@@ -66,8 +66,9 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def load_weights(model: nn.Module, checkpoint: str | dict[str, Any], base_dir: str = "") -> str:
     """Load ``checkpoint`` into ``model`` (strictly): a zero checkpoint directory (its ``latest`` tag),
-    a ``.pt``/``.bin`` state_dict (read with ``weights_only=True``) or a ``.safetensors`` file;
-    return what was loaded, for the log line."""
+    a ``.pt``/``.bin`` state_dict (read with ``weights_only=True``), a ``.safetensors`` file, or DeepSpeed's
+    description (a dict or ``.json`` file naming one such file in ``checkpoints``, relative to ``base_dir``,
+    default the file's directory); return what was loaded, for the log line."""
     if isinstance(checkpoint, dict):
         files = checkpoint.get("checkpoints")
         if not (isinstance(files, list) and len(files) == 1 and isinstance(files[0], str)):
@@ -75,6 +76,16 @@ def load_weights(model: nn.Module, checkpoint: str | dict[str, Any], base_dir: s
                               f"got {checkpoint!r}")
         checkpoint = files[0]
     path = Path(base_dir) / checkpoint
+    if path.suffix == ".json" and path.is_file():  # DeepSpeed's checkpoint description file
+        import json
+
+        try:
+            description = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"checkpoint: {path} is not a JSON checkpoint description ({exc})") from None
+        if not isinstance(description, dict):
+            raise ConfigError(f"checkpoint: {path} is not a JSON checkpoint description (not an object)")
+        return load_weights(model, description, base_dir or str(path.parent))
     if path.is_dir():
         from ..utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
