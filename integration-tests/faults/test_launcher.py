@@ -128,8 +128,10 @@ def test_a_rank_killed_without_a_python_error_is_named_with_its_signal(tmp_path:
     done = zero("run", "--nproc", "2", str(write(tmp_path, "kill.py", RANK_1_KILLED)))
     assert done.returncode == 128 + signal.SIGKILL, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("zero run: error: rank 1 was killed by signal 9 (SIGKILL) without a Python error; "
-                           "rank 0 failed waiting for it"), last
+    # rank 0 usually reports failing on its dead peer first; on a loaded machine torch's agent may stop it
+    # before it does, and then only the killed rank is named: never rank 0 instead of it
+    assert last.startswith("zero run: error: rank 1 was killed by signal 9 (SIGKILL)"), last
+    assert "rank 0 failed waiting for it" in last or "(its output is above)" in last, last
 
 
 SLEEP = """
