@@ -167,7 +167,7 @@ def test_options_zeros_loop_cannot_honour_are_refused_not_dropped():
 def test_int8_with_streamed_layers_is_refused_before_the_model_changes():
     model = TinyLM()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match="zero.offload_param: zero streams float weights"):
+    with pytest.raises(ConfigError, match=r"zero\.offload_param: zero streams float weights"):
         init_inference(model, dtype=torch.int8, zero={"stage": 3, "offload_param": {"device": "cpu"}})
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -190,5 +190,5 @@ def test_a_checkpoint_description_json_names_the_weights(tmp_path):
                                 if isinstance(checkpoint, dict) else "")
         assert torch.equal(engine.module.head.bias, trained.head.bias)
     (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="bad.json is not a JSON checkpoint description"):
+    with pytest.raises(ConfigError, match=r"bad\.json is not a JSON checkpoint description"):
         init_inference(TinyLM(), dtype="fp32", checkpoint=str(tmp_path / "bad.json"))
