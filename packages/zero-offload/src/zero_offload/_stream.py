@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ._swapper import padded
+
 __all__ = ["LayerStreamer"]
 
 
@@ -113,6 +115,19 @@ class LayerStreamer:
             self._hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self._after(i), always_call=True))
 
     # -- public ----------------------------------------------------------------------------------
+    @staticmethod
+    def buffer_bytes(layers: Sequence[nn.Module], prefetch: int = 1) -> int:
+        """The NVMeStore ``buffer_bytes`` that streams ``layers``: the running layer and ``prefetch`` read
+        ahead, each layer as one flat per dtype, padded for O_DIRECT (a larger budget only keeps more layers
+        in host memory)."""
+        def layer_bytes(layer: nn.Module) -> int:
+            by_dtype: dict[torch.dtype, int] = {}
+            for p in layer.parameters(recurse=True):
+                by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel() * p.element_size()
+            return sum(padded(n) for n in by_dtype.values())
+
+        return (1 + min(prefetch, len(layers) - 1)) * max(layer_bytes(layer) for layer in layers)
+
     def live_layers(self) -> list[int]:
         """Indices of the layers whose weights are materialised now (for debugging)."""
         return sorted(self._live)

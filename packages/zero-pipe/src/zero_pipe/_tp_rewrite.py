@@ -98,7 +98,7 @@ def tensor_parallelize(model: nn.Module, comm: Communicator, plan: Mapping[str, 
         raise ValueError("the tensor-parallel plan matched no linear of the model; linears are named "
                          f"{[n for n, m in model.named_modules() if _as_linear(m) is not None][:8]}")
     # the modules above a rewritten linear (its attention, block, the model) may count heads
-    owners = {name[:i] for name, _, _ in chosen for i in [0, *(j for j, c in enumerate(name) if c == ".")]}
+    owners = {".".join(name.split(".")[:depth]) for name, _, _ in chosen for depth in range(name.count(".") + 1)}
     for name, module in model.named_modules():  # check every head count before changing anything
         if name not in owners:
             continue

@@ -102,13 +102,13 @@ class InferenceConfig(_Block):
         return self.torch_dtype == torch.int8 or bool(self.quant and self.quant.enabled and self.quant.weight.enabled)
 
 
-def _dtype_name(value: Any) -> Any:
-    if isinstance(value, torch.dtype):
-        for name, dtype in DTYPES.items():
-            if dtype == value and name.startswith("torch."):
-                return name
+def _canonical_dtype(value: Any) -> Any:
+    """A torch dtype or any of DeepSpeed's names for one as its ``torch.*`` name, so that two spellings of one
+    dtype compare equal; anything else as given (the Struct check names it)."""
+    if isinstance(value, torch.dtype) and value not in DTYPES.values():
         raise ConfigError(f"dtype: zero's inference runs float16, bfloat16, float32 or int8, not {value}")
-    return value
+    dtype = value if isinstance(value, torch.dtype) else DTYPES.get(value) if isinstance(value, str) else None
+    return value if dtype is None else f"torch.{str(dtype).removeprefix('torch.')}"
 
 
 def load_inference_config(config: str | Path | Mapping[str, Any] | None, kwargs: Mapping[str, Any],
@@ -118,10 +118,8 @@ def load_inference_config(config: str | Path | Mapping[str, Any] | None, kwargs:
     raw = dict(_read(config) if isinstance(config, str | Path) else (config or {}))
     kwargs = dict(kwargs)
     for given in (raw, kwargs):  # torch.float16 and "fp16" are one dtype
-        if given.get("dtype") is not None:
-            name = _dtype_name(given["dtype"])
-            given["dtype"] = next((n for n, d in DTYPES.items() if n.startswith("torch.") and d == DTYPES[name]),
-                                  name) if isinstance(name, str) and name in DTYPES else name
+        if "dtype" in given:
+            given["dtype"] = _canonical_dtype(given["dtype"])
     for key, value in kwargs.items():
         if key in raw and raw[key] != value:
             raise ConfigError(f"{key}: given as {value!r} and in the config as {raw[key]!r}; give it once")
@@ -137,8 +135,6 @@ def load_inference_config(config: str | Path | Mapping[str, Any] | None, kwargs:
         tp = dict(tp)
         objects.update({f"tp_{key}" if key == "mpu" else key: tp.pop(key) for key in ("mpu", "tp_group") if key in tp})
         raw["tensor_parallel"] = tp
-    if "dtype" in raw:
-        raw["dtype"] = _dtype_name(raw["dtype"])
     clean = _check(raw, InferenceConfig, "")
     try:
         cfg = msgspec.convert(clean, InferenceConfig)

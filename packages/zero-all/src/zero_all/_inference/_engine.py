@@ -67,30 +67,14 @@ def _tp_comm(tp_size: int, tp_group: Any) -> zero_comm.Communicator | None:
     return zero_comm.build_mesh(zero_comm.ParallelDims(world.world_size, tp=tp_size)).tp
 
 
-def _stream_buffer(layers: nn.ModuleList) -> int:
-    """Host buffer bytes for streaming from NVMe: the running layer and the one read ahead, each of its
-    dtypes' flats aligned for O_DIRECT (a larger budget would keep more layers in host memory)."""
-    def aligned(n: int) -> int:
-        return -(-n // zero_offload.ALIGN) * zero_offload.ALIGN
-
-    def layer(module: nn.Module) -> int:
-        by_dtype: dict[torch.dtype, int] = {}
-        for p in module.parameters():
-            by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel() * p.element_size()
-        return sum(aligned(n) for n in by_dtype.values())
-
-    return 2 * max(layer(m) for m in layers)
-
-
 def _check_same_weights(model: nn.Module, tp: zero_comm.Communicator) -> None:
     """Every rank must start from the same weights: compare a checksum across the group."""
     total = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():
         total += p.detach().double().sum().cpu() + p.numel()
-    low, high = total.clone(), total.clone()
-    tp.all_reduce(low, op="min")
-    tp.all_reduce(high, op="max")
-    if not torch.equal(low, high):
+    extremes = torch.cat([total, -total])  # max of both: the largest and (negated) the smallest checksum
+    tp.all_reduce(extremes, op="max")
+    if extremes[0] != -extremes[1]:
         raise ConfigError("tensor_parallel: the ranks hold different weights (build or load the model the same "
                           "way on every rank: same seed, same checkpoint)")
 
@@ -126,7 +110,7 @@ class InferenceEngine(nn.Module):
         if config.zero.stage == 3 and offload is not None and offload.device != "none":
             name, layers = find_layers(model)
             store: Any = (zero_offload.NVMeStore(Path(offload.nvme_path or "") / f"rank{self._rank()}",
-                                                 buffer_bytes=_stream_buffer(layers))
+                                                 buffer_bytes=zero_offload.LayerStreamer.buffer_bytes(list(layers)))
                           if offload.device == "nvme" else zero_offload.HostStore())
             self.streamer = zero_offload.LayerStreamer(list(layers), store, device=self.device)
             notes.append(f"{len(layers)} layers of {name} streamed from {offload.device}")

@@ -83,7 +83,8 @@ class Sampling:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             ordered, order = scores.sort(dim=-1, descending=True)
-            beyond = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) > self.top_p  # keep the first over p
+            probs = ordered.softmax(-1)
+            beyond = probs.cumsum(-1) - probs > self.top_p  # the mass before a token already exceeds p
             scores = scores.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
         probs = scores.softmax(-1)
         gen = self.generator

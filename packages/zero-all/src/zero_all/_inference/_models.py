@@ -18,7 +18,7 @@ from torch import nn
 
 from .._config import ConfigError
 
-__all__ = ["check_tp_divides", "find_layers", "is_hf", "load_weights", "takes_kv_cache"]
+__all__ = ["check_tp_divides", "find_layers", "is_hf", "load_weights", "model_dimension", "takes_kv_cache"]
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -37,17 +37,25 @@ _DIMENSIONS = (("num_attention_heads", "attention heads"), ("num_key_value_heads
                ("n_head", "attention heads"), ("intermediate_size", "MLP features"), ("n_inner", "MLP features"))
 
 
-def check_tp_divides(model: nn.Module, tp_size: int) -> None:
-    """A one-line error naming the model's dimension that ``tp_size`` does not divide."""
+def model_dimension(model: nn.Module, attrs: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first of ``attrs`` that the model's config (Hugging Face's ``config``, or ``cfg``) holds as an
+    integer, with where it was found (``GPT2LMHeadModel.config.n_positions``)."""
     for owner_name in ("config", "cfg"):
         owner = getattr(model, owner_name, None)
-        if owner is None:
-            continue
-        for attr, what in _DIMENSIONS:
+        for attr in attrs:
             value = getattr(owner, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value % tp_size:
-                raise ConfigError(f"tensor_parallel.tp_size: {tp_size} does not divide the model's {value} {what} "
-                                  f"({type(model).__name__}.{owner_name}.{attr})")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value, f"{type(model).__name__}.{owner_name}.{attr}"
+    return None
+
+
+def check_tp_divides(model: nn.Module, tp_size: int) -> None:
+    """A one-line error naming the model's dimension that ``tp_size`` does not divide."""
+    for attr, what in _DIMENSIONS:
+        found = model_dimension(model, (attr,))
+        if found is not None and found[0] % tp_size:
+            raise ConfigError(f"tensor_parallel.tp_size: {tp_size} does not divide the model's {found[0]} {what} "
+                              f"({found[1]})")
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

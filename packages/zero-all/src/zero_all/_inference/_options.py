@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._models import model_dimension
+
 __all__ = ["DecodeOptions", "needs_hf_generate", "resolve_options"]
 
 OURS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
@@ -63,28 +65,9 @@ def needs_hf_generate(model: nn.Module, hf: bool, kwargs: Mapping[str, Any]) -> 
                              f"needs a Hugging Face model's own generate; zero's loop decodes unpadded batches, "
                              "greedy or sampled, with a cache")
         return False
-    config_beyond = [k for k, v in _config_diff(model).items()
-                     if k not in _CONFIG_OURS and not (k == "num_beams" and v == 1)]
-    return bool(beyond or special or config_beyond or _config_diff(model).get("num_beams", 1) != 1)
-
-
-def max_positions(model: nn.Module) -> tuple[int, str] | None:
-    """The longest sequence the model's position embeddings allow, and where that number is."""
-    for owner in ("config", "cfg"):
-        cfg = getattr(model, owner, None)
-        for attr in ("max_position_embeddings", "n_positions", "block_size"):
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value, f"{type(model).__name__}.{owner}.{attr}"
-    return None
-
-
-def vocabulary(model: nn.Module) -> int | None:
-    for owner in ("config", "cfg"):
-        value = getattr(getattr(model, owner, None), "vocab_size", None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    config = _config_diff(model)
+    config_beyond = [k for k, v in config.items() if k not in _CONFIG_OURS or (k == "num_beams" and v != 1)]
+    return bool(beyond or special or config_beyond)
 
 
 def resolve_options(model: nn.Module, hf: bool, kwargs: Mapping[str, Any], input_ids: torch.Tensor,
@@ -101,11 +84,12 @@ def resolve_options(model: nn.Module, hf: bool, kwargs: Mapping[str, Any], input
     prompt = input_ids.shape[1]
     if prompt == 0:
         raise ValueError("generate: the prompt is empty; give at least one token")
-    vocab = vocabulary(model)
+    found = model_dimension(model, ("vocab_size",))
+    vocab = found[0] if found else None
     if vocab is not None and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
         raise ValueError(f"generate: token ids must be in [0, {vocab}) for this model's vocabulary; the prompt "
                          f"holds {int(input_ids.min())}..{int(input_ids.max())}")
-    limit = max_positions(model)
+    limit = model_dimension(model, ("max_position_embeddings", "n_positions", "block_size"))
     if "max_new_tokens" in given or ("max_new_tokens" in config and "max_length" not in given):
         new = int(merged["max_new_tokens"])
     elif "max_length" in merged:
