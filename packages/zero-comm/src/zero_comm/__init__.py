@@ -14,6 +14,7 @@ from ._communicator import (
     ReduceOp,
     shard_range,
 )
+from ._expert import ExpertGroups, build_expert_groups, expert_group_ranks
 from ._launch import LaunchEnv, default_timeout, detect_launch_env, expand_slurm_nodelist, init_distributed
 from ._ledger import COLLECTIVE_KINDS, CommLedger, LedgerEntry, bus_factor, default_ledger
 from ._topology import Coordinate, Mesh, ParallelDims, build_mesh
@@ -27,6 +28,7 @@ __all__ = [
     "CommLedger",
     "Communicator",
     "Coordinate",
+    "ExpertGroups",
     "FlatBucket",
     "Handle",
     "LaunchEnv",
@@ -37,12 +39,14 @@ __all__ = [
     "ReduceOp",
     "all_reduce_coalesced",
     "broadcast_coalesced",
+    "build_expert_groups",
     "build_mesh",
     "bus_factor",
     "default_ledger",
     "default_timeout",
     "detect_launch_env",
     "expand_slurm_nodelist",
+    "expert_group_ranks",
     "init_distributed",
     "make_buckets",
     "shard_range",

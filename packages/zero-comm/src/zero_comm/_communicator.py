@@ -126,6 +126,7 @@ class Communicator(Protocol):
     def all_gather(self, shard: torch.Tensor, numel: int | None = None, *, out: torch.Tensor | None = None,
                    async_op: bool = False) -> Any: ...
     def broadcast(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Any: ...
+    def all_to_all(self, tensor: torch.Tensor, *, out: torch.Tensor | None = None, async_op: bool = False) -> Any: ...
     def send(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Any: ...
     def recv(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Any: ...
     def batch_p2p(self, ops: Sequence[P2P]) -> Handle[None]: ...
@@ -371,6 +372,27 @@ class ProcessGroupCommunicator:
                            lambda a: dist.broadcast(tensor, self.global_rank(src), group=self._group,
                                                    async_op=a),
                            lambda: tensor, async_op)
+
+    def all_to_all(self, tensor: torch.Tensor, *, out: torch.Tensor | None = None,
+                   async_op: bool = False) -> Handle[torch.Tensor] | torch.Tensor:
+        """Cut ``tensor``'s first dimension into ``world_size`` equal blocks and send block ``i`` to rank
+        ``i``; the result holds, at block ``i``, what rank ``i`` sent here (same shape as ``tensor``).
+
+        The exchange is its own inverse, so the gradient of an all-to-all is the all-to-all of the
+        gradient (expert and sequence parallelism use it both ways).
+        """
+        n = self._world_size
+        if tensor.dim() == 0 or tensor.shape[0] % n:
+            raise ValueError(f"all_to_all on group '{self._name}': the first dimension "
+                             f"({tuple(tensor.shape)[:1] or 'a scalar'}) must divide into {n} equal blocks")
+        data = tensor.contiguous()
+        result = torch.empty_like(data) if out is None else out
+        if result.shape != data.shape or result.dtype != data.dtype or not result.is_contiguous():
+            raise ValueError(f"all_to_all: out must be a contiguous {data.dtype} tensor of shape "
+                             f"{tuple(data.shape)}; got {result.dtype} {tuple(result.shape)}")
+        return self._issue("all_to_all", data, _nbytes(data),
+                           lambda a: dist.all_to_all_single(result, data, group=self._group, async_op=a),
+                           lambda: result, async_op)
 
     def send(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Handle[None] | None:
         """Send ``tensor`` to group rank ``dst``."""

@@ -7,7 +7,7 @@ Two byte counts are booked per call, as nccl-tests define them:
   all_gather and reduce_scatter, the message for send/recv. Padding added to make
   a size divide the world is counted, because it travels.
 * ``bus_bytes`` -- ``S`` times the algorithmic factor for a ring of ``n`` ranks:
-  ``2(n-1)/n`` for all_reduce, ``(n-1)/n`` for reduce_scatter and all_gather,
+  ``2(n-1)/n`` for all_reduce, ``(n-1)/n`` for reduce_scatter, all_gather and all_to_all,
   ``1`` for broadcast and point-to-point, ``0`` for barrier. It is the traffic
   one rank's link carries, so it is what ZeRO's volume formulas predict.
 
@@ -29,6 +29,7 @@ COLLECTIVE_KINDS = (
     "reduce_scatter",
     "all_gather",
     "broadcast",
+    "all_to_all",
     "send",
     "recv",
     "barrier",
@@ -42,7 +43,7 @@ def bus_factor(kind: str, world_size: int) -> float:
     n = world_size
     if kind == "all_reduce":
         return 2.0 * (n - 1) / n
-    if kind in ("reduce_scatter", "all_gather"):
+    if kind in ("reduce_scatter", "all_gather", "all_to_all"):
         return (n - 1) / n
     if kind in ("broadcast", "send", "recv"):
         return 1.0
