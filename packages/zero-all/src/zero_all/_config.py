@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 
 import msgspec
 
+from ._auto import TRAINER_DEFAULTS
+
 __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "OffloadConfig", "load_config"]
 
 Auto = Literal["auto"]
@@ -193,7 +195,8 @@ class DeepSpeedConfig(_Block):
     def resolve(self, world_size: int, *, hidden_size: int | None = None) -> DeepSpeedConfig:
         """A copy with the batch-size triangle completed for ``world_size`` data-parallel ranks
         (``train_batch_size = micro * accumulation * world_size``) and every ``"auto"`` replaced:
-        bucket sizes from ``hidden_size`` (DeepSpeed's Hugging Face rules), the rest from defaults."""
+        bucket sizes from ``hidden_size`` (DeepSpeed's Hugging Face rules), the rest as Hugging Face's
+        Trainer would fill them with its defaults (:mod:`zero_all._auto`)."""
         micro, accum, total = self._triangle(world_size)
         zero = self.zero_optimization
         h = hidden_size
@@ -210,7 +213,8 @@ class DeepSpeedConfig(_Block):
         out = msgspec.structs.replace(
             self, train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
             zero_optimization=zero,
-            gradient_clipping=0.0 if self.gradient_clipping == "auto" else self.gradient_clipping,
+            gradient_clipping=(TRAINER_DEFAULTS["gradient_clipping"] if self.gradient_clipping == "auto"
+                               else self.gradient_clipping),
             fp16=msgspec.structs.replace(self.fp16, enabled=self.fp16.enabled is True),
             bf16=msgspec.structs.replace(self.bf16, enabled=self.bf16.enabled is True))
         return out
@@ -221,6 +225,8 @@ class DeepSpeedConfig(_Block):
 
         total, micro, accum = (given(self.train_batch_size), given(self.train_micro_batch_size_per_gpu),
                                given(self.gradient_accumulation_steps))
+        if total is None and micro is None and self.train_micro_batch_size_per_gpu == "auto":
+            micro = TRAINER_DEFAULTS["train_micro_batch_size_per_gpu"]  # what the Trainer would have written
         if total is not None and micro is not None and accum is not None:
             if total != micro * accum * world_size:
                 raise ConfigError(
@@ -308,6 +314,8 @@ def load_config(source: str | Path | Mapping[str, Any] | DeepSpeedConfig) -> Dee
     raw = _read(source) if not isinstance(source, Mapping) else dict(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"a config is a mapping of keys to values, got {type(raw).__name__}")
+    if raw.get("steps_per_print") == math.inf:
+        raw["steps_per_print"] = 0  # Accelerate writes inf for "never"; zero's spelling of never is 0
     for key, what in _NOT_YET.items():
         block = raw.get(key)
         if block is None or block is False or (isinstance(block, Mapping) and not block.get("enabled", True)):

@@ -272,13 +272,22 @@ class Engine(EngineInfo, nn.Module):
         finally:
             self._no_sync = False
 
-    def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Back-propagate one micro-batch's loss (scaled for accumulation and fp16, as DeepSpeed does);
-        at the accumulation boundary (outside ``no_sync``) the gradients' reduction starts."""
+    def backward(self, loss: torch.Tensor, allreduce_gradients: bool = True, release_loss: bool = False,
+                 retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Back-propagate one micro-batch's loss (scaled for fp16, and divided by the accumulation steps
+        unless ``scale_wrt_gas`` is false: the caller already did, as Hugging Face's Trainer does); at the
+        accumulation boundary (outside ``no_sync``) the gradients' reduction starts. DeepSpeed's
+        ``allreduce_gradients``/``release_loss`` are accepted; only ``allreduce_gradients=False`` (use
+        ``no_sync``) is refused."""
+        if not allreduce_gradients:
+            raise NotImplementedError("backward(allreduce_gradients=False): use `with engine.no_sync():` to keep "
+                                      "gradients local for a micro-batch")
+        del release_loss
         self.monitor.saw_loss(loss)
         boundary = self.is_gradient_accumulation_boundary() and not self._no_sync
         with self.monitor.timed("backward"):
-            self.optimizer.backward(loss, boundary=boundary)  # type: ignore[attr-defined]
+            self.optimizer.backward(loss, boundary=boundary, scale_wrt_gas=scale_wrt_gas,  # type: ignore[attr-defined]
+                                    retain_graph=retain_graph)
         return loss
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:

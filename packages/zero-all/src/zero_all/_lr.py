@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ._auto import fill_scheduler_auto
 from ._config import ConfigError
 from .utils import log_dist
 
@@ -370,8 +371,8 @@ def _nearest(name: str, options: Sequence[str]) -> str:
 
 def build_scheduler(kind: str, params: dict[str, Any], optimizer: Any) -> Any:
     """The schedule a config's ``scheduler`` block names, built on ``optimizer``: one of DeepSpeed's
-    (:data:`SCHEDULES`) or a ``torch.optim.lr_scheduler`` class by its name. ``"auto"`` (which only
-    Hugging Face's Trainer fills in) is refused rather than guessed. Raises :class:`ConfigError`
+    (:data:`SCHEDULES`) or a ``torch.optim.lr_scheduler`` class by its name. ``"auto"`` (which
+    Hugging Face's Trainer fills in) takes the Trainer's default (:mod:`zero_all._auto`). Raises :class:`ConfigError`
     naming ``scheduler.type`` or ``scheduler.params.<key>``."""
     torch_ones = _torch_schedules()
     cls: Any = SCHEDULES.get(kind) or torch_ones.get(kind)
@@ -379,11 +380,8 @@ def build_scheduler(kind: str, params: dict[str, Any], optimizer: Any) -> Any:
         hint = _nearest(kind, [*SCHEDULES, *torch_ones])
         raise ConfigError(f"scheduler.type: unknown schedule {kind!r}{hint} (DeepSpeed's are "
                           f"{', '.join(SCHEDULES)}; any torch.optim.lr_scheduler class works too)")
-    for key, value in params.items():
-        if value == "auto":
-            raise ConfigError(f"scheduler.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from its "
-                              "arguments; outside it, give a value")
-    given = dict(params)
+    groups = getattr(optimizer, "param_groups", None)
+    given = fill_scheduler_auto(params, float(groups[0]["lr"]) if groups else None)
     signature = inspect.signature(cls.__init__)
     accepted = [n for n, p in signature.parameters.items() if n not in ("self", "optimizer")
                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

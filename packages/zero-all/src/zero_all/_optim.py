@@ -34,6 +34,7 @@ import torch
 import zero_optim
 from zero_offload import CPUAdam
 
+from ._auto import fill_optimizer_auto
 from ._config import ConfigError, DeepSpeedConfig
 
 __all__ = ["TorchOptimizerView", "TorchRule", "rule_from_client", "rule_from_config"]
@@ -84,11 +85,7 @@ def rule_from_config(config: DeepSpeedConfig, offloaded: bool) -> Any:
     if block is None:
         raise ConfigError("optimizer: the config names no optimizer and initialize was given none "
                           "(add an \"optimizer\" block or pass optimizer=...)")
-    given = {k: _plain(v) for k, v in block.params.items()}
-    for key, value in given.items():
-        if value == "auto":
-            raise ConfigError(f"optimizer.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from its "
-                              "arguments; outside it, give a value")
+    given = fill_optimizer_auto({k: _plain(v) for k, v in block.params.items()})
     if "max_grad_norm" in given:
         raise ConfigError("optimizer.params.max_grad_norm: clip with the top-level gradient_clipping key instead "
                           "(as DeepSpeed requires)")

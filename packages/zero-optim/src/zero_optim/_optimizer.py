@@ -340,7 +340,8 @@ class ZeroOptimizer(ShardedOptimizer):
             group.next_bucket = 0
         self._reduced = True
 
-    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None, scale_wrt_gas: bool = True,
+                 retain_graph: bool = False) -> None:
         """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation).
 
         On the last micro-step before an optimizer step (every micro-step in stage 2)
@@ -350,7 +351,7 @@ class ZeroOptimizer(ShardedOptimizer):
         step); at stages 0-1 ``boundary=False`` keeps the gradients local, to be reduced
         by a later boundary backward or by ``step`` (stage 2 reduces every micro-step).
         """
-        scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
+        scale = (self.scaler.scale if self.scaler else 1.0) / (self.config.accumulation_steps if scale_wrt_gas else 1)
         if boundary is None:
             boundary = (self.micro_steps + 1) % self.config.accumulation_steps == 0
         boundary = boundary or self.config.stage == 2
@@ -359,7 +360,7 @@ class ZeroOptimizer(ShardedOptimizer):
                                "already being reduced): step() first, or pass boundary=False to the earlier ones")
         self._boundary = boundary
         try:
-            (loss * scale).backward()
+            (loss * scale).backward(retain_graph=retain_graph)
         finally:
             self._boundary = False
         if boundary:

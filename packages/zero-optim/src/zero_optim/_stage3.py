@@ -478,15 +478,16 @@ class ZeroStage3(ShardedOptimizer):
         self._backward_trace.finish()
         self._phase = "idle"
 
-    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None) -> None:
+    def backward(self, loss: torch.Tensor, *, boundary: bool | None = None, scale_wrt_gas: bool = True,
+                 retain_graph: bool = False) -> None:
         """Back-propagate one micro-batch's loss (scaled for fp16 and for accumulation); each unit's
         gradients are reduce-scattered once all of them are ready, overlapping the rest of backward.
         ``boundary`` (the last micro-step before a step) changes nothing: every micro-step reduces."""
         del boundary
-        scale = (self.scaler.scale if self.scaler else 1.0) / self.config.accumulation_steps
+        scale = (self.scaler.scale if self.scaler else 1.0) / (self.config.accumulation_steps if scale_wrt_gas else 1)
         self._start_backward()
         try:
-            (loss * scale).backward()
+            (loss * scale).backward(retain_graph=retain_graph)
         finally:
             self._finish_backward()
         self.micro_steps += 1

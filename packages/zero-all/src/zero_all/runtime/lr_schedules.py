@@ -1,5 +1,8 @@
-"""``deepspeed.runtime.lr_schedules``: DeepSpeed's LR schedules by their DeepSpeed import path."""
+"""``deepspeed.runtime.lr_schedules``: DeepSpeed's LR schedules by their DeepSpeed import path, and
+``VALID_LR_SCHEDULES`` (their names: what Accelerate checks a scheduler's class name against)."""
 
-from .._lr import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
+from .._lr import SCHEDULES, LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
 
-__all__ = ["LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR"]
+VALID_LR_SCHEDULES = list(SCHEDULES)
+
+__all__ = ["VALID_LR_SCHEDULES", "LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR"]

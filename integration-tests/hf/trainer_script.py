@@ -1,0 +1,80 @@
+"""A plain Hugging Face Trainer script, as a user writes it: a tiny GPT-2 built from a config (fixed seed,
+no downloads) trained on random tokens. ``--deepspeed ds_config.json`` turns DeepSpeed on exactly as with
+DeepSpeed installed; nothing here mentions zero (``zero hf enable`` makes ``import deepspeed`` zero's).
+
+    torchrun --nproc_per_node 2 trainer_script.py --out DIR [--deepspeed CONFIG] [--steps N]
+             [--save-steps K] [--resume CHECKPOINT] [--export DIR] [--pretrained DIR]
+
+Writes ``DIR/losses.json`` (rank 0: the per-step training losses the Trainer logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+VOCAB, SEQ = 128, 16
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(1234))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class LossLog(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--deepspeed", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--save-steps", type=int, default=0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--export", default=None)
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    if args.pretrained:
+        model = GPT2LMHeadModel.from_pretrained(args.pretrained)
+    else:
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+    training = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        gradient_accumulation_steps=args.accumulation, logging_steps=1, report_to=[], seed=0, data_seed=0,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        deepspeed=args.deepspeed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        warmup_steps=2, weight_decay=args.weight_decay)
+    log = LossLog()
+    trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(256), callbacks=[log])
+    trainer.train(resume_from_checkpoint=args.resume)
+    if args.export:
+        trainer.save_model(args.export)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(args.out, "losses.json"), "w") as f:
+            json.dump({str(k): v for k, v in sorted(log.losses.items())}, f)
+
+
+if __name__ == "__main__":
+    main()
