@@ -35,7 +35,7 @@ class LossLog(TrainerCallback):
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses[state.global_step] = logs["loss"]
 
@@ -53,6 +53,14 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     args = p.parse_args()
 
+    training = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        gradient_accumulation_steps=args.accumulation, logging_steps=1, report_to=[], seed=0, data_seed=0,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        deepspeed=args.deepspeed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        warmup_steps=2, weight_decay=args.weight_decay)
+    # after TrainingArguments, as HF's docs say: with a ZeRO-3 config from_pretrained then builds the model
+    # partitioned (deepspeed.zero.Init) and loads each weight into its shards
     torch.manual_seed(0)
     if args.pretrained:
         model = GPT2LMHeadModel.from_pretrained(args.pretrained)
@@ -60,20 +68,19 @@ def main() -> None:
         config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(config)
-    training = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
-        gradient_accumulation_steps=args.accumulation, logging_steps=1, report_to=[], seed=0, data_seed=0,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        deepspeed=args.deepspeed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-        warmup_steps=2, weight_decay=args.weight_decay)
     log = LossLog()
     trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(256), callbacks=[log])
     trainer.train(resume_from_checkpoint=args.resume)
     if args.export:
         trainer.save_model(args.export)
+    probe = RandomTokens(4).ids[:2]
+    trainer.model_wrapped.eval()
+    with torch.no_grad():  # every rank runs it: at ZeRO-3 the forward gathers each layer's weights
+        logits = trainer.model_wrapped(input_ids=probe).logits
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(args.out, "losses.json"), "w") as f:
             json.dump({str(k): v for k, v in sorted(log.losses.items())}, f)
+        torch.save({"input_ids": probe, "logits": logits}, os.path.join(args.out, "probe.pt"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ are here too: ``comm``, ``zero`` (``Init``, ``GatheredParameters``), ``checkpoin
 reports the environment, plans memory, exports checkpoints and generates text.
 """
 
-from . import accelerator, checkpointing, comm, inference, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
+from . import accelerator, checkpoint, checkpointing, comm, inference, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
 from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
 from ._engine import DeepSpeedEngine, Engine, initialize

@@ -191,6 +191,20 @@ class DeepSpeedConfig(_Block):
     communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
     seed: int | None = None
 
+    # -- read as DeepSpeed's plain dict (``engine.config.get("zero_optimization", {})``) --------
+    def as_dict(self) -> dict[str, Any]:
+        """Every key with its value (defaults included), as plain JSON types."""
+        return typing.cast(dict[str, Any], msgspec.to_builtins(self))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_dict().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.as_dict()
+
     # -- resolution ---------------------------------------------------------------------------
     def resolve(self, world_size: int, *, hidden_size: int | None = None) -> DeepSpeedConfig:
         """A copy with the batch-size triangle completed for ``world_size`` data-parallel ranks

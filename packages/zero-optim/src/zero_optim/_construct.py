@@ -36,7 +36,7 @@ from torch import nn
 
 from zero_comm import Communicator
 
-from ._partition import GatherUnit, PartitionedParameter
+from ._partition import GatherUnit, PartitionedParameter, state_dict_placeholders
 
 __all__ = ["partitioned"]
 
@@ -54,6 +54,7 @@ def _name_by_path(roots: list[nn.Module]) -> None:
         for name, p in root.named_parameters():
             if isinstance(p, PartitionedParameter):
                 p.zero.name = name
+        state_dict_placeholders(root)
 
 
 class _OpenForInit:

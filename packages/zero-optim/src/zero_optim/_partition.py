@@ -20,6 +20,7 @@ how to gather it, instead of a read of freed memory.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from zero_comm import Communicator, Handle
 
 from ._store import StateStore
 
-__all__ = ["GatherUnit", "ParamShard", "PartitionedParameter", "PartitionedParameterError", "gathered"]
+__all__ = ["GatherUnit", "ParamShard", "PartitionedParameter", "PartitionedParameterError", "gathered",
+           "state_dict_placeholders"]
 
 
 class PartitionedParameterError(RuntimeError):
@@ -87,6 +89,10 @@ class PartitionedParameter(nn.Parameter):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
+        if _STATE_DICT.depth and getattr(func, "__name__", None) == "detach" and args and \
+                type(args[0]) is PartitionedParameter and not args[0].zero.unit.gathered:
+            p = args[0]  # Module.state_dict() of a partitioned model: its keys and shapes, no values
+            return torch.empty(p.shape, dtype=p.dtype, device="meta")
         if _reads_values(func):
             flat = (a for arg in (*args, *kwargs.values()) for a in (arg if isinstance(arg, (list, tuple)) else (arg,)))
             params = [a for a in flat if type(a) is PartitionedParameter]
@@ -108,6 +114,37 @@ class PartitionedParameter(nn.Parameter):
         z = self.zero
         state = "gathered" if z.unit.gathered else f"partitioned, this rank holds {z.stop - z.start} elements"
         return f"PartitionedParameter({z.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, {state})"
+
+
+class _StateDictDepth(threading.local):
+    depth = 0
+
+
+_STATE_DICT = _StateDictDepth()  # > 0 while a module holding partitioned parameters saves its state_dict
+
+
+def _enter_state_dict(*_: Any) -> None:
+    _STATE_DICT.depth += 1
+
+
+def _leave_state_dict(*_: Any) -> None:
+    _STATE_DICT.depth -= 1
+
+
+def state_dict_placeholders(root: nn.Module) -> None:
+    """Let ``root.state_dict()`` run while its parameters are partitioned: each released parameter appears as a
+    ``meta`` tensor of its shape and dtype (DeepSpeed puts an empty tensor there), so code that needs a
+    partitioned model's keys and shapes (Hugging Face's ``from_pretrained`` under ZeRO-3) works, while a
+    meta tensor can never be mistaken for, or saved as, the weights. Any other use of a released parameter
+    still raises. Idempotent."""
+    for module in root.modules():
+        if getattr(module, "_zero_state_dict_hooks", False) or not any(
+                type(p) is PartitionedParameter for p in module.parameters(recurse=False)):
+            continue
+        module.register_state_dict_pre_hook(_enter_state_dict)
+        post = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+        post(_leave_state_dict)
+        module._zero_state_dict_hooks = True  # type: ignore[assignment]
 
 
 def _release(t: torch.Tensor) -> None:

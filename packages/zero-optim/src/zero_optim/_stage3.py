@@ -36,7 +36,7 @@ from zero_comm import Communicator
 
 from ._base import Piece, Segment, ShardedOptimizer
 from ._optimizer import ZeroConfig
-from ._partition import GatherUnit, PartitionedParameter, _release
+from ._partition import GatherUnit, PartitionedParameter, _release, state_dict_placeholders
 from ._rules import UpdateRule, check_hyperparameters
 from ._store import StateStore
 
@@ -126,6 +126,7 @@ class ZeroStage3(ShardedOptimizer):
         self.units: list[GatherUnit] = []
         self._units_of: dict[nn.Module, list[GatherUnit]] = {}
         self._build_units()
+        state_dict_placeholders(module)
         trained = [(i, u) for i, u in enumerate(self.units) if any(p.requires_grad for p in u.params)]
         self.store.reserve(sum(self._state_bytes(u) for _, u in trained))  # before anything is written
         self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in trained]

@@ -150,8 +150,9 @@ def install() -> DeepSpeedAlias:
         return finder
     loaded = sys.modules.get(_NAME)
     if loaded is not None and getattr(loaded, "__name__", "") != _TARGET:
-        raise RuntimeError(f"a real DeepSpeed is already imported in this process ({getattr(loaded, '__file__', '?')}): "
-                           "enable zero as deepspeed before anything imports deepspeed")
+        where = getattr(loaded, "__file__", "?")
+        raise RuntimeError(f"a real DeepSpeed is already imported in this process ({where}): enable zero as "
+                           "deepspeed before anything imports deepspeed")
     finder = DeepSpeedAlias()
     sys.meta_path.insert(0, finder)
     importlib.invalidate_caches()

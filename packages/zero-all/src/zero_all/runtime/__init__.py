@@ -1,5 +1,5 @@
-"""``deepspeed.runtime``'s names that scripts import: ``lr_schedules``."""
+"""``deepspeed.runtime``: ``lr_schedules``, ``engine`` (``DeepSpeedEngine``) and ``zero`` by DeepSpeed's import paths."""
 
-from . import lr_schedules
+from . import engine, lr_schedules, zero
 
-__all__ = ["lr_schedules"]
+__all__ = ["engine", "lr_schedules", "zero"]
