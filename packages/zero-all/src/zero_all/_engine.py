@@ -35,6 +35,7 @@ from zero_offload import HostStore, NVMeStore
 from ._config import ConfigError, DeepSpeedConfig, load_config
 from ._engine_checkpoint import EngineCheckpoints
 from ._lr import build_scheduler
+from ._moe import expert_comms
 from ._monitor import TrainingMonitor
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
 
@@ -169,6 +170,7 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
         else:
             rule, groups = rule_from_config(config, offloaded=store is not None), None
         names = {p: n for n, p in model.named_parameters()}
+        experts = expert_comms(model, comm, zero.stage)  # MoE experts: reduced over their own ranks
         self.optimizer: zero_optim.ShardedOptimizer
         if zero.stage == 3:
             given = groups if groups is not None else (list(model_parameters) if model_parameters is not None
@@ -182,11 +184,11 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             params: Any = groups if groups is not None else (
                 model_parameters if model_parameters is not None else model.named_parameters())
             self.optimizer = zero_optim.ZeroOptimizer(params, rule, comm=comm, config=zcfg, store=store,
-                                                      names=names)
+                                                      names=names, expert_comms=experts)
         if precision != "fp32":
             _cast_floating_state(model, self.optimizer.dtype, frozen_params=zero.stage < 3)
         self.store = store
-        self.basic_optimizer = TorchOptimizerView(self.optimizer)  # what torch's schedulers act on
+        self.basic_optimizer = TorchOptimizerView(self.optimizer, client)  # what torch's schedulers act on
         self.lr_scheduler = self._scheduler(lr_scheduler, client)
         self.device = next(model.parameters()).device
         self.monitor = TrainingMonitor(config, comm, self.device)

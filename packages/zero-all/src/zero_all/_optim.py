@@ -271,10 +271,15 @@ class TorchOptimizerView(torch.optim.Optimizer):
     call the way torch's scheduler bookkeeping expects.
     """
 
-    def __init__(self, sharded: zero_optim.ShardedOptimizer) -> None:
+    def __init__(self, sharded: zero_optim.ShardedOptimizer, client: Any = None) -> None:
         self.sharded = sharded
         self.defaults = dict(sharded.rule.defaults)
         self.param_groups = sharded.param_groups
+        # a client torch optimizer stays the user's handle on the hyper-parameters, as in DeepSpeed (which steps
+        # it): what changes in its groups (a scheduler built on it, a hand-set lr) is followed at each step
+        self._client_groups = client.param_groups if isinstance(client, torch.optim.Optimizer) else None
+        self._client_seen = [{k: _plain(g[k]) for k in ours if k in g}
+                             for g, ours in zip(self._client_groups or [], self.param_groups, strict=False)]
         self.state = defaultdict(dict)
         self.last_step_applied = False
         self._opt_called = False
@@ -288,7 +293,15 @@ class TorchOptimizerView(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("a ZeRO optimizer steps on gradients from engine.backward; it takes no closure")
         self._opt_called = True  # what torch's scheduler wrapper records
+        self._follow_client()
         self.last_step_applied = self.sharded.step()
+
+    def _follow_client(self) -> None:
+        for theirs, ours, seen in zip(self._client_groups or [], self.param_groups, self._client_seen, strict=False):
+            for key, before in seen.items():
+                now = _plain(theirs.get(key, before))
+                if now != before:
+                    ours[key] = seen[key] = now
 
     # torch's LRScheduler wraps an optimizer's step to record that it ran; this one records it itself
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
