@@ -1,4 +1,4 @@
-"""``deepspeed.runtime``: ``lr_schedules``, ``engine`` (``DeepSpeedEngine``) and ``zero`` by DeepSpeed's import paths."""
+"""``deepspeed.runtime``: ``lr_schedules``, ``engine`` (``DeepSpeedEngine``) and ``zero``, by DeepSpeed's paths."""
 
 from . import engine, lr_schedules, zero
 
