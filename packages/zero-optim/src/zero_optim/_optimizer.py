@@ -25,6 +25,7 @@ import torch
 from zero_comm import Communicator, Handle
 
 from ._base import DTYPES, Piece, Segment, ShardedOptimizer
+from ._expert import split_by_reduce_group, sums_over_copies
 from ._layout import Bucket, GroupLayout, build_layout
 from ._rules import UpdateRule, check_hyperparameters
 from ._scaler import LossScaleConfig
@@ -126,6 +127,9 @@ class _Group:
     filled: dict[int, int] = field(default_factory=dict)
     ready: set[int] = field(default_factory=set)  # stage 2: complete, waiting for their turn
     next_bucket: int = 0  # stage 2: buckets are reduced in index order, the same on every rank
+    comm: Any = None  # the ranks this group's gradients are reduced over (experts: their own group)
+    shard_rank: int = 0  # which chunk of each bucket this rank owns (0 at stage 0)
+    grad_factor: float = 1.0  # turns the average over ``comm`` into the average over the data-parallel world
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -144,7 +148,9 @@ class ZeroOptimizer(ShardedOptimizer):
     ``params`` is an iterable of parameters, of ``(name, parameter)`` pairs
     (``model.named_parameters()``), or of torch-style group dicts
     (``{"params": [...], "weight_decay": 0.0}``); parameters that do not require
-    grad are left out. ``comm`` is the data-parallel group.
+    grad are left out. ``comm`` is the data-parallel group. Mixture-of-experts parameters
+    (marked ``allreduce = False`` with a ``group_name``) are reduced, and their state
+    sharded, over ``expert_comms[group_name]``, the ranks holding the same experts.
 
     Build it after the model is on its device: the parameters become views into the
     optimizer's flat buffer, in the training dtype (``config.precision``: a bf16 or
@@ -154,7 +160,8 @@ class ZeroOptimizer(ShardedOptimizer):
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], rule: UpdateRule, *,
                  comm: Communicator, config: ZeroConfig | None = None, store: StateStore | None = None,
-                 names: Mapping[torch.nn.Parameter, str] | None = None):
+                 names: Mapping[torch.nn.Parameter, str] | None = None,
+                 expert_comms: Mapping[str, Communicator] | None = None):
         self.config = config = config or ZeroConfig()
         if config.stage == 3:
             raise ValueError("stage 3 partitions the model's parameters, not just its optimizer: build "
@@ -165,17 +172,20 @@ class ZeroOptimizer(ShardedOptimizer):
         self._reduced = False  # that backward has launched every bucket's reduction
         self._hooks: list[Any] = []
         self._given_names: Mapping[torch.nn.Parameter, str] = {}
-        shard_world = 1 if self.config.stage == 0 else comm.world_size
-        self._shard_rank = 0 if self.config.stage == 0 else comm.rank
-        split = self._split_groups(params)
-        layouts = [build_layout(ps, shard_world, config.bucket_numel, config.align) for ps, _ in split]
+        lamb = getattr(rule, "needs_parameter_norms", False)
+        split = [(run, hparams, c, factor) for ps, hparams in self._split_groups(params)
+                 for run, c, factor in split_by_reduce_group(ps, comm, expert_comms or {},
+                                                             names or self._given_names, lamb)]
+        self._has_experts = any(c is not comm for _, _, c, _ in split)
+        layouts = [build_layout(ps, 1 if config.stage == 0 else c.world_size, config.bucket_numel, config.align)
+                   for ps, _, c, _ in split]
         # master weights and rule state, fp32: refused now if the store cannot hold them
         self.store.reserve(sum(lay.shard_numel for lay in layouts) * 4 * (1 + len(self.rule.state_names)))
-        self.groups: list[_Group] = [self._build_group(g, ps, hparams, layout)
-                                     for g, ((ps, hparams), layout) in enumerate(zip(split, layouts))]
+        self.groups: list[_Group] = [self._build_group(g, ps, hparams, layout, c, factor)
+                                     for g, ((ps, hparams, c, factor), layout) in enumerate(zip(split, layouts))]
         if not self.groups:
             raise ValueError("ZeroOptimizer got no parameters that require grad")
-        self.hparams = [g.hparams for g in self.groups]
+        self.hparams = list({id(g.hparams): g.hparams for g in self.groups}.values())  # split by comm: once
         for group in self.groups:
             for p in group.layout.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group, p)))
@@ -218,7 +228,7 @@ class ZeroOptimizer(ShardedOptimizer):
         return out
 
     def _build_group(self, g: int, params: list[torch.nn.Parameter], hparams: dict[str, Any],
-                     layout: GroupLayout) -> _Group:
+                     layout: GroupLayout, comm: Communicator, grad_factor: float) -> _Group:
         device = params[0].device
         flat = torch.zeros(layout.total, dtype=self.dtype, device=device)
         for bucket in layout.buckets:
@@ -226,36 +236,36 @@ class ZeroOptimizer(ShardedOptimizer):
                 view = flat[bucket.base + off:bucket.base + off + p.numel()].view(p.shape)
                 view.copy_(p.detach())
                 p.data = view  # the model now reads its weights from the flat buffer
-        if self.comm.world_size > 1:
-            self.comm.broadcast(flat, 0)  # every rank starts from rank 0's weights
-        master = self._own_chunks(layout, flat).float()
-        master_key = f"group{g}.master"
-        self.store.create(master_key, master)
-        state_keys = {}
-        for name in self.rule.state_names:
-            state_keys[name] = f"group{g}.{name}"
-            self.store.create(state_keys[name], torch.zeros_like(master))
-        group = _Group(hparams, layout, flat, master_key, state_keys)
+        if comm.world_size > 1:
+            comm.broadcast(flat, 0)  # every rank starts from rank 0's weights
+        state_keys = {name: f"group{g}.{name}" for name in self.rule.state_names}
+        group = _Group(hparams, layout, flat, f"group{g}.master", state_keys, comm=comm, grad_factor=grad_factor,
+                       shard_rank=0 if self.config.stage == 0 else comm.rank)
+        master = self._own_chunks(group, flat).float()
+        self.store.create(group.master_key, master)
+        for key in state_keys.values():
+            self.store.create(key, torch.zeros_like(master))
         if self.config.stage < 2:
             group.flat_grad = torch.zeros_like(flat)
         else:
             group.grad_shard = torch.zeros(layout.shard_numel, dtype=self.dtype, device=device)
         return group
 
-    def _own(self, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _own(group: _Group, bucket: Bucket, flat: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of ``bucket`` inside a buffer laid out like the flat weights."""
-        r = self._shard_rank
+        r = group.shard_rank
         return bucket.region(flat)[r * bucket.chunk:(r + 1) * bucket.chunk]
 
-    def _own_chunks(self, layout: GroupLayout, flat: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._own(b, flat) for b in layout.buckets])
+    def _own_chunks(self, group: _Group, flat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._own(group, b, flat) for b in group.layout.buckets])
 
     def _grad_chunk(self, group: _Group, bucket: Bucket) -> torch.Tensor:
         """The reduced gradient of this rank's chunk of ``bucket`` (after ``_reduce_gradients``)."""
         if group.grad_shard is not None:
             return bucket.chunk_of(group.grad_shard)
         assert group.flat_grad is not None
-        return self._own(bucket, group.flat_grad)
+        return self._own(group, bucket, group.flat_grad)
 
     # -- backward ------------------------------------------------------------------------
     def _make_hook(self, group: _Group, p: torch.nn.Parameter):
@@ -299,29 +309,33 @@ class ZeroOptimizer(ShardedOptimizer):
     def _launch_bucket(self, group: _Group, bucket: Bucket, staging: torch.Tensor | None) -> None:
         """Stage 0: all-reduce the bucket. Stage 1: reduce-scatter it, keeping this rank's chunk in
         place. Stage 2: reduce-scatter the staged bucket and add the chunk to the gradient shard."""
+        if group.grad_factor != 1.0 and group.flat_grad is not None:  # experts: see _expert.py
+            bucket.region(group.flat_grad).mul_(group.grad_factor)
         if self.config.stage == 0:
             assert group.flat_grad is not None
-            handle = self.comm.all_reduce(bucket.region(group.flat_grad), "avg", async_op=True)
+            handle = group.comm.all_reduce(bucket.region(group.flat_grad), "avg", async_op=True)
             self._pending.append((handle, None))
         elif self.config.stage == 1:
             assert group.flat_grad is not None
-            own = self._own(bucket, group.flat_grad)
+            own = self._own(group, bucket, group.flat_grad)
             reduced = torch.empty_like(own)
-            handle = self.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True,
+            handle = group.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True,
                                               consume_input=True)
             self._pending.append((handle, lambda: own.copy_(reduced)))
         else:
             assert group.grad_shard is not None
             if staging is None:  # no parameter of this bucket got a gradient in this micro-step
                 staging = self._new_staging(bucket.padded, group.flat.device)
+            if group.grad_factor != 1.0:
+                staging.mul_(group.grad_factor)
             chunk = bucket.chunk_of(group.grad_shard)
             done = staging
             if self.micro_steps == 0:  # the first micro-step since zero_grad: reduce straight into the shard
-                handle = self.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True, consume_input=True)
+                handle = group.comm.reduce_scatter(staging, "avg", out=chunk, async_op=True, consume_input=True)
                 self._pending.append((handle, lambda: self._staging_pool.append(done)))
             else:
                 reduced = torch.empty_like(chunk)
-                handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True, consume_input=True)
+                handle = group.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True, consume_input=True)
 
                 def finish() -> None:
                     chunk.add_(reduced)
@@ -369,6 +383,17 @@ class ZeroOptimizer(ShardedOptimizer):
             self._drain()  # the staged buckets are freed; the next micro-step may stage again
         self.micro_steps += 1
 
+    def _global_norm(self, grads: Iterable[torch.Tensor]) -> tuple[float, bool]:
+        if self.sharded or not self._has_experts:
+            return super()._global_norm(grads)
+        # stage 0 with experts: ranks hold different experts, each whole on its group (see _expert.py)
+        both = sums_over_copies([([self._grad_chunk(g, b) for b in g.layout.buckets], g.comm.world_size)
+                                 for g in self.groups]).to(self.groups[0].flat.device)
+        self.comm.all_reduce(both)
+        if self.whole_model_norm is not None:
+            both = self.whole_model_norm(both)
+        return math.sqrt(max(float(both[0]), 0.0)), bool(both[1] > 0)
+
     # -- step ------------------------------------------------------------------------------
     def _reduce_gradients(self) -> None:
         """Finish the gradient reduction (launching it now if no boundary backward did)."""
@@ -388,21 +413,21 @@ class ZeroOptimizer(ShardedOptimizer):
 
     def _pieces(self, group: _Group, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
         return [Piece(group.hparams, bucket.chunk_of(master), self._grad_chunk(group, bucket),
-                      {name: bucket.chunk_of(t) for name, t in state.items()}, self._own(bucket, group.flat),
-                      self._segments(bucket), self._publisher(group, bucket))
+                      {name: bucket.chunk_of(t) for name, t in state.items()}, self._own(group, bucket, group.flat),
+                      self._segments(group, bucket), self._publisher(group, bucket))
                 for bucket in group.layout.buckets]
 
     def _publisher(self, group: _Group, bucket: Bucket) -> Callable[[], list[Handle]] | None:
         """Stages 1-2: all-gather this rank's new weights of ``bucket`` into every rank's model."""
         if self.config.stage == 0:
             return None
-        return lambda: [self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat),
+        return lambda: [group.comm.all_gather(self._own(group, bucket, group.flat), out=bucket.region(group.flat),
                                              async_op=True)]
 
-    def _segments(self, bucket: Bucket) -> list[Segment]:
+    def _segments(self, group: _Group, bucket: Bucket) -> list[Segment]:
         """``(parameter, start in the parameter, start in this rank's chunk, length)`` for every
         parameter that this rank's chunk of ``bucket`` holds part of."""
-        lo, hi = self._shard_rank * bucket.chunk, (self._shard_rank + 1) * bucket.chunk
+        lo, hi = group.shard_rank * bucket.chunk, (group.shard_rank + 1) * bucket.chunk
         out = []
         for p, off in zip(bucket.params, bucket.offsets, strict=True):
             start, stop = max(off, lo), min(off + p.numel(), hi)
@@ -423,12 +448,12 @@ class ZeroOptimizer(ShardedOptimizer):
         for group in self.groups:
             master = self.store.get(group.master_key)
             for bucket in group.layout.buckets:
-                self._own(bucket, group.flat).copy_(bucket.chunk_of(master))
+                self._own(group, bucket, group.flat).copy_(bucket.chunk_of(master))
             self.store.release(group.master_key)
         if self.config.stage >= 1:
             for group in self.groups:
                 for bucket in group.layout.buckets:
-                    self.comm.all_gather(self._own(bucket, group.flat), out=bucket.region(group.flat))
+                    group.comm.all_gather(self._own(group, bucket, group.flat), out=bucket.region(group.flat))
 
     def refresh_master_weights(self) -> None:
         """Copy the model's weights into the fp32 master weights, after they were changed outside
@@ -436,7 +461,7 @@ class ZeroOptimizer(ShardedOptimizer):
         rank calls it, holding the same weights; with bf16 or fp16 the masters get the rounded values."""
         self._check_params_in_place()
         for group in self.groups:
-            self.store.put(group.master_key, self._own_chunks(group.layout, group.flat).float())
+            self.store.put(group.master_key, self._own_chunks(group, group.flat).float())
 
     def _check_params_in_place(self) -> None:
         for p, ptr in self._expected_ptrs:
