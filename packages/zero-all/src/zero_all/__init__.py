@@ -8,14 +8,28 @@ offload and checkpoints, with DeepSpeed's LR schedules (:class:`WarmupLR` and th
 any torch scheduler works too), a client optimizer, data loaders and monitoring; given a
 ``pipe.PipelineModule`` it returns the :class:`PipelineEngine`. DeepSpeed's module names
 are here too: ``comm``, ``zero`` (``Init``, ``GatheredParameters``), ``checkpointing``,
-``pipe``, ``accelerator`` (``get_accelerator()``), ``utils`` (``logger``, ``log_dist``),
+``pipe``, ``moe`` (``layer.MoE``), ``sequence`` (``layer.DistributedAttention``),
+``accelerator`` (``get_accelerator()``), ``utils`` (``logger``, ``log_dist``),
 ``runtime.lr_schedules`` and ``ops.adam``. :func:`init_inference` serves a model
 (:class:`InferenceEngine`: tensor parallelism, a KV cache, int8 weights, ZeRO-Inference). The
 ``zero`` command (``run``, ``report``, ``plan``, ``ckpt export``, ``generate``) launches jobs,
 reports the environment, plans memory, exports checkpoints and generates text.
 """
 
-from . import accelerator, checkpoint, checkpointing, comm, inference, ops, pipe, runtime, utils, zero  # DeepSpeed's module names
+from . import (  # DeepSpeed's module names
+    accelerator,
+    checkpoint,
+    checkpointing,
+    comm,
+    inference,
+    moe,
+    ops,
+    pipe,
+    runtime,
+    sequence,
+    utils,
+    zero,
+)
 from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
 from ._engine import DeepSpeedEngine, Engine, initialize
@@ -30,4 +44,4 @@ __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "D
            "InferenceEngine", "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView",
            "TorchRule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments",
            "build_scheduler", "checkpointing", "comm", "inference", "init_distributed", "init_inference", "initialize",
-           "load_config", "ops", "pipe", "runtime", "utils", "zero"]
+           "load_config", "moe", "ops", "pipe", "runtime", "sequence", "utils", "zero"]

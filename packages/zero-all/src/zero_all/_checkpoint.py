@@ -28,6 +28,7 @@ from torch import nn
 import zero_ckpt
 import zero_comm
 import zero_optim
+import zero_pipe
 
 from ._monitor import logger
 
@@ -97,12 +98,13 @@ def load_optimizer(optimizer: zero_optim.ShardedOptimizer, module: nn.Module, co
     this optimizer trains (and, for a ``whole_model`` on every rank, no others)."""
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     mine = {f"master/{n}" for n, p in module.named_parameters() if id(p) in trained}
+    everyone = mine | {f"master/{n}" for n in zero_pipe.every_expert_name(module)}  # MoE: experts on other ranks
     found: dict[str, Any] = {}
 
     def check(reader: zero_ckpt.CheckpointReader, client: dict[str, Any]) -> None:
         where = f"checkpoint {reader.dir}"
         saved = {n.removeprefix("optimizer/") for n in reader.names if n.startswith("optimizer/master/")}
-        missing, unexpected = sorted(mine - saved), sorted(saved - mine) if whole_model else []
+        missing, unexpected = sorted(mine - saved), sorted(saved - everyone) if whole_model else []
         if strict and (missing or unexpected):
             raise zero_ckpt.CheckpointError(
                 f"load_checkpoint(load_module_strict=True): the {where} and the model differ in weights"

@@ -23,7 +23,7 @@ from ._errors import PipelineAborted, PipelineError
 from ._kv_cache import KVCache
 from ._layers import LayerSpec, TiedLayerSpec
 from ._module import PipelineModule
-from ._moe import Experts, MoELayer, expert_data_comms, is_expert_param
+from ._moe import Experts, MoELayer, every_expert_name, expert_data_comms, is_expert_param
 from ._moe_gate import Routing, TopKGate, expert_capacity, top1_routing, top2_routing
 from ._partition import layer_weights, partition_balanced
 from ._schedule import Action, Op, Schedule
@@ -64,6 +64,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "all_to_all",
     "copy_to_tp",
+    "every_expert_name",
     "expert_capacity",
     "expert_data_comms",
     "gather_from_tp",

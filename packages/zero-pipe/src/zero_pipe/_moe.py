@@ -29,7 +29,7 @@ from zero_comm import Communicator
 from ._a2a import all_to_all
 from ._moe_gate import TopKGate
 
-__all__ = ["Experts", "MoELayer", "expert_data_comms", "is_expert_param"]
+__all__ = ["Experts", "MoELayer", "every_expert_name", "expert_data_comms", "is_expert_param"]
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -155,4 +155,17 @@ def expert_data_comms(module: nn.Module, data_parallel: Communicator) -> dict[st
                     "data_comm: the group of ranks holding the same experts reduces their gradients"
                 )
             out.setdefault(layer.group_name, comm if comm is not None else data_parallel)
+    return out
+
+
+def every_expert_name(module: nn.Module) -> set[str]:
+    """The parameter names of every expert of ``module``'s MoE layers, those other ranks hold included
+    (a checkpoint of the whole model holds them all)."""
+    out: set[str] = set()
+    for path, layer in module.named_modules():
+        if isinstance(layer, MoELayer):
+            local = next(iter(layer.experts.values()))
+            prefix = f"{path}.experts" if path else "experts"
+            out.update(f"{prefix}.{gid}.{rel}" for gid in range(layer.num_experts) for rel, _ in
+                       local.named_parameters())
     return out
