@@ -34,10 +34,9 @@ def build(k: int, ep_size: int | None) -> Net:
     expert = nn.Sequential(nn.Linear(HIDDEN, 16), nn.ReLU(), nn.Linear(16, HIDDEN))
     gate = {"k": k, "capacity_factor": 1.0, "min_capacity": 0, "use_rts": False}
     if ep_size is None:  # the reference: every expert in this process
-        moe: zero_pipe.MoELayer = zero_pipe.MoELayer(HIDDEN, expert, EXPERTS, **gate)
+        moe: zero_pipe.MoELayer = zero_pipe.MoELayer(HIDDEN, expert, EXPERTS, gate=zero_pipe.GateConfig(**gate))
     else:
-        moe = zero_all.moe.layer.MoE(HIDDEN, expert, EXPERTS, ep_size=ep_size, top2_2nd_expert_sampling=False,
-                                     **gate)
+        moe = zero_all.moe.layer.MoE(HIDDEN, expert, EXPERTS, ep_size=ep_size, top2_2nd_expert_sampling=False, **gate)
     net = Net(moe)
     net.inp.load_state_dict(inp.state_dict())
     with torch.no_grad():
@@ -54,9 +53,12 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def config(stage: int, world: int) -> dict:
-    return {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
-            "zero_optimization": {"stage": stage}}
+    return {
+        "train_batch_size": 2 * world,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage},
+    }
 
 
 def reference(k: int, world: int) -> list[float]:
@@ -100,11 +102,13 @@ def train(k: int, ep_size: int, stage: int, save_dir: str) -> tuple[list[float],
 
 
 @pytest.mark.parametrize("world,ep_size,stage,k", [(2, 2, 1, 1), (2, 2, 2, 2), (4, 2, 2, 1), (4, 4, 1, 2)])
-def test_expert_parallel_training_matches_one_process_and_resumes(world: int, ep_size: int, stage: int, k: int,
-                                                                   tmp_path) -> None:
+def test_expert_parallel_training_matches_one_process_and_resumes(
+    world: int, ep_size: int, stage: int, k: int, tmp_path
+) -> None:
     want = reference(k, world)
-    for rank, (losses, after, refused) in enumerate(run_ranks(train, world, k, ep_size, stage, str(tmp_path),
-                                                               timeout=300)):
+    for rank, (losses, after, refused) in enumerate(
+        run_ranks(train, world, k, ep_size, stage, str(tmp_path), timeout=300)
+    ):
         assert losses == pytest.approx(want, rel=1e-4, abs=1e-6), f"rank {rank}"
         assert after == pytest.approx(losses[SAVE_AT:], rel=1e-6, abs=1e-7), f"rank {rank}: resumed run"
         assert refused.startswith("zero_optimization.stage: 3 partitions every parameter over all ranks")

@@ -59,9 +59,12 @@ def reference() -> list[float]:
 def train(stage: int) -> list[float]:
     comm = zero_comm.init_distributed()
     attention = zero_all.sequence.layer.DistributedAttention(causal_attention, None, scatter_idx=2, gather_idx=1)
-    config = {"train_batch_size": 2 * comm.world_size, "train_micro_batch_size_per_gpu": 2,
-              "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
-              "zero_optimization": {"stage": stage}}
+    config = {
+        "train_batch_size": 2 * comm.world_size,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+        "zero_optimization": {"stage": stage},
+    }
     engine, *_ = zero_all.initialize(model=Net(attention), config=config)
     losses = []
     for step in range(STEPS):

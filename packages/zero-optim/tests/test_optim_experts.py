@@ -31,8 +31,9 @@ def reference(world: int, ep_size: int, clip: float) -> tuple[list[torch.Tensor]
     dense_grad = sum(torch.autograd.grad(dense(inputs(r)[0]).sum(), dense.weight)[0] for r in range(world)) / world
     expert_grads = [sum(inputs(r)[1] for r in range(world) if r % ep_size == e) / world for e in range(ep_size)]
     bias_grad = torch.full((3,), 2.0)  # d sum / d bias: two rows, averaged over the ranks
-    norm = math.sqrt(float(dense_grad.square().sum() + bias_grad.square().sum()
-                           + sum(g.square().sum() for g in expert_grads)))
+    norm = math.sqrt(
+        float(dense_grad.square().sum() + bias_grad.square().sum() + sum(g.square().sum() for g in expert_grads))
+    )
     scale = min(1.0, clip / (norm + 1e-6))
     experts = [expert_start(e) - scale * g for e, g in enumerate(expert_grads)]
     return experts, dense.weight.detach() - scale * dense_grad, norm
@@ -47,9 +48,13 @@ def train(ep_size: int, stage: int, clip: float) -> tuple[torch.Tensor, torch.Te
     expert.allreduce = False  # DeepSpeed's marks
     expert.group_name = f"ep_size_{ep_size}"
     params = [("dense.weight", dense.weight), ("dense.bias", dense.bias), (f"experts.{groups.expert.rank}", expert)]
-    opt = ZeroOptimizer(params, SGD(lr=1.0, momentum=0.0), comm=world,
-                        config=ZeroConfig(stage=stage, clip_grad_norm=clip, align=1),
-                        expert_comms={f"ep_size_{ep_size}": groups.expert_data})
+    opt = ZeroOptimizer(
+        params,
+        SGD(lr=1.0, momentum=0.0),
+        comm=world,
+        config=ZeroConfig(stage=stage, clip_grad_norm=clip, align=1),
+        expert_comms={f"ep_size_{ep_size}": groups.expert_data},
+    )
     x, y = inputs(world.rank)
     opt.backward(dense(x).sum() + (expert * y).sum())
     assert opt.step()
@@ -87,6 +92,8 @@ def refusals() -> list[str]:
 
 def test_an_expert_without_its_group_and_lamb_with_experts_are_refused() -> None:
     missing, lamb = run_ranks(refusals, 1)[0]
-    assert missing == ("parameter experts.0.w is an expert (allreduce=False) of group 'ep_size_2', but the optimizer "
-                       "was given no communicator for it (expert_comms has [])")
+    assert missing == (
+        "parameter experts.0.w is an expert (allreduce=False) of group 'ep_size_2', but the optimizer "
+        "was given no communicator for it (expert_comms has [])"
+    )
     assert lamb.startswith("LAMB's trust ratios need whole-parameter norms")

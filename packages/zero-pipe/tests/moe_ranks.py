@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zero_comm
-from zero_pipe import MoELayer, UlyssesAttention
+from zero_pipe import GateConfig, MoELayer, UlyssesAttention
 
 HIDDEN, TOKENS, EXPERTS = 8, 12, 4
 
@@ -29,7 +29,11 @@ def distinct_experts(layer: MoELayer) -> MoELayer:
 
 def build(comm: zero_comm.Communicator | None, data: zero_comm.Communicator | None, **gate) -> MoELayer:
     torch.manual_seed(0)  # the gate (and a residual path) the same on every rank
-    return distinct_experts(MoELayer(HIDDEN, expert(), EXPERTS, comm=comm, data_comm=data, **gate))
+    residual = gate.pop("use_residual", False)
+    layer = MoELayer(
+        HIDDEN, expert(), EXPERTS, comm=comm, data_comm=data, gate=GateConfig(**gate), use_residual=residual
+    )
+    return distinct_experts(layer)
 
 
 def rank_tokens(rank: int) -> torch.Tensor:
@@ -45,7 +49,7 @@ def expert_parallel_matches_whole_layer(ep_size: int, gates: list[dict]) -> list
     for each of ``gates``; returns the expert parameters' names (the last layer's)."""
     world = zero_comm.init_distributed()
     groups = zero_comm.build_expert_groups(ep_size)
-    return [name for gate in gates for name in _compare(world, groups, gate)]
+    return [name for gate in gates for name in _compare(world, groups, dict(gate))]
 
 
 def _compare(world: zero_comm.Communicator, groups: zero_comm.ExpertGroups, gate: dict) -> list[str]:

@@ -4,7 +4,7 @@ weights, the load-balancing loss and the refused options (no processes)."""
 import pytest
 import torch
 
-from zero_pipe import TopKGate, expert_capacity, top1_routing, top2_routing
+from zero_pipe import GateConfig, TopKGate, expert_capacity, top1_routing, top2_routing
 
 
 def logits_for(choices: list[int], experts: int = 2) -> torch.Tensor:
@@ -75,14 +75,13 @@ def test_unused_tokens_are_not_routed() -> None:
 )
 def test_refused_gate_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        TopKGate(4, 2, **kwargs)
+        GateConfig(**kwargs)
 
 
 def test_eval_uses_the_eval_capacity_factor_and_no_noise() -> None:
     torch.manual_seed(0)
-    gate = TopKGate(
-        4, 2, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=0, noisy_gate_policy="Jitter"
-    ).eval()
+    config = GateConfig(capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=0, noisy_gate_policy="Jitter")
+    gate = TopKGate(4, 2, config).eval()
     x = torch.randn(8, 4)
     first, second = gate(x), gate(x)
     assert first.combine.shape[2] == 8  # ceil(8 / 2 * 2.0)

@@ -17,6 +17,8 @@ def expert_comms(model: nn.Module, comm: zero_comm.Communicator, stage: int) -> 
     """Each expert group of ``model`` and the ranks its gradients are reduced over (empty without MoE)."""
     comms = zero_pipe.expert_data_comms(model, comm)
     if comms and stage == 3:
-        raise ConfigError("zero_optimization.stage: 3 partitions every parameter over all ranks, but this model's "
-                          "MoE experts live on some ranks only; train it at stage 0, 1 or 2")
+        raise ConfigError(
+            "zero_optimization.stage: 3 partitions every parameter over all ranks, but this model's "
+            "MoE experts live on some ranks only; train it at stage 0, 1 or 2"
+        )
     return comms

@@ -25,9 +25,13 @@ __all__ = ["ReduceGroup", "split_by_reduce_group"]
 ReduceGroup = tuple[list[torch.nn.Parameter], Communicator, float]  # parameters, group, gradient factor
 
 
-def split_by_reduce_group(params: list[torch.nn.Parameter], comm: Communicator,
-                          expert_comms: Mapping[str, Communicator], names: Mapping[torch.nn.Parameter, str],
-                          lamb: bool) -> list[ReduceGroup]:
+def split_by_reduce_group(
+    params: list[torch.nn.Parameter],
+    comm: Communicator,
+    expert_comms: Mapping[str, Communicator],
+    names: Mapping[torch.nn.Parameter, str],
+    lamb: bool,
+) -> list[ReduceGroup]:
     """``params`` as runs reduced over one group each: the dense ones over ``comm``, then each expert
     group's over its communicator (in name order, the same on every rank). The factor turns the
     group's average into the average over ``comm``'s ranks."""
@@ -40,18 +44,24 @@ def split_by_reduce_group(params: list[torch.nn.Parameter], comm: Communicator,
         group = getattr(p, "group_name", None)
         if group not in expert_comms:
             name = names.get(p, f"of shape {tuple(p.shape)}")
-            raise ValueError(f"parameter {name} is an expert (allreduce=False) of group {group!r}, but the "
-                             f"optimizer was given no communicator for it (expert_comms has {sorted(expert_comms)})")
+            raise ValueError(
+                f"parameter {name} is an expert (allreduce=False) of group {group!r}, but the "
+                f"optimizer was given no communicator for it (expert_comms has {sorted(expert_comms)})"
+            )
         experts.setdefault(str(group), []).append(p)
     if experts and lamb:
-        raise ValueError("LAMB's trust ratios need whole-parameter norms over the same parameters on every rank; "
-                         "with mixture-of-experts parameters use Adam, AdamW, Lion or SGD")
+        raise ValueError(
+            "LAMB's trust ratios need whole-parameter norms over the same parameters on every rank; "
+            "with mixture-of-experts parameters use Adam, AdamW, Lion or SGD"
+        )
     out: list[ReduceGroup] = [(dense, comm, 1.0)] if dense else []
     for group in sorted(experts):
         sub = expert_comms[group]
         if comm.world_size % sub.world_size:
-            raise ValueError(f"expert group {group!r} has {sub.world_size} ranks, which does not divide the "
-                             f"data-parallel world of {comm.world_size}")
+            raise ValueError(
+                f"expert group {group!r} has {sub.world_size} ranks, which does not divide the "
+                f"data-parallel world of {comm.world_size}"
+            )
         out.append((experts[group], sub, sub.world_size / comm.world_size))
     return out
 

@@ -24,7 +24,7 @@ from ._kv_cache import KVCache
 from ._layers import LayerSpec, TiedLayerSpec
 from ._module import PipelineModule
 from ._moe import Experts, MoELayer, every_expert_name, expert_data_comms, is_expert_param
-from ._moe_gate import Routing, TopKGate, expert_capacity, top1_routing, top2_routing
+from ._moe_gate import GateConfig, Routing, TopKGate, expert_capacity, top1_routing, top2_routing
 from ._partition import layer_weights, partition_balanced
 from ._schedule import Action, Op, Schedule
 from ._schedules import SCHEDULES, gpipe, interleaved_1f1b, make_schedule, one_f_one_b, zb_h1
@@ -44,6 +44,7 @@ __all__ = [
     "BatchTiming",
     "ColumnParallelLinear",
     "Experts",
+    "GateConfig",
     "KVCache",
     "LayerSpec",
     "MoELayer",

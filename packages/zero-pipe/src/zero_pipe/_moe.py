@@ -27,7 +27,7 @@ from torch import nn
 from zero_comm import Communicator
 
 from ._a2a import all_to_all
-from ._moe_gate import TopKGate
+from ._moe_gate import GateConfig, TopKGate
 
 __all__ = ["Experts", "MoELayer", "every_expert_name", "expert_data_comms", "is_expert_param"]
 
@@ -58,7 +58,7 @@ class MoELayer(nn.Module):
             same experts. Only recorded here, for the optimizer (:func:`expert_data_comms`).
         use_residual: Residual MoE (PR-MoE): a dense copy of ``expert`` runs beside the
             experts and a learned 2-way softmax mixes the two outputs per token.
-        The gating arguments are :class:`TopKGate`'s.
+        gate: how tokens are routed (:class:`GateConfig`).
     """
 
     def __init__(
@@ -69,14 +69,7 @@ class MoELayer(nn.Module):
         *,
         comm: Communicator | None = None,
         data_comm: Communicator | None = None,
-        k: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        noisy_gate_policy: str | None = None,
-        drop_tokens: bool = True,
-        use_rts: bool = True,
-        second_expert_sampling: bool = False,
+        gate: GateConfig | None = None,
         use_residual: bool = False,
     ):
         super().__init__()
@@ -89,19 +82,7 @@ class MoELayer(nn.Module):
         self.ep_size, self.num_local_experts = ep, num_experts // ep
         self.group_name = f"ep_size_{ep}"
         first = (comm.rank if comm is not None else 0) * self.num_local_experts
-        self.gate = TopKGate(
-            hidden_size,
-            num_experts,
-            k=k,
-            capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor,
-            min_capacity=min_capacity,
-            noisy_gate_policy=noisy_gate_policy,
-            drop_tokens=drop_tokens,
-            use_rts=use_rts,
-            second_expert_sampling=second_expert_sampling,
-            comm=comm,
-        )
+        self.gate = TopKGate(hidden_size, num_experts, gate, comm=comm)
         self.experts = Experts(expert, range(first, first + self.num_local_experts), self.group_name)
         self.use_residual = use_residual
         if use_residual:
@@ -166,6 +147,7 @@ def every_expert_name(module: nn.Module) -> set[str]:
         if isinstance(layer, MoELayer):
             local = next(iter(layer.experts.values()))
             prefix = f"{path}.experts" if path else "experts"
-            out.update(f"{prefix}.{gid}.{rel}" for gid in range(layer.num_experts) for rel, _ in
-                       local.named_parameters())
+            out.update(
+                f"{prefix}.{gid}.{rel}" for gid in range(layer.num_experts) for rel, _ in local.named_parameters()
+            )
     return out

@@ -22,6 +22,7 @@ slots hold which token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,15 @@ from torch import nn
 
 from zero_comm import Communicator
 
-__all__ = ["NOISY_GATE_POLICIES", "Routing", "TopKGate", "expert_capacity", "top1_routing", "top2_routing"]
+__all__ = [
+    "NOISY_GATE_POLICIES",
+    "GateConfig",
+    "Routing",
+    "TopKGate",
+    "expert_capacity",
+    "top1_routing",
+    "top2_routing",
+]
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 
@@ -153,8 +162,9 @@ def top2_routing(
     return Routing(l_aux, combine, combine.ne(0), counts.detach())
 
 
-class TopKGate(nn.Module):
-    """The gate of a mixture-of-experts layer: ``wg`` (hidden -> experts, no bias) and the routing.
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """How a :class:`TopKGate` routes.
 
     Args:
         k: 1 or 2 experts per token.
@@ -165,68 +175,70 @@ class TopKGate(nn.Module):
             Gumbel-noised logits in training.
         drop_tokens, use_rts, second_expert_sampling: see :func:`top1_routing` and
             :func:`top2_routing` (random choices are made in training only).
-        comm: the expert-parallel group (agrees a capacity when nothing is dropped).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        *,
-        k: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        noisy_gate_policy: str | None = None,
-        drop_tokens: bool = True,
-        use_rts: bool = True,
-        second_expert_sampling: bool = False,
-        comm: Communicator | None = None,
-    ):
-        super().__init__()
-        if k not in (1, 2):
-            raise ValueError(f"top-k gating supports k=1 or k=2, got k={k!r}")
-        if noisy_gate_policy not in NOISY_GATE_POLICIES:
-            raise ValueError(f"noisy_gate_policy must be one of {NOISY_GATE_POLICIES}, got {noisy_gate_policy!r}")
-        if noisy_gate_policy == "RSample" and k == 2:
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    noisy_gate_policy: str | None = None
+    drop_tokens: bool = True
+    use_rts: bool = True
+    second_expert_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k not in (1, 2):
+            raise ValueError(f"top-k gating supports k=1 or k=2, got k={self.k!r}")
+        if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
+            raise ValueError(f"noisy_gate_policy must be one of {NOISY_GATE_POLICIES}, got {self.noisy_gate_policy!r}")
+        if self.noisy_gate_policy == "RSample" and self.k == 2:
             raise ValueError(
                 "noisy_gate_policy='RSample' is for top-1 gating; top-2 samples its second expert "
                 "with second_expert_sampling"
             )
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {min_capacity!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity!r}")
+
+
+class TopKGate(nn.Module):
+    """The gate of a mixture-of-experts layer: ``wg`` (hidden -> experts, no bias) and the routing
+    ``config`` says; ``comm`` is the expert-parallel group (it agrees a capacity when nothing is dropped)."""
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, config: GateConfig | None = None, *, comm: Communicator | None = None
+    ):
+        super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
-        self.k, self.capacity_factor, self.eval_capacity_factor = k, capacity_factor, eval_capacity_factor
-        self.min_capacity, self.noisy_gate_policy, self.drop_tokens = min_capacity, noisy_gate_policy, drop_tokens
-        self.use_rts, self.second_expert_sampling, self.comm = use_rts, second_expert_sampling, comm
+        self.config, self.comm = config or GateConfig(), comm
 
     def forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None) -> Routing:
         """Route ``x`` (``[tokens, hidden]``)."""
+        c, train = self.config, self.training
         x = x.float()
-        if self.noisy_gate_policy == "Jitter" and self.training:
+        if c.noisy_gate_policy == "Jitter" and train:
             x = x * torch.empty_like(x).uniform_(0.99, 1.01)
         logits = F.linear(x, self.wg.weight.float())
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if self.k == 1:
+        factor = c.capacity_factor if train else c.eval_capacity_factor
+        if c.k == 1:
             return top1_routing(
                 logits,
                 capacity_factor=factor,
-                min_capacity=self.min_capacity,
-                drop_tokens=self.drop_tokens,
-                use_rts=self.use_rts and self.training,
-                rsample=self.noisy_gate_policy == "RSample" and self.training,
+                min_capacity=c.min_capacity,
+                drop_tokens=c.drop_tokens,
+                use_rts=c.use_rts and train,
+                rsample=c.noisy_gate_policy == "RSample" and train,
                 used_token=used_token,
                 comm=self.comm,
             )
         return top2_routing(
             logits,
             capacity_factor=factor,
-            min_capacity=self.min_capacity,
-            drop_tokens=self.drop_tokens,
-            second_expert_sampling=self.second_expert_sampling and self.training,
+            min_capacity=c.min_capacity,
+            drop_tokens=c.drop_tokens,
+            second_expert_sampling=c.second_expert_sampling and train,
             used_token=used_token,
             comm=self.comm,
         )

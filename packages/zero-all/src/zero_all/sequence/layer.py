@@ -19,11 +19,19 @@ class DistributedAttention(zero_pipe.UlyssesAttention):
     gather_idx=0, sp_stream=None)``: ``forward(query, key, value, *args, **kwargs)`` on this rank's slice
     of the sequence. ``sequence_process_group`` is a torch process group or a zero Communicator."""
 
-    def __init__(self, local_attention: nn.Module | Any, sequence_process_group: Any = None, scatter_idx: int = 2,
-                 gather_idx: int = 0, sp_stream: Any = None):
+    def __init__(
+        self,
+        local_attention: nn.Module | Any,
+        sequence_process_group: Any = None,
+        scatter_idx: int = 2,
+        gather_idx: int = 0,
+        sp_stream: Any = None,
+    ):
         if sp_stream is not None:
-            raise NotImplementedError("DistributedAttention(sp_stream=...): overlapping the all-to-alls on a side "
-                                      "stream is not supported; leave it None")
+            raise NotImplementedError(
+                "DistributedAttention(sp_stream=...): overlapping the all-to-alls on a side "
+                "stream is not supported; leave it None"
+            )
         group = sequence_process_group
         if isinstance(group, zero_comm.Communicator):
             comm = group
@@ -31,6 +39,8 @@ class DistributedAttention(zero_pipe.UlyssesAttention):
             zero_comm.init_distributed()
             comm = zero_comm.ProcessGroupCommunicator(group, name="sp" if group is not None else "world")
         else:
-            raise TypeError(f"DistributedAttention: sequence_process_group must be a torch process group, a zero "
-                            f"Communicator or None, got {type(group).__name__}")
+            raise TypeError(
+                f"DistributedAttention: sequence_process_group must be a torch process group, a zero "
+                f"Communicator or None, got {type(group).__name__}"
+            )
         super().__init__(local_attention, comm, scatter_idx=scatter_idx, gather_idx=gather_idx)
