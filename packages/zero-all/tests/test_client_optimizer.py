@@ -27,6 +27,14 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
 
 
+def ds_lion(params):  # deepspeed.ops.lion's: becomes zero's sharded Lion rule
+    return deepspeed.ops.lion.DeepSpeedCPULion(params, lr=2e-3, betas=(0.9, 0.99), weight_decay=0.01)
+
+
+def ds_adagrad(params):  # deepspeed.ops.adagrad's: torch's Adagrad under DeepSpeed's name
+    return deepspeed.ops.adagrad.DeepSpeedCPUAdagrad(params, lr=0.1, weight_decay=1e-3)
+
+
 def halving(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 ** k)
 
@@ -74,6 +82,8 @@ CASES = {
     "adamw-callables-stage3": (3, adamw, cosine, True, "AdamW"),
     "sgd-nesterov-stage0": (0, sgd, every_two, False, "SGD"),
     "adagrad-as-torch-stage1": (1, adagrad, every_two, False, "Adagrad"),
+    "deepspeed-cpu-lion-stage2": (2, ds_lion, halving, False, "Lion"),
+    "deepspeed-cpu-adagrad-stage2": (2, ds_adagrad, every_two, False, "DeepSpeedCPUAdagrad"),
 }
 
 
@@ -146,3 +156,29 @@ def test_schedulers_drive_the_zero_optimizers_param_groups():
     engine.backward(engine(x, y))
     engine.step()
     assert engine.get_lr() == pytest.approx([0.1]) and schedule.get_last_lr() == pytest.approx([0.1])
+
+
+def scheduler_kept_by_the_client(stage: int) -> dict:
+    """Accelerate's pattern: a torch scheduler built on the client optimizer and stepped by the script, never
+    handed to initialize. The client optimizer stays the handle on the hyper-parameters, as in DeepSpeed."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = adamw(model.parameters())
+    schedule = halving(opt)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": ACCUM, "gradient_clipping": CLIP,
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    losses, lrs = [], []
+    for step in range(STEPS):
+        losses.append(train_step(engine, step))
+        lrs.append(engine.get_lr()[0])
+        schedule.step()
+    return {"losses": losses, "lrs": lrs}
+
+
+def test_a_scheduler_on_the_client_optimizer_moves_the_engines_lr():
+    want = reference(2, CLIP, adamw, halving)
+    got = run_ranks(scheduler_kept_by_the_client, 2, 2)[0]
+    assert got["lrs"][:3] == [LR, LR / 2, LR / 4]  # stepped with the lr the client's scheduler had set
+    err = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want, strict=True))
+    assert err <= 1e-5, f"{got['losses']} vs plain torch {want}"

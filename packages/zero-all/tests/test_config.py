@@ -38,7 +38,15 @@ def test_a_hugging_face_zero3_config_loads_and_resolves():
     assert zero.stage3_prefetch_bucket_size == int(0.9 * 1024 * 1024)
     assert zero.stage3_param_persistence_threshold == 10 * 1024
     assert zero.offload_param is not None and zero.offload_param.device == "nvme"
-    assert config.gradient_clipping == 0.0 and config.fp16.enabled is False
+    # "auto" that no Trainer filled takes the Trainer's defaults: max_grad_norm 1.0, fp16 off
+    assert config.gradient_clipping == 1.0 and config.fp16.enabled is False
+
+
+def test_auto_batch_sizes_and_never_printing_as_hugging_face_writes_them():
+    config = load_config({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                          "steps_per_print": float("inf")}).resolve(world_size=2)
+    assert (config.train_micro_batch_size_per_gpu, config.train_batch_size) == (8, 16)  # per_device_train_batch_size
+    assert config.steps_per_print == 0  # Accelerate's inf: never
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".toml"])

@@ -111,9 +111,20 @@ def test_a_deepspeed_script_matches_plain_torch_and_resumes(tmp_path: Path, stag
     assert resumed["losses"] == straight["losses"][3:] and resumed["global_steps"] == STEPS
 
 
-def test_a_config_without_an_optimizer_needs_a_client_one():
-    with pytest.raises(deepspeed.ConfigError, match="optimizer: the config names no optimizer"):
-        deepspeed.initialize(model=Net(), config={"train_batch_size": 4})
+def test_without_an_optimizer_the_engine_evaluates_and_refuses_to_train():
+    torch.manual_seed(0)
+    model = Net()
+    x, y = micro_batch(0, 0, 0, 1)
+    want = model(x, y)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, config={"train_batch_size": 4})
+    assert optimizer is None and scheduler is None  # DeepSpeed's evaluation-only engine
+    with torch.no_grad():
+        assert torch.equal(engine(x, y), want)
+    loss = engine(x, y)
+    with pytest.raises(RuntimeError, match=r"engine.backward\(\): this engine was initialized without an optimizer"):
+        engine.backward(loss)
+    with pytest.raises(RuntimeError, match=r"engine.step\(\): .* add an \"optimizer\" block"):
+        engine.step()
 
 
 def save_16bit(stage: int, gather: bool, root: str) -> dict:

@@ -128,12 +128,18 @@ def test_a_config_scheduler_block_is_checked_by_name():
     opt = optimizer()
     assert isinstance(build_scheduler("WarmupLR", {"warmup_max_lr": 0.1, "warmup_num_steps": 1e3}, opt), WarmupLR)
     assert isinstance(build_scheduler("StepLR", {"step_size": 2}, opt), torch.optim.lr_scheduler.StepLR)
+    peak = optimizer().param_groups[0]["lr"]  # "auto" peak: the optimizer's lr, as the Trainer fills it
+    warm = build_scheduler("WarmupLR", {"warmup_max_lr": "auto", "warmup_num_steps": 2, "warmup_type": "linear"},
+                           optimizer())
+    for _ in range(3):
+        warm.step()
+    assert warm.get_last_lr() == [peak]
     bad = [
         ("WarmupLr", {}, r"scheduler\.type: unknown schedule 'WarmupLr'; did you mean 'WarmupLR'\?"),
         ("WarmupLR", {"warmup_max_l": 1.0}, r"scheduler\.params\.warmup_max_l: .*did you mean 'warmup_max_lr'\?"),
         ("WarmupDecayLR", {}, r"scheduler\.params\.total_num_steps: WarmupDecayLR needs it"),
-        ("WarmupLR", {"warmup_max_lr": "auto"},
-         r"scheduler\.params\.warmup_max_lr: \"auto\" is filled in by Hugging Face's Trainer"),
+        ("WarmupDecayLR", {"total_num_steps": "auto"},
+         r"scheduler\.params\.total_num_steps: \"auto\" is filled in by Hugging Face's Trainer from max_steps"),
         ("WarmupLR", {"warmup_type": "cosine"}, r"scheduler\.params\.warmup_type: must be 'log' or 'linear'"),
         ("WarmupCosineLR", {"total_num_steps": 0}, r"scheduler\.params\.total_num_steps: must be a positive integer"),
         ("OneCycle", {"cycle_min_lr": 0.1, "cycle_max_lr": [0.1, 0.2]},

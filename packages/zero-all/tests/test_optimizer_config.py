@@ -27,6 +27,9 @@ def test_omitted_keys_take_deepspeeds_defaults_not_torchs():
     # Adam decouples weight decay unless adam_w_mode is false, as in DeepSpeed
     assert rule({"type": "Adam", "params": {}}).name == "AdamW"
     assert rule({"type": "Adam", "params": {"adam_w_mode": False}}).name == "Adam"
+    # "auto" outside Hugging Face's Trainer: the Trainer's own defaults (learning_rate 5e-5, ...)
+    auto = rule({"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}})
+    assert auto.defaults == {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
 
 @pytest.mark.parametrize(("block", "message"), [
@@ -35,8 +38,8 @@ def test_omitted_keys_take_deepspeeds_defaults_not_torchs():
     ({"type": "AdamW", "params": {"lr": "1e-3"}}, "optimizer.params.lr: AdamW takes a finite number >= 0, got '1e-3'"),
     ({"type": "Adam", "params": {"betas": 0.9}},
      "optimizer.params.betas: Adam takes a pair of numbers in [0, 1), got 0.9"),
-    ({"type": "AdamW", "params": {"lr": "auto"}},
-     'optimizer.params.lr: "auto" is filled in by Hugging Face\'s Trainer from its arguments'),
+    ({"type": "AdamW", "params": {"lr": "auto", "foo": "auto"}},
+     'optimizer.params.foo: "auto" has no Hugging Face Trainer default here; give a value'),
     ({"type": "AdamW", "params": {"amsgrad": True}},
      "optimizer.params.amsgrad: zero's AdamW runs only with amsgrad=false"),
     ({"type": "AdamW", "params": {"max_grad_norm": 1.0}},

@@ -40,7 +40,7 @@ MEANING: dict[str, str] = {
     "scheduler.params": "The schedule's parameters, with DeepSpeed's names and defaults; \"auto\" is refused.",
     "fp16": "fp16 mixed precision with dynamic loss scaling (fp32 master weights).",
     "fp16.enabled": "Train in fp16.",
-    "fp16.auto_cast": "Refused unless false.",
+    "fp16.auto_cast": "With fp16 on, the floating-point tensors given to the engine's forward are cast to fp16.",
     "fp16.loss_scale": "0 for dynamic loss scaling, otherwise a static scale.",
     "fp16.initial_scale_power": "The dynamic scale starts at 2**this.",
     "fp16.loss_scale_window": "Steps without overflow before the scale doubles.",
@@ -121,7 +121,8 @@ MEANING: dict[str, str] = {
     "checkpoint": "How checkpoints are written and read.",
     "checkpoint.tag_validation": "Whether all ranks' checkpoint tags are compared (Ignore, Warn or Fail).",
     "checkpoint.load_universal": "Refused unless false (zero's checkpoints reshard to any world size).",
-    "checkpoint.use_node_local_storage": "Refused unless false.",
+    "checkpoint.use_node_local_storage": "Accepted on one node, where it changes nothing; refused across nodes (zero "
+                                         "writes checkpoints to storage every rank shares).",
     "checkpoint.parallel_write": "Refused unless empty.",
     "aio": "The NVMe store's I/O.",
     "aio.block_size": "Bytes per I/O request; the store's buffer is 64 of these (at least 1 GiB).",

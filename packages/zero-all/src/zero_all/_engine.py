@@ -33,7 +33,8 @@ import zero_optim
 from zero_offload import HostStore, NVMeStore
 
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine_checkpoint import EngineCheckpoints
+from ._engine_checkpoint import EngineCheckpoints, check_node_local_storage
+from ._engine_info import EngineInfo, NoOptimizer
 from ._lr import build_scheduler
 from ._moe import expert_comms
 from ._monitor import TrainingMonitor
@@ -61,63 +62,6 @@ def _store(config: DeepSpeedConfig) -> Any:
             raise ConfigError("zero_optimization.offload_optimizer.nvme_path: device 'nvme' needs an nvme_path")
         return NVMeStore(path, buffer_bytes=max(config.aio.block_size * 64, 1 << 30))
     return None
-
-
-class EngineInfo:
-    """What both engines tell a script about the run (DeepSpeed's names): ranks, precision, ZeRO stage,
-    the last gradient norm. Reads ``config``, ``optimizer`` and ``dp_world_size``."""
-
-    config: DeepSpeedConfig
-    optimizer: zero_optim.ShardedOptimizer
-    dp_world_size: int
-
-    @property
-    def local_rank(self) -> int:
-        """This process's rank on its node, as its launcher set it."""
-        return zero_comm.detect_launch_env().local_rank
-
-    @property
-    def global_rank(self) -> int:
-        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-    @property
-    def world_size(self) -> int:
-        """Every rank of the job (data-parallel replicas times pipeline stages)."""
-        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-    def fp16_enabled(self) -> bool:
-        return self.config.fp16.enabled is True
-
-    def bfloat16_enabled(self) -> bool:
-        return self.config.bf16.enabled is True
-
-    def zero_optimization_stage(self) -> int:
-        return int(self.config.zero_optimization.stage)
-
-    def zero_optimization(self) -> bool:
-        """Whether a ZeRO stage above 0 partitions the optimizer."""
-        return self.zero_optimization_stage() > 0
-
-    def loss_scale(self) -> float:
-        """The config's static fp16 loss scale, 0 when it is dynamic (DeepSpeed's meaning); the scale
-        in use now is ``engine.optimizer.loss_scale``."""
-        return float(self.config.fp16.loss_scale)
-
-    def get_global_grad_norm(self) -> float | None:
-        """The gradient norm over every rank before clipping, at the last step that was applied (None
-        before the first)."""
-        return self.optimizer.last_grad_norm
-
-    def gradient_clipping(self) -> float:
-        """The config's clipping threshold for the gradient norm (0: no clipping)."""
-        return float(self.config.gradient_clipping)
-
-    def get_lr(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def get_mom(self) -> list[Any]:
-        """Each group's ``betas`` (Adam-like rules) or ``momentum`` (SGD)."""
-        return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
 
 
 class Engine(EngineInfo, EngineCheckpoints, nn.Module):
@@ -165,10 +109,14 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
         if client is not None and config.optimizer is not None:
             raise ConfigError(f"optimizer: the config names {config.optimizer.type!r} and initialize was given "
                               f"one too ({type(client).__name__}); keep one")
+        check_node_local_storage(config)
+        self.trains = client is not None or config.optimizer is not None  # DeepSpeed: no optimizer, evaluation
         if client is not None:
             rule, groups = rule_from_client(client, offloaded=store is not None)
-        else:
+        elif self.trains:
             rule, groups = rule_from_config(config, offloaded=store is not None), None
+        else:
+            rule, groups = zero_optim.SGD(lr=0.0), None  # never steps: stage 3 only partitions and gathers
         names = {p: n for n, p in model.named_parameters()}
         experts = expert_comms(model, comm, zero.stage)  # MoE experts: reduced over their own ranks
         self.optimizer: zero_optim.ShardedOptimizer
@@ -179,16 +127,20 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             if groups is not None:
                 _check_all_in_groups(model, groups)
             self.optimizer = zero_optim.ZeroStage3(model, rule, comm=comm, config=zcfg, store=store,
-                                                   param_groups=dict_groups)
+                                                   param_groups=dict_groups, train=self.trains)
+        elif not self.trains:
+            self.optimizer = NoOptimizer()  # type: ignore[assignment]
         else:
             params: Any = groups if groups is not None else (
                 model_parameters if model_parameters is not None else model.named_parameters())
             self.optimizer = zero_optim.ZeroOptimizer(params, rule, comm=comm, config=zcfg, store=store,
                                                       names=names, expert_comms=experts)
         if precision != "fp32":
-            _cast_floating_state(model, self.optimizer.dtype, frozen_params=zero.stage < 3)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            _cast_floating_state(model, dtype, frozen_params=zero.stage < 3)
         self.store = store
-        self.basic_optimizer = TorchOptimizerView(self.optimizer, client)  # what torch's schedulers act on
+        self.basic_optimizer: TorchOptimizerView = (
+            TorchOptimizerView(self.optimizer, client) if self.trains else None)  # type: ignore[assignment]  # what torch's schedulers act on
         self.lr_scheduler = self._scheduler(lr_scheduler, client)
         self.device = next(model.parameters()).device
         self.monitor = TrainingMonitor(config, comm, self.device)
@@ -198,11 +150,19 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
         self.global_samples = 0
         self.skipped_steps = 0
 
+    def _needs_optimizer(self, what: str) -> None:
+        if not self.trains:
+            raise RuntimeError(f"engine.{what}(): this engine was initialized without an optimizer (none given, none "
+                               "in the config), so it only runs forward (evaluation, inference); add an \"optimizer\" "
+                               "block to the config or pass optimizer=... to train")
+
     def _scheduler(self, given: Any, client: Any) -> Any:
         """The config's scheduler block, or the client's scheduler (adopted onto this optimizer) or callable."""
         if given is not None and self.config.scheduler is not None:
             raise ConfigError(f"scheduler: the config names {self.config.scheduler.type!r} and initialize was "
                               f"given lr_scheduler={type(given).__name__} too; keep one")
+        if not self.trains:
+            return None  # nothing to schedule (DeepSpeed drops the scheduler of an evaluation-only engine too)
         if given is None:
             block = self.config.scheduler
             return None if block is None else build_scheduler(block.type, block.params, self.basic_optimizer)
@@ -227,6 +187,8 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.module.training:
             self.monitor.saw_inputs(args, kwargs)
+        if self.config.fp16.enabled is True and self.config.fp16.auto_cast:
+            args, kwargs = _to_half(args), _to_half(kwargs)
         with self.monitor.timed("forward"):
             return self.module(*args, **kwargs)
 
@@ -281,6 +243,7 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             raise NotImplementedError("backward(allreduce_gradients=False): use `with engine.no_sync():` to keep "
                                       "gradients local for a micro-batch")
         del release_loss
+        self._needs_optimizer("backward")
         self.monitor.saw_loss(loss)
         boundary = self.is_gradient_accumulation_boundary() and not self._no_sync
         with self.monitor.timed("backward"):
@@ -294,6 +257,7 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
         As in DeepSpeed, ``global_steps`` counts skipped steps too; ``skipped_steps`` counts those."""
         if self._no_sync:
             raise RuntimeError("step() inside no_sync: leave the block and run the last backward first")
+        self._needs_optimizer("step")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
             with self.monitor.timed("step"):
@@ -359,6 +323,17 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
                           pin_memory=pin_memory and self.device.type == "cuda")
 
 DeepSpeedEngine = Engine  # DeepSpeed's name, for isinstance checks
+
+
+def _to_half(item: Any) -> Any:
+    """``item`` with every floating-point tensor in it (through tuples, lists and dicts) cast to fp16."""
+    if torch.is_tensor(item):
+        return item.half() if item.is_floating_point() else item
+    if isinstance(item, (tuple, list)):
+        return type(item)(_to_half(v) for v in item)
+    if isinstance(item, dict):
+        return {k: _to_half(v) for k, v in item.items()}
+    return item
 
 
 def _to_local_device(model: nn.Module, comm: zero_comm.Communicator) -> None:
@@ -450,4 +425,5 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                     collate_fn=collate_fn)
     if training_data is not None:
         engine.training_dataloader = engine.deepspeed_io(training_data)
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+    optimizer_out = engine.optimizer if engine.trains else None  # DeepSpeed: None for an evaluation-only engine
+    return engine, optimizer_out, engine.training_dataloader, engine.lr_scheduler  # type: ignore[return-value]

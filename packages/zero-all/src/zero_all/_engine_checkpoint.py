@@ -5,6 +5,7 @@ consolidated state dict Hugging Face's Trainer and Accelerate save with ``from_p
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,32 @@ from zero_ckpt import save_state_dict
 from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 from .utils import log_dist
 
-__all__ = ["EngineCheckpoints"]
+__all__ = ["EngineCheckpoints", "check_node_local_storage"]
+
+
+def _nodes() -> int | None:
+    """How many nodes the launcher spread the job over, where it says (torchrun, Slurm, Open MPI)."""
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if os.environ.get("SLURM_NNODES"):
+        return int(os.environ["SLURM_NNODES"])
+    if world and local:
+        return max(1, int(world) // max(1, int(local)))
+    return 1 if not world or int(world) == 1 else None
+
+
+def check_node_local_storage(config: Any) -> None:
+    """``checkpoint.use_node_local_storage`` (Hugging Face's ``--save_on_each_node``): on one node every rank
+    already writes to storage the others read, so it changes nothing; across nodes zero has no per-node copy."""
+    if not config.checkpoint.use_node_local_storage:
+        return
+    nodes = _nodes()
+    if nodes != 1:
+        from ._config import ConfigError
+
+        raise ConfigError(f"checkpoint.use_node_local_storage: zero writes checkpoints to storage every rank shares; "
+                          f"this job spans {nodes or 'an unknown number of'} nodes (set it to false and save to a "
+                          "shared filesystem)")
 
 
 class EngineCheckpoints:

@@ -183,6 +183,8 @@ def rule_from_client(optimizer: Any, offloaded: bool) -> tuple[Any, ParamGroups 
         rule = _adam(decoupled, offloaded, {k: defaults[k] for k in adam_keys})
     elif cls.__name__ in _DEEPSPEED_ADAMS and "adam_w_mode" in defaults and defaults.get("bias_correction", True):
         rule = _adam(bool(defaults["adam_w_mode"]), offloaded, {k: defaults[k] for k in adam_keys})
+    elif cls.__name__ in ("FusedLion", "DeepSpeedCPULion"):  # deepspeed.ops.lion's, by name
+        rule = zero_optim.Lion(**{k: defaults[k] for k in ("lr", "betas", "weight_decay")})
     elif cls is torch.optim.SGD and not flags and not any(g["momentum"] == 0 and g["dampening"] != 0
                                                           for g in groups):
         # (torch's SGD without momentum ignores dampening; the fused rule would apply it)

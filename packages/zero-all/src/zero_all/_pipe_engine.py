@@ -30,7 +30,8 @@ import zero_pipe
 
 from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import Engine, EngineInfo, model_hidden_size
+from ._engine import Engine, model_hidden_size
+from ._engine_info import EngineInfo
 from .checkpointing import configure_from_config
 
 __all__ = ["PipelineEngine", "is_pipeline"]

@@ -88,6 +88,7 @@ class ShardedOptimizer(abc.ABC):
         self.clip_grad_norm = clip_grad_norm
         self.step_count = 0
         self.skipped_steps = 0
+        self.overflow = False  # whether the last step was skipped for inf/NaN gradients (DeepSpeed's name)
         self.micro_steps = 0
         self.last_grad_norm: float | None = None
         self.hparams: list[dict[str, Any]] = []
@@ -200,6 +201,7 @@ class ShardedOptimizer(abc.ABC):
             hook(self)
         grads = self._prepare_step()
         scaled_norm, overflow = self._global_norm(grads)
+        self.overflow = overflow
         loss_scale = self.scaler.scale if self.scaler else 1.0
         if overflow:
             self.skipped_steps += 1

@@ -108,7 +108,7 @@ class ZeroStage3(ShardedOptimizer):
 
     def __init__(self, module: nn.Module, rule: UpdateRule, *, comm: Communicator,
                  config: ZeroConfig | None = None, store: StateStore | None = None,
-                 param_groups: Iterable[Mapping[str, Any]] | None = None):
+                 param_groups: Iterable[Mapping[str, Any]] | None = None, train: bool = True):
         self.config = config = config or ZeroConfig(stage=3)
         if config.stage != 3:
             raise ValueError(f"ZeroStage3 needs ZeroConfig(stage=3, ...), got stage {config.stage}")
@@ -127,7 +127,8 @@ class ZeroStage3(ShardedOptimizer):
         self._units_of: dict[nn.Module, list[GatherUnit]] = {}
         self._build_units()
         state_dict_placeholders(module)
-        trained = [(i, u) for i, u in enumerate(self.units) if any(p.requires_grad for p in u.params)]
+        # train=False: the parameters are only partitioned and gathered (evaluation); no master weights, no state
+        trained = [(i, u) for i, u in enumerate(self.units) if train and any(p.requires_grad for p in u.params)]
         self.store.reserve(sum(self._state_bytes(u) for _, u in trained))  # before anything is written
         self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in trained]
         self._owner_of = {id(o.unit): o for o in self.owners}

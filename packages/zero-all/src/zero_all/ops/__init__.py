@@ -1,5 +1,5 @@
-"""``deepspeed.ops``: the optimizers DeepSpeed ships as ops (``deepspeed.ops.adam``)."""
+"""``deepspeed.ops``: the optimizers DeepSpeed ships as ops (``adam``, ``adagrad``, ``lion``)."""
 
-from . import adam
+from . import adagrad, adam, lion
 
-__all__ = ["adam"]
+__all__ = ["adagrad", "adam", "lion"]
