@@ -43,5 +43,5 @@ __version__ = "0.1.0"
 __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "DeepSpeedEngine", "Engine",
            "InferenceEngine", "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView",
            "TorchRule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments",
-           "build_scheduler", "checkpointing", "comm", "inference", "init_distributed", "init_inference", "initialize",
-           "load_config", "moe", "ops", "pipe", "runtime", "sequence", "utils", "zero"]
+           "build_scheduler", "checkpoint", "checkpointing", "comm", "inference", "init_distributed", "init_inference",
+           "initialize", "load_config", "moe", "ops", "pipe", "runtime", "sequence", "utils", "zero"]
