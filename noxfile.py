@@ -103,9 +103,11 @@ def integration(session: nox.Session) -> None:
 
 @nox.session
 def hf(session: nox.Session) -> None:
-    """The Hugging Face integrations, with transformers pinned by constraints.txt (``zero-all[hf]``)."""
+    """The Hugging Face integrations (``zero-all[hf]``: transformers and accelerate, pinned by constraints.txt):
+    init_inference on HF models, and the Trainer and Accelerate training on zero after ``zero hf enable``."""
     _install(session, *PACKAGES)
-    session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout", "transformers")
+    session.install("-c", CONSTRAINTS, "pytest", "pytest-timeout", "transformers", "accelerate")
+    session.run("zero", "hf", "enable")  # the documented opt-in: `import deepspeed` is zero_all in this venv
     _pytest(session, str(ROOT / "integration-tests" / "hf"), "--rootdir", str(ROOT / "integration-tests"))
 
 

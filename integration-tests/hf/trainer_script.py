@@ -3,9 +3,10 @@ no downloads) trained on random tokens. ``--deepspeed ds_config.json`` turns Dee
 DeepSpeed installed; nothing here mentions zero (``zero hf enable`` makes ``import deepspeed`` zero's).
 
     torchrun --nproc_per_node 2 trainer_script.py --out DIR [--deepspeed CONFIG] [--steps N]
-             [--save-steps K] [--resume CHECKPOINT] [--export DIR] [--pretrained DIR]
+             [--save-steps K] [--resume CHECKPOINT] [--export DIR] [--pretrained DIR] [--evaluate]
 
-Writes ``DIR/losses.json`` (rank 0: the per-step training losses the Trainer logged).
+Writes ``DIR/losses.json`` (rank 0: the per-step training losses the Trainer logged) and ``DIR/probe.pt``
+(the trained model's logits on two fixed sequences); with ``--evaluate`` only ``DIR/eval.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def main() -> None:
     p.add_argument("--pretrained", default=None)
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--evaluate", action="store_true", help="only Trainer.evaluate and predict, no training")
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
 
     training = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
@@ -69,7 +72,15 @@ def main() -> None:
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(config)
     log = LossLog()
-    trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(256), callbacks=[log])
+    trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(256), eval_dataset=RandomTokens(32),
+                      callbacks=[log])
+    if args.evaluate:
+        metrics = trainer.evaluate()
+        predictions = trainer.predict(RandomTokens(8)).predictions
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump({"eval_loss": metrics["eval_loss"], "predictions_shape": list(predictions[0].shape)}, f)
+        return
     trainer.train(resume_from_checkpoint=args.resume)
     if args.export:
         trainer.save_model(args.export)

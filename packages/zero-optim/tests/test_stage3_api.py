@@ -33,9 +33,14 @@ def read_and_change() -> bool:
     w = model.net[0].weight
     assert isinstance(w, PartitionedParameter) and w.shape == (64, 32), "the full shape stays visible"
     assert "partitioned" in repr(w)
-    for read in (w.sum, model.state_dict, lambda: w + 1, lambda: torch.cat([w, w])):
+    for read in (w.sum, lambda: w.detach(), lambda: w + 1, lambda: torch.cat([w, w])):
         with pytest.raises(PartitionedParameterError, match=r"'net\.0\.weight'.*zero_optim\.gathered"):
             read()
+    # state_dict() lists a partitioned model's keys and shapes (what Hugging Face's from_pretrained needs) with
+    # meta tensors where the values would be: never mistaken for, or saved as, the weights
+    placeholders = model.state_dict()
+    assert placeholders.keys() == want.keys()
+    assert all(v.is_meta and v.shape == want[k].shape and v.dtype == want[k].dtype for k, v in placeholders.items())
     with gathered(model.parameters()):
         assert all(torch.equal(p, want[n]) for n, p in model.named_parameters()), "gathered reads the weights"
     with pytest.raises(PartitionedParameterError):

@@ -1,4 +1,4 @@
-"""The ``zero`` command: ``run``, ``report``, ``plan``, ``ckpt export`` and ``generate``.
+"""The ``zero`` command: ``run``, ``report``, ``plan``, ``ckpt export``, ``generate`` and ``hf``.
 
 Each subcommand is a thin shell over a function that can be called from Python
 (:func:`zero_all._run.plan_launch`, :func:`zero_all._report.collect_report`,
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._inference._cli import add_generate_parser
 
     add_generate_parser(sub, _positive)
+    from ._hf._install import add_hf_parser
+
+    add_hf_parser(sub)
     return parser
 
 

@@ -55,6 +55,7 @@ class EngineCheckpoints:
         module: torch.nn.Module
         optimizer: Any
         lr_scheduler: Any
+        basic_optimizer: Any
         global_steps: int
         micro_steps: int
         skipped_steps: int
@@ -72,6 +73,8 @@ class EngineCheckpoints:
                  "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
                  "global_samples": self.global_samples,
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
+        if self.basic_optimizer is not None:
+            self.basic_optimizer.sync_client()  # the hyper-parameters a client's scheduler set since the last step
         save_optimizer(self.optimizer, self.module, self.comm, save_dir, tag, state, update_latest=save_latest)
         return True
 
@@ -106,6 +109,8 @@ class EngineCheckpoints:
             saved = state.get("lr_scheduler")
             if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
                 self.lr_scheduler.load_state_dict(saved)
+        if self.basic_optimizer is not None:
+            self.basic_optimizer.sync_client()  # the loaded hyper-parameters reach a client optimizer too
         return str(Path(load_dir) / loaded), state["client_state"]
 
     def zero_gather_16bit_weights_on_model_save(self) -> bool:

@@ -277,11 +277,12 @@ class TorchOptimizerView(torch.optim.Optimizer):
         self.sharded = sharded
         self.defaults = dict(sharded.rule.defaults)
         self.param_groups = sharded.param_groups
-        # a client torch optimizer stays the user's handle on the hyper-parameters, as in DeepSpeed (which steps
-        # it): what changes in its groups (a scheduler built on it, a hand-set lr) is followed at each step
+        # a client torch optimizer stays the user's handle on the hyper-parameters, as in DeepSpeed (which steps it):
+        # a scheduler built on it, or an lr set by hand, reaches the ZeRO groups, and what the engine changes (a
+        # schedule on this view, a checkpoint loaded) reaches it; see sync_client
         self._client_groups = client.param_groups if isinstance(client, torch.optim.Optimizer) else None
-        self._client_seen = [{k: _plain(g[k]) for k in ours if k in g}
-                             for g, ours in zip(self._client_groups or [], self.param_groups, strict=False)]
+        self._synced = [{k: _plain(g[k]) for k in ours if k in g}
+                        for g, ours in zip(self._client_groups or [], self.param_groups, strict=False)]
         self.state = defaultdict(dict)
         self.last_step_applied = False
         self._opt_called = False
@@ -295,15 +296,21 @@ class TorchOptimizerView(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("a ZeRO optimizer steps on gradients from engine.backward; it takes no closure")
         self._opt_called = True  # what torch's scheduler wrapper records
-        self._follow_client()
+        self.sync_client()
         self.last_step_applied = self.sharded.step()
 
-    def _follow_client(self) -> None:
-        for theirs, ours, seen in zip(self._client_groups or [], self.param_groups, self._client_seen, strict=False):
-            for key, before in seen.items():
-                now = _plain(theirs.get(key, before))
-                if now != before:
-                    ours[key] = seen[key] = now
+    def sync_client(self) -> None:
+        """Make the client optimizer's groups and the ZeRO groups agree, key by key: a value changed on the
+        client's side since they last agreed is taken (its scheduler stepped), else one changed on this side is
+        given to the client (a schedule on this view, a loaded checkpoint). Run before each step, before a
+        checkpoint is saved and after one is loaded."""
+        for theirs, ours, synced in zip(self._client_groups or [], self.param_groups, self._synced, strict=False):
+            for key, agreed in synced.items():
+                client, zero = _plain(theirs.get(key, agreed)), _plain(ours.get(key, agreed))
+                if client != agreed:
+                    ours[key] = synced[key] = client
+                elif zero != agreed:
+                    theirs[key] = synced[key] = zero
 
     # torch's LRScheduler wraps an optimizer's step to record that it ran; this one records it itself
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]

@@ -1,0 +1,43 @@
+"""Launching the Hugging Face scripts on CPU ranks for the tests: ``torchrun`` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+CONFIGS = HERE / "configs"
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) on ``nproc`` ranks; raise with the ranks' output on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        raise AssertionError(f"{' '.join(args)} failed (exit {done.returncode}):\n{tail}")
+    return done
+
+
+def trainer(out: Path, config: str | None, *extra: str, nproc: int = 2) -> dict[str, float]:
+    """trainer_script.py with ``configs/<config>.json`` (None: plain DDP); its per-step losses."""
+    ds = ["--deepspeed", str(CONFIGS / f"{config}.json")] if config else []
+    torchrun("trainer_script.py", "--out", str(out), *ds, *extra, nproc=nproc)
+    return json.loads((out / "losses.json").read_text())
+
+
+def accelerate(out: Path, config: str | None, *extra: str) -> dict[str, Any]:
+    """accelerate_script.py through cpu_state.py (see there) with ``configs/<config>.json`` (None: DDP)."""
+    ds = ["--deepspeed", str(CONFIGS / f"{config}.json")] if config else []
+    torchrun("cpu_state.py", "accelerate_script.py", "--out", str(out), *ds, *extra)
+    return json.loads((out / "losses.json").read_text())
+
+
+def worst(a: dict[str, float], b: dict[str, float]) -> float:
+    assert a.keys() == b.keys(), f"steps {sorted(a)} vs {sorted(b)}"
+    return max(abs(a[k] - b[k]) for k in a)
