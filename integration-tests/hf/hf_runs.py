@@ -17,7 +17,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     """Run ``args`` (a script and its arguments) on ``nproc`` ranks; raise with the ranks' output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
         raise AssertionError(f"{' '.join(args)} failed (exit {done.returncode}):\n{tail}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_runs import torchrun, trainer, worst  # noqa: E402
+from hf_runs import torchrun, trainer, worst
 
 TOL = 1e-4  # fp32, as the acceptance states; observed differences are ~5e-7
 
@@ -72,22 +73,18 @@ def test_from_pretrained_under_zero3_builds_partitioned_and_loads_every_weight(t
 
     trainer(tmp_path / "a", None, "--steps", "3", "--export", str(tmp_path / "trained"))
     torchrun("zero3_load.py", str(tmp_path / "trained"), str(tmp_path / "load.json"))
-    import json
-
     report = json.loads((tmp_path / "load.json").read_text())
     whole = sum(p.numel() * p.element_size() for p in GPT2LMHeadModel.from_pretrained(tmp_path / "trained")
                 .parameters())
     assert report["equal"], "a weight loaded under ZeRO-3 differs from the checkpoint"
     assert report["peak_bytes"] <= 1.2 * (report["shard_bytes"] + report["largest_unit_bytes"]), report
-    assert report["peak_bytes"] < whole, f"a rank held {report['peak_bytes']} B of parameters, the whole model is {whole}"
+    assert report["peak_bytes"] < whole, f"a rank held {report['peak_bytes']} B of parameters; the model is {whole}"
 
 
 def test_evaluate_and_predict_before_training_at_stage3(tmp_path: Path):
     torchrun("trainer_script.py", "--out", str(tmp_path / "ddp"), "--steps", "0", "--evaluate")
     torchrun("trainer_script.py", "--out", str(tmp_path / "z3"), "--steps", "0", "--evaluate",
              "--deepspeed", str(Path(__file__).parent / "configs" / "zero3.json"))
-    import json
-
     plain, zero = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ddp", "z3"))
     assert zero["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-6)
     assert zero["predictions_shape"] == plain["predictions_shape"]
