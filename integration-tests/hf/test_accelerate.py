@@ -1,0 +1,50 @@
+"""Hugging Face Accelerate on zero, the script unchanged (accelerate_script.py): ``Accelerator`` with a
+DeepSpeed plugin (the config without an optimizer block: the script's torch AdamW and its warmup schedule,
+built before ``prepare``, run on zero) trains a tiny GPT-2 on 2 ranks with the losses of the same script on
+plain DDP at stages 2 and 3 (fp32, 12 steps of 2 accumulated micro-batches); ``save_state`` (twice to the
+same folder, as Accelerate always reuses one tag) then ``load_state`` continues the curve exactly.
+
+On CPU ranks the scripts run through cpu_state.py, which creates Accelerate's process state with
+``cpu=True`` first (what ``TrainingArguments(use_cpu=True)`` does for the Trainer): without it Accelerate
+finds no backend on a machine without an accelerator and counts one process per rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from hf_runs import accelerate
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zero_is_deepspeed() -> None:
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or type(spec.loader).__name__ != "_AliasLoader":
+        pytest.fail("`import deepspeed` is not zero_all here: run `zero hf enable` in this environment first")
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return accelerate(tmp_path_factory.mktemp("ddp"), None)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_on_zero_matches_ddp_and_resumes_from_save_state(tmp_path: Path, ddp: dict, stage: int):
+    config = f"accelerate_zero{stage}"
+    straight = accelerate(tmp_path / "a", config, "--save-state", str(tmp_path / "state"), "--save-at", "6")
+    assert (straight["distributed_type"], straight["engine"], straight["processes"]) == \
+        ("DistributedType.DEEPSPEED", "Engine", 2)
+    assert (ddp["distributed_type"], ddp["processes"]) == ("DistributedType.MULTI_CPU", 2)
+    err = max(abs(a - b) for a, b in zip(straight["losses"], ddp["losses"], strict=True))
+    assert err <= TOL, f"stage {stage}: {straight['losses']} vs DDP {ddp['losses']}"
+    assert straight["lrs"] == pytest.approx(ddp["lrs"])  # the script's scheduler moved zero's learning rate
+    resumed = accelerate(tmp_path / "b", config, "--load-state", str(tmp_path / "state"), "--resume-at", "6")
+    assert resumed["losses"] == straight["losses"][6:] and resumed["lrs"] == straight["lrs"][6:]
