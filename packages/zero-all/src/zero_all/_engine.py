@@ -426,4 +426,4 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if training_data is not None:
         engine.training_dataloader = engine.deepspeed_io(training_data)
     optimizer_out = engine.optimizer if engine.trains else None  # DeepSpeed: None for an evaluation-only engine
-    return engine, optimizer_out, engine.training_dataloader, engine.lr_scheduler  # type: ignore[return-value]
+    return engine, optimizer_out, engine.training_dataloader, engine.lr_scheduler

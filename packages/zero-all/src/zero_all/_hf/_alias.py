@@ -20,6 +20,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -139,7 +140,7 @@ def _is_alias(finder: object) -> bool:
 
 def installed() -> DeepSpeedAlias | None:
     """The finder if ``import deepspeed`` is zero_all's in this process."""
-    return next((f for f in sys.meta_path if _is_alias(f)), None)  # type: ignore[misc]
+    return next((f for f in sys.meta_path if isinstance(f, DeepSpeedAlias) or _is_alias(f)), None)  # type: ignore[return-value]
 
 
 def install() -> DeepSpeedAlias:
