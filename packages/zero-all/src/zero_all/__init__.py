@@ -40,6 +40,17 @@ from ._pipe_engine import PipelineEngine
 
 __version__ = "0.1.0"
 
+_NOT_PROVIDED = {  # DeepSpeed names that integrations reach for and zero does not have
+    "tp_model_init": "AutoTP training (tensor_parallel.autotp_size); zero's tensor parallelism is zero_pipe's layers",
+    "init_deepspeed_backend": "an accelerator-specific backend (zero uses torch.distributed's)",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _NOT_PROVIDED:
+        raise AttributeError(f"deepspeed.{name}: zero has no DeepSpeed {_NOT_PROVIDED[name]}")
+    raise AttributeError(f"module 'zero_all' has no attribute {name!r}")
+
 __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "DeepSpeedEngine", "Engine",
            "InferenceEngine", "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView",
            "TorchRule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments",
