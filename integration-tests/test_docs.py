@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from zero_all._config_doc import config_reference
+from zero_all._config._doc import config_reference
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -10,4 +10,4 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_config_reference_is_current():
     page = (DOCS / "config-reference.md").read_text()
     assert page == config_reference(), (
-        "docs/config-reference.md is stale: run `python -m zero_all._config_doc > docs/config-reference.md`")
+        "docs/config-reference.md is stale: run `python -m zero_all._config._doc > docs/config-reference.md`")

@@ -22,7 +22,7 @@ from torch import nn
 
 import zero_all
 from zero_all._cli import main
-from zero_all._run import HostfileError, parse_hostfile, plan_launch
+from zero_all._cli._run import HostfileError, parse_hostfile, plan_launch
 from zero_comm.testing import run_ranks
 
 ZERO = [sys.executable, "-m", "zero_all"]

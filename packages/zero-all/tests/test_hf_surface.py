@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zero_all as deepspeed
-from zero_all._engine_checkpoint import check_node_local_storage
+from zero_all._engine._checkpoints import check_node_local_storage
 from zero_comm.testing import run_ranks
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zero_all as deepspeed
-from zero_all._monitor import ProgressBar, progress_wanted
+from zero_all._engine._monitor import ProgressBar, progress_wanted
 from zero_comm.testing import run_ranks
 
 SGD = {"type": "SGD", "params": {"lr": 0.1}}

@@ -112,7 +112,7 @@ def test_the_progress_bar_counts_toward_the_schedule_end(monkeypatch):
     import io
     import time
 
-    from zero_all._monitor import ProgressBar
+    from zero_all._engine._monitor import ProgressBar
 
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])

@@ -8,7 +8,7 @@ import torch
 from test_engine import ACCUM, MICRO, STEPS, Net, reference, train_step
 
 import zero_all as deepspeed
-from zero_all._optim import rule_from_config
+from zero_all._engine._optim import rule_from_config
 from zero_comm.testing import run_ranks
 
 

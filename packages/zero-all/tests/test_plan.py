@@ -28,7 +28,7 @@ from torch import nn
 
 import zero_comm
 import zero_optim
-from zero_all._plan import ModelShape, PlanOptions, model_shape, plan_memory
+from zero_all._cli._plan import ModelShape, PlanOptions, model_shape, plan_memory
 from zero_comm.testing import run_ranks
 
 WIDTH, DEPTH, BATCH = 768, 12, 2  # 7.1M parameters: the fixed overheads (a few KiB) do not matter
@@ -155,7 +155,7 @@ def test_parameter_offload_arithmetic():
 def test_plan_follows_the_zero_formula_where_it_should():
     """Large model, fp32 AdamW, NCCL: the classic 16 bytes/param at stage 0 and ~16/N at stage 3,
     plus zero's extras (a separate fp32 master in stages 0-2 costs 4 bytes more)."""
-    from zero_all._plan import synthetic_shape
+    from zero_all._cli._plan import synthetic_shape
 
     n, w = 1_000_000_000, 8
     shape = synthetic_shape(n, 32)

@@ -30,13 +30,24 @@ from . import (  # DeepSpeed's module names
     utils,
     zero,
 )
-from ._compat import add_config_arguments, init_distributed
 from ._config import ActivationCheckpointingConfig, ConfigError, DeepSpeedConfig, OffloadConfig, load_config
-from ._engine import DeepSpeedEngine, Engine, initialize
+from ._engine import (
+    DeepSpeedEngine,
+    Engine,
+    LRRangeTest,
+    OneCycle,
+    PipelineEngine,
+    TorchOptimizerView,
+    TorchRule,
+    WarmupCosineLR,
+    WarmupDecayLR,
+    WarmupLR,
+    add_config_arguments,
+    build_scheduler,
+    init_distributed,
+    initialize,
+)
 from ._inference import InferenceEngine, init_inference
-from ._lr import LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
-from ._optim import TorchOptimizerView, TorchRule
-from ._pipe_engine import PipelineEngine
 
 __version__ = "0.1.0"
 

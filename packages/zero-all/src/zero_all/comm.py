@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import zero_comm
 
-from ._compat import init_distributed
+from ._engine import init_distributed
 
 __all__ = [
     "ReduceOp",

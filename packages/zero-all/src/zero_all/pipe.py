@@ -5,7 +5,7 @@ them: a ``PipelineModule`` works out its own stage from the process's rank (rank
 are laid out pipeline-major, as DeepSpeed's ``PipeDataParallelTopology``: with ``P``
 stages over ``W`` ranks, rank ``r`` is stage ``r // (W / P)``), and seeds its layers
 from ``base_seed`` when ``seed_layers`` is set. ``initialize(model=PipelineModule(...))``
-returns the pipeline engine (:mod:`zero_all._pipe_engine`).
+returns the pipeline engine (:mod:`zero_all._engine._pipe`).
 """
 
 from __future__ import annotations

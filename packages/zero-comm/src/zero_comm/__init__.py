@@ -15,8 +15,10 @@ from ._communicator import (
     shard_range,
 )
 from ._expert import ExpertGroups, build_expert_groups, expert_group_ranks
+from ._hpz import build_partition_group, partition_group_ranks
 from ._launch import LaunchEnv, default_timeout, detect_launch_env, expand_slurm_nodelist, init_distributed
 from ._ledger import COLLECTIVE_KINDS, CommLedger, LedgerEntry, bus_factor, default_ledger
+from ._quantized import RowCodec, quantized_all_gather, quantized_reduce_scatter
 from ._topology import Coordinate, Mesh, ParallelDims, build_mesh
 
 __version__ = "0.1.0"
@@ -37,10 +39,12 @@ __all__ = [
     "ParallelDims",
     "ProcessGroupCommunicator",
     "ReduceOp",
+    "RowCodec",
     "all_reduce_coalesced",
     "broadcast_coalesced",
     "build_expert_groups",
     "build_mesh",
+    "build_partition_group",
     "bus_factor",
     "default_ledger",
     "default_timeout",
@@ -49,5 +53,8 @@ __all__ = [
     "expert_group_ranks",
     "init_distributed",
     "make_buckets",
+    "partition_group_ranks",
+    "quantized_all_gather",
+    "quantized_reduce_scatter",
     "shard_range",
 ]

@@ -24,8 +24,7 @@ shares, as a unit and all units before it are ready.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,60 +35,16 @@ from zero_comm import Communicator
 
 from ._base import Piece, Segment, ShardedOptimizer
 from ._optimizer import ZeroConfig
-from ._partition import GatherUnit, PartitionedParameter, _release, state_dict_placeholders
+from ._partition import GatherUnit, PartitionedParameter, state_dict_placeholders
 from ._rules import UpdateRule, check_hyperparameters
+from ._stage3_grads import GradientReduction, UnitOwner
 from ._store import StateStore
+from ._trace import UseOrder
 
 __all__ = ["ZeroStage3"]
 
 
-@dataclass
-class _Owner:
-    """A unit's optimizer state: fp32 master of its flat shard, the rule's state, its gradient shard."""
-
-    unit: GatherUnit
-    master_key: str
-    state_keys: dict[str, str]
-    grad: torch.Tensor | None  # the reduced gradient of this rank's shard, accumulated over micro-steps
-    runs: list[tuple[int, int, int]]  # (group index, start, stop) in the shard: runs of trainable params
-    trainable: int  # parameters that get a gradient
-    grad_key: str | None = None  # offload_param: the gradient shard lives in the store instead
-    arrived: int = 0
-    staging: torch.Tensor | None = None  # full-size gradients of this micro-step, rank-major
-    reduced_once: bool = False
-    borrowed: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded shards during a step
-
-    @property
-    def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.unit.params]
-
-
-@dataclass
-class _Trace:
-    """The order units were needed in, last time; replayed to prefetch."""
-
-    order: list[GatherUnit] = field(default_factory=list)
-    seen: list[GatherUnit] = field(default_factory=list)
-    cursor: int = 0
-    on_track: bool = True
-
-    def start(self) -> None:
-        self.seen, self.cursor, self.on_track = [], 0, bool(self.order)
-
-    def record(self, unit: GatherUnit) -> None:
-        self.seen.append(unit)
-        if self.on_track and self.cursor < len(self.order) and self.order[self.cursor] is unit:
-            self.cursor += 1
-        else:
-            self.on_track = False
-
-    def finish(self) -> None:
-        if self.seen and self.seen != self.order:
-            self.order = self.seen
-        self.seen = []
-
-
-class ZeroStage3(ShardedOptimizer):
+class ZeroStage3(GradientReduction, ShardedOptimizer):
     """ZeRO stage 3 over ``module``: parameters, gradients and optimizer state all partitioned.
 
     Usage, per optimizer step::
@@ -130,13 +85,13 @@ class ZeroStage3(ShardedOptimizer):
         # train=False: the parameters are only partitioned and gathered (evaluation); no master weights, no state
         trained = [(i, u) for i, u in enumerate(self.units) if train and any(p.requires_grad for p in u.params)]
         self.store.reserve(sum(self._state_bytes(u) for _, u in trained))  # before anything is written
-        self.owners: list[_Owner] = [self._make_owner(i, u) for i, u in trained]
+        self.owners: list[UnitOwner] = [self._make_owner(i, u) for i, u in trained]
         self._owner_of = {id(o.unit): o for o in self.owners}
         self._external: dict[nn.Module, list[GatherUnit]] = {}
         self._running: list[nn.Module] = []
         self._phase = "idle"  # "forward" | "backward"
-        self._forward_trace, self._backward_trace = _Trace(), _Trace()
-        self._reduce_order: list[_Owner] | None = None
+        self._forward_trace, self._backward_trace = UseOrder(), UseOrder()
+        self._reduce_order: list[UnitOwner] | None = None
         self._next_reduce = 0
         self._hooks: list[Any] = []
         # gathers launched ahead by prefetch, and gathers a module had to start and wait for itself
@@ -233,7 +188,7 @@ class ZeroStage3(ShardedOptimizer):
         offload = self.config.offload_param and not unit.persistent
         return unit.shard_numel * (4 * (1 + len(self.rule.state_names)) + (2 * unit.dtype.itemsize if offload else 0))
 
-    def _make_owner(self, i: int, unit: GatherUnit) -> _Owner:
+    def _make_owner(self, i: int, unit: GatherUnit) -> UnitOwner:
         master = unit.shard.float()
         master_key, state_keys = f"unit{i}.master", {n: f"unit{i}.{n}" for n in self.rule.state_names}
         offload = self.config.offload_param and not unit.persistent
@@ -255,8 +210,8 @@ class ZeroStage3(ShardedOptimizer):
             grad_key = f"unit{i}.grad"
             self.store.create(grad_key, torch.zeros_like(unit.shard))
             unit.offload(self.store, f"unit{i}.param")
-            return _Owner(unit, master_key, state_keys, None, runs, trainable, grad_key)
-        return _Owner(unit, master_key, state_keys, torch.zeros_like(unit.shard), runs, trainable)
+            return UnitOwner(unit, master_key, state_keys, None, runs, trainable, grad_key)
+        return UnitOwner(unit, master_key, state_keys, torch.zeros_like(unit.shard), runs, trainable)
 
     def _install_hooks(self) -> None:
         root = self.module
@@ -274,7 +229,7 @@ class ZeroStage3(ShardedOptimizer):
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(owner, p)))
 
     # -- gathering ------------------------------------------------------------------------------
-    def _need(self, units: Iterable[GatherUnit], trace: _Trace) -> None:
+    def _need(self, units: Iterable[GatherUnit], trace: UseOrder) -> None:
         for u in units:
             trace.record(u)
             if not (u.gathered or u.in_flight):
@@ -282,7 +237,7 @@ class ZeroStage3(ShardedOptimizer):
             u.gather()
         self._prefetch(trace)
 
-    def _prefetch(self, trace: _Trace) -> None:
+    def _prefetch(self, trace: UseOrder) -> None:
         if not trace.on_track or self.config.prefetch_numel <= 0:
             return
         live = sum(u.live_numel for u in self.units if not u.persistent)
@@ -372,7 +327,7 @@ class ZeroStage3(ShardedOptimizer):
         self._backward_trace.start()
         self._prefetch_shards(self._backward_trace)
 
-    def _prefetch_shards(self, trace: _Trace) -> None:
+    def _prefetch_shards(self, trace: UseOrder) -> None:
         """Offloaded parameters: tell the store the order their shards will be gathered in."""
         if self.config.offload_param:
             self.store.prefetch([u.home[1] for u in trace.order if u.home is not None])
@@ -381,104 +336,6 @@ class ZeroStage3(ShardedOptimizer):
         if self._phase != "backward":
             self._start_backward()
         self._need(self._units_for(module), self._backward_trace)
-
-    # -- gradients ------------------------------------------------------------------------------
-    def _make_grad_hook(self, owner: _Owner, p: nn.Parameter):
-        unit = owner.unit
-        i = next(k for k, q in enumerate(unit.params) if q is p)
-        off, numel = unit.offsets[i], p.numel()
-
-        def hook(param: torch.Tensor) -> None:
-            grad = param.grad
-            param.grad = None  # the gradient shards own gradients from here on
-            if grad is None:
-                return
-            if self._phase != "backward":
-                self._start_backward()
-            if owner.staging is None:
-                owner.staging = torch.zeros(unit.padded, dtype=self.dtype, device=grad.device)
-            owner.staging[off:off + numel].view(param.shape).copy_(grad)
-            owner.arrived += 1
-            if owner.arrived == owner.trainable:
-                unit.release()
-                self._launch_ready(flush=False)
-
-        return hook
-
-    def _launch_ready(self, flush: bool) -> None:
-        """Reduce-scatter complete units in the shared order; with ``flush`` the rest too (a gradient
-        that never came counts as zero)."""
-        if self._reduce_order is None:
-            # a unit's gradients are complete once the backward of its *first* use in forward has run
-            # (a tied embedding, read again by the head, completes last): reduce in reverse first use
-            order = []
-            for u in reversed(list(dict.fromkeys(self._forward_trace.order))):
-                owner = self._owner_of.get(id(u))
-                if owner is not None:
-                    order.append(owner)
-            self._reduce_order = order + [o for o in self.owners if o not in order]
-        while self._next_reduce < len(self._reduce_order):
-            owner = self._reduce_order[self._next_reduce]
-            if not flush and owner.arrived < owner.trainable:
-                return
-            self._reduce(owner)
-            self._next_reduce += 1
-
-    def _reduce(self, owner: _Owner) -> None:
-        staging = owner.staging
-        if staging is None:  # no parameter of this unit got a gradient in this micro-step
-            staging = torch.zeros(owner.unit.padded, dtype=self.dtype, device=owner.unit.full.device)
-        owner.staging = None
-        first, owner.reduced_once = not owner.reduced_once, True
-        if first and owner.grad is not None:  # the first micro-step since zero_grad: straight into the shard
-            handle = self.comm.reduce_scatter(staging, "avg", out=owner.grad, async_op=True,
-                                              consume_input=True)
-            self._pending.append((handle, lambda: _release(staging)))
-        else:
-            reduced = torch.empty(owner.unit.shard_numel, dtype=self.dtype, device=staging.device)
-            handle = self.comm.reduce_scatter(staging, "avg", out=reduced, async_op=True,
-                                              consume_input=True)
-            accumulate = self._accumulate(owner, reduced, first)
-
-            def finish() -> None:
-                accumulate()
-                _release(staging)
-
-            self._pending.append((handle, finish))
-        # each reduce-scatter in flight holds a unit's full-size gradients: keep at most two in flight.
-        # Once finished they are released at once, not at their last reference: the backend may hold
-        # them a while (Gloo until its worker thread next runs -- on a busy machine, several units'
-        # worth by the end of a backward)
-        self._drain(keep=1 if self.config.overlap_comm else 0)
-
-    def _accumulate(self, owner: _Owner, reduced: torch.Tensor, first: bool) -> Callable[[], None]:
-        """Add a micro-step's reduced gradient to the owner's shard, on the device or in the store."""
-        def finish() -> None:
-            if owner.grad is not None:
-                owner.grad.add_(reduced)
-                return
-            assert owner.grad_key is not None
-            if first:
-                self.store.put(owner.grad_key, reduced)
-                return
-            grad = self.store.get(owner.grad_key)
-            grad.add_(reduced.to(grad.device))
-            self.store.put(owner.grad_key, grad)
-
-        return finish
-
-    def _finish_backward(self) -> None:
-        if self._phase != "backward":
-            return
-        self._launch_ready(flush=True)
-        self._drain()
-        for owner in self.owners:
-            owner.arrived, owner.staging = 0, None
-        for u in self.units:
-            u.release()
-        self._next_reduce = 0
-        self._backward_trace.finish()
-        self._phase = "idle"
 
     def backward(self, loss: torch.Tensor, *, boundary: bool | None = None, scale_wrt_gas: bool = True,
                  retain_graph: bool = False) -> None:
@@ -513,20 +370,20 @@ class ZeroStage3(ShardedOptimizer):
                 yield self.store.get(o.grad_key)
                 self.store.release(o.grad_key)
 
-    def _owners(self) -> list[_Owner]:
+    def _owners(self) -> list[UnitOwner]:
         return self.owners
 
-    def _keys(self, owner: _Owner) -> list[str]:  # type: ignore[override]
+    def _keys(self, owner: UnitOwner) -> list[str]:  # type: ignore[override]
         extra = [owner.grad_key, owner.unit.home[1]] if owner.grad_key and owner.unit.home else []
         return [*super()._keys(owner), *extra]
 
-    def _fetch(self, owner: _Owner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[override]
+    def _fetch(self, owner: UnitOwner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[override]
         fetched = super()._fetch(owner)
         if owner.grad_key is not None and owner.unit.home is not None:
             owner.borrowed = {"grad": self.store.get(owner.grad_key), "shard": self.store.get(owner.unit.home[1])}
         return fetched
 
-    def _store_back(self, owner: _Owner, master: torch.Tensor,  # type: ignore[override]
+    def _store_back(self, owner: UnitOwner, master: torch.Tensor,  # type: ignore[override]
                     state: dict[str, torch.Tensor]) -> None:
         super()._store_back(owner, master, state)
         if owner.borrowed and owner.grad_key is not None and owner.unit.home is not None:
@@ -534,7 +391,7 @@ class ZeroStage3(ShardedOptimizer):
             self.store.release(owner.grad_key)
             owner.borrowed = {}
 
-    def _pieces(self, owner: _Owner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
+    def _pieces(self, owner: UnitOwner, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
         grad = owner.borrowed["grad"] if owner.borrowed else owner.grad
         shard = owner.borrowed["shard"] if owner.borrowed else owner.unit.shard
         if grad is None:  # offloaded and not borrowed: a view of the state only (sharded_state)
@@ -547,7 +404,7 @@ class ZeroStage3(ShardedOptimizer):
             if unit.persistent:
                 unit.refresh()
 
-    def _segments(self, owner: _Owner, a: int, b: int) -> list[Segment]:
+    def _segments(self, owner: UnitOwner, a: int, b: int) -> list[Segment]:
         out = []
         for p in owner.unit.params:
             z = p.zero  # type: ignore[attr-defined]

@@ -62,7 +62,7 @@ def add_generate_parser(sub: Any, positive: Any) -> None:
 
 
 def _import(spec: str, what: str, kwargs: dict[str, object] | None = None) -> Any:
-    from .._plan import load_model
+    from .._cli._plan import load_model
 
     try:
         if what == "model":
@@ -115,7 +115,7 @@ def _relaunch(tp: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .._cli import UsageError
+    from .._cli._main import UsageError
     from .._config import ConfigError
     from ._engine import init_inference
 
@@ -126,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         path = None if (":" in args.model and not Path(args.model).exists()) else Path(args.model)
         if path is None:
-            from .._plan import parse_model_args
+            from .._cli._plan import parse_model_args
 
             torch.manual_seed(args.seed)
             model = _import(args.model, "model", parse_model_args(args.model_arg or []))

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import msgspec
 import torch
 
-from .._config import ConfigError, OffloadConfig, _Block, _check, _explain, _read
+from .._config import ConfigError, OffloadConfig
+from .._config._schema import _Block, _check, _explain, _read  # the same strict Struct checks
 
 __all__ = ["InferenceConfig", "load_inference_config"]
 

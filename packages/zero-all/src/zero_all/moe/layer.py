@@ -4,7 +4,7 @@ What this adds is DeepSpeed's way of finding the expert groups: from ``ep_size``
 alone. The groups are made once per world and ``ep_size`` (every rank must build its
 MoE layers in the same order, as in DeepSpeed) -- consecutive ranks exchange tokens,
 strided ranks hold the same experts (:func:`zero_comm.build_expert_groups`) -- and the
-engine reduces each layer's experts over the latter (:mod:`zero_all._moe`).
+engine reduces each layer's experts over the latter (:mod:`zero_all._engine._moe`).
 """
 
 from __future__ import annotations

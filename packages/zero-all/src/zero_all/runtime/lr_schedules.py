@@ -1,7 +1,7 @@
 """``deepspeed.runtime.lr_schedules``: DeepSpeed's LR schedules by their DeepSpeed import path, and
 ``VALID_LR_SCHEDULES`` (their names: what Accelerate checks a scheduler's class name against)."""
 
-from .._lr import SCHEDULES, LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
+from .._engine import SCHEDULES, LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
 
 VALID_LR_SCHEDULES = list(SCHEDULES)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import zero_ckpt
 
-from .._monitor import logger
+from .._engine._monitor import logger  # a leaf module: the _engine room imports utils
 
 __all__ = ["convert_zero_checkpoint_to_fp32_state_dict", "get_fp32_state_dict_from_zero_checkpoint",
            "load_state_dict_from_zero_checkpoint"]

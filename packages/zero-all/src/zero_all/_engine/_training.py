@@ -32,15 +32,15 @@ import zero_comm
 import zero_optim
 from zero_offload import HostStore, NVMeStore
 
-from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine_checkpoint import EngineCheckpoints, check_node_local_storage
-from ._engine_info import EngineInfo, NoOptimizer
+from .._config import ConfigError, DeepSpeedConfig
+from ._checkpoints import EngineCheckpoints, check_node_local_storage
+from ._info import EngineInfo, NoOptimizer
 from ._lr import build_scheduler
 from ._moe import expert_comms
 from ._monitor import TrainingMonitor
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
 
-__all__ = ["DeepSpeedEngine", "Engine", "initialize"]
+__all__ = ["DeepSpeedEngine", "Engine", "model_hidden_size"]
 
 
 def _store(config: DeepSpeedConfig) -> Any:
@@ -381,49 +381,3 @@ def _check_all_in_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None
         raise ValueError(f"initialize(optimizer=...): stage 3 trains every parameter of the model, but the optimizer "
                          f"does not hold {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} (set "
                          "requires_grad=False on what should not train)")
-
-
-def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None,
-               model_parameters: Iterable[Any] | None = None, training_data: Any = None,
-               lr_scheduler: Any = None, config: Any = None, config_params: Any = None,
-               dist_init_required: bool | None = None,
-               collate_fn: Callable[..., Any] | None = None) -> tuple[Engine, Any, Any, Any]:
-    """DeepSpeed's ``initialize``: returns ``(engine, optimizer, dataloader, lr_scheduler)``.
-
-    ``config`` (or ``config_params``, or ``args.deepspeed_config``) is a ds_config dict or
-    file. ``optimizer`` is a client optimizer (or a callable making one from
-    ``model_parameters``) instead of the config's ``optimizer`` block; ``lr_scheduler`` a
-    scheduler built on that optimizer, or a callable making one from the engine's
-    ``basic_optimizer``, instead of the config's ``scheduler`` block (naming both is an
-    error). ``training_data`` (a torch Dataset) comes back as a loader over the
-    data-parallel ranks (:meth:`Engine.deepspeed_io`), else the loader is None.
-    """
-    if model is None:
-        raise ValueError("initialize needs the model")
-    source = config if config is not None else config_params
-    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
-    if source is not None and from_args is not None:
-        raise ConfigError(f"config: initialize was given a config and args.deepspeed_config ({from_args!r}) too; "
-                          "keep one")
-    if source is None:
-        source = from_args
-    if source is None:
-        raise ConfigError("config: pass config=... (a dict or a ds_config file) or args.deepspeed_config")
-    comm = zero_comm.init_distributed()
-    from ._pipe_engine import PipelineEngine, is_pipeline  # deepspeed.pipe: the pipeline engine
-    from .checkpointing import configure_from_config
-    from .zero import check_partitioned_model
-    if is_pipeline(model):
-        pipe = PipelineEngine(model, source, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                              training_data=training_data, collate_fn=collate_fn)
-        return pipe, pipe.optimizer, pipe.training_dataloader, pipe.lr_scheduler  # type: ignore[return-value]
-    dp = comm.world_size
-    resolved = load_config(source).resolve(dp, hidden_size=model_hidden_size(model))
-    check_partitioned_model(model, resolved)  # zero.Init models need stage 3
-    configure_from_config(resolved)  # the activation_checkpointing block
-    engine = Engine(model, resolved, comm, model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    collate_fn=collate_fn)
-    if training_data is not None:
-        engine.training_dataloader = engine.deepspeed_io(training_data)
-    optimizer_out = engine.optimizer if engine.trains else None  # DeepSpeed: None for an evaluation-only engine
-    return engine, optimizer_out, engine.training_dataloader, engine.lr_scheduler

@@ -51,7 +51,7 @@ import torch
 
 from zero_comm import Communicator
 
-from ._config import ConfigError, DeepSpeedConfig
+from .._config import ConfigError, DeepSpeedConfig
 
 __all__ = ["TrainingMonitor"]
 

@@ -210,7 +210,7 @@ class DeepSpeedConfig(_Block):
         """A copy with the batch-size triangle completed for ``world_size`` data-parallel ranks
         (``train_batch_size = micro * accumulation * world_size``) and every ``"auto"`` replaced:
         bucket sizes from ``hidden_size`` (DeepSpeed's Hugging Face rules), the rest as Hugging Face's
-        Trainer would fill them with its defaults (:mod:`zero_all._auto`)."""
+        Trainer would fill them with its defaults (:mod:`zero_all._config._auto`)."""
         micro, accum, total = self._triangle(world_size)
         zero = self.zero_optimization
         h = hidden_size

@@ -1,8 +1,8 @@
 """The ``zero`` command: ``run``, ``report``, ``plan``, ``ckpt export``, ``generate`` and ``hf``.
 
 Each subcommand is a thin shell over a function that can be called from Python
-(:func:`zero_all._run.plan_launch`, :func:`zero_all._report.collect_report`,
-:func:`zero_all._plan.plan_memory`, :func:`zero_ckpt.export`, :func:`zero_all.init_inference`).
+(:func:`zero_all._cli._run.plan_launch`, :func:`zero_all._cli._report.collect_report`,
+:func:`zero_all._cli._plan.plan_memory`, :func:`zero_ckpt.export`, :func:`zero_all.init_inference`).
 A user's mistake (a bad flag, a missing file, a checkpoint that is not one) is one line on
 stderr and exit status 2, never a traceback.
 """
@@ -153,7 +153,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     offloads: list[Any] | None = args.offload
     offload_param: Any = args.offload_param
     if args.config:
-        from ._config import ConfigError, load_config
+        from .._config import ConfigError, load_config
 
         try:
             config = load_config(args.config)
@@ -257,7 +257,7 @@ def _cmd_ckpt_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zero", allow_abbrev=False, description="zero: ZeRO training on torch.distributed -- "
                      "launch, inspect this machine, plan memory, export checkpoints.", epilog=EPILOG)
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"zero-all {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -359,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_ckpt_export, command="ckpt export")
     ckpt.set_defaults(func=lambda _: _help(ckpt))
 
-    from ._inference._cli import add_generate_parser
+    from .._inference._cli import add_generate_parser
 
     add_generate_parser(sub, _positive)
-    from ._hf._install import add_hf_parser
+    from .._hf._install import add_hf_parser
 
     add_hf_parser(sub)
     return parser

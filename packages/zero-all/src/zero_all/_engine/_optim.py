@@ -34,8 +34,7 @@ import torch
 import zero_optim
 from zero_offload import CPUAdam
 
-from ._auto import fill_optimizer_auto
-from ._config import ConfigError, DeepSpeedConfig
+from .._config import ConfigError, DeepSpeedConfig, fill_optimizer_auto
 
 __all__ = ["TorchOptimizerView", "TorchRule", "rule_from_client", "rule_from_config"]
 

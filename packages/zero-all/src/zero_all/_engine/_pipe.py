@@ -28,11 +28,11 @@ from torch import nn
 import zero_comm
 import zero_pipe
 
-from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
-from ._config import ConfigError, DeepSpeedConfig, load_config
-from ._engine import Engine, model_hidden_size
-from ._engine_info import EngineInfo
-from .checkpointing import configure_from_config
+from .._config import ConfigError, DeepSpeedConfig, load_config
+from ..checkpointing import configure_from_config
+from ._info import EngineInfo
+from ._state import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
+from ._training import Engine, model_hidden_size
 
 __all__ = ["PipelineEngine", "is_pipeline"]
 

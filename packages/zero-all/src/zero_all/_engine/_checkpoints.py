@@ -15,8 +15,8 @@ import torch
 import zero_optim
 from zero_ckpt import save_state_dict
 
-from ._checkpoint import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
-from .utils import log_dist
+from ..utils import log_dist
+from ._state import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 
 __all__ = ["EngineCheckpoints", "check_node_local_storage"]
 
@@ -39,7 +39,7 @@ def check_node_local_storage(config: Any) -> None:
         return
     nodes = _nodes()
     if nodes != 1:
-        from ._config import ConfigError
+        from .._config import ConfigError
 
         raise ConfigError(f"checkpoint.use_node_local_storage: zero writes checkpoints to storage every rank shares; "
                           f"this job spans {nodes or 'an unknown number of'} nodes (set it to false and save to a "

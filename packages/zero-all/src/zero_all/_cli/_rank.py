@@ -1,6 +1,6 @@
 """What each rank of ``zero run`` runs: the user's script or module, inside a thin wrapper.
 
-``python -m zero_all._rank (--script PATH | --module NAME) ARGS...`` runs the target
+``python -m zero_all._cli._rank (--script PATH | --module NAME) ARGS...`` runs the target
 as ``python PATH ARGS`` or ``python -m NAME ARGS`` would (``sys.argv``, ``sys.path[0]``,
 ``__main__``), and adds three things:
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 # zero's exceptions whose message is the whole story (matched by name: nothing is imported here)
 USER_ERRORS = frozenset({
-    "zero_all._config.ConfigError",
-    "zero_all._run.HostfileError",
+    "zero_all._config._schema.ConfigError",
+    "zero_all._cli._run.HostfileError",
     "zero_ckpt._format.CheckpointError",
 })
 
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
     _die_with_launcher()
     _show_zero_lines()
     if len(argv) < 2 or argv[0] not in ("--script", "--module"):
-        print("usage: python -m zero_all._rank (--script PATH | --module NAME) ARGS...", file=sys.stderr)
+        print("usage: python -m zero_all._cli._rank (--script PATH | --module NAME) ARGS...", file=sys.stderr)
         return 2
     kind, target, args = argv[0], argv[1], argv[2:]
     _report_start()

@@ -8,7 +8,7 @@ from torch import nn
 import zero_comm
 import zero_pipe
 
-from ._config import ConfigError
+from .._config import ConfigError
 
 __all__ = ["expert_comms"]
 

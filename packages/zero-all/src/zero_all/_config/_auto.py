@@ -23,7 +23,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "fp16.enabled": False,  # fp16
     "bf16.enabled": False,  # bf16
     "optimizer.params.lr": 5e-5,  # learning_rate
-    "optimizer.params.betas": [0.9, 0.999],  # adam_beta1, adam_beta2
+    "optimizer.params.betas": (0.9, 0.999),  # adam_beta1, adam_beta2
     "optimizer.params.eps": 1e-8,  # adam_epsilon
     "optimizer.params.weight_decay": 0.0,  # weight_decay
     "scheduler.params.warmup_min_lr": 0.0,
@@ -38,7 +38,7 @@ def _fill(block: str, params: Mapping[str, Any], lr: float) -> dict[str, Any]:
         if value != "auto":
             continue
         if key in _NO_DEFAULT:
-            from ._config import ConfigError
+            from ._schema import ConfigError
 
             raise ConfigError(f"{block}.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from "
                               f"{_NO_DEFAULT[key]}, which has no default; outside the Trainer, give a value")
@@ -47,7 +47,7 @@ def _fill(block: str, params: Mapping[str, Any], lr: float) -> dict[str, Any]:
             continue
         path = f"{block}.params.{key}"
         if path not in TRAINER_DEFAULTS:
-            from ._config import ConfigError
+            from ._schema import ConfigError
 
             raise ConfigError(f"{path}: \"auto\" has no Hugging Face Trainer default here; give a value")
         out[key] = TRAINER_DEFAULTS[path]

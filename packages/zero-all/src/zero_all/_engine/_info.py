@@ -10,7 +10,7 @@ import torch
 import zero_comm
 import zero_optim
 
-from ._config import DeepSpeedConfig
+from .._config import DeepSpeedConfig
 
 __all__ = ["EngineInfo", "NoOptimizer"]
 

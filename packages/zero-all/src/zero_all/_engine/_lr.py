@@ -37,9 +37,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ._auto import fill_scheduler_auto
-from ._config import ConfigError
-from .utils import log_dist
+from .._config import ConfigError, fill_scheduler_auto
+from ..utils import log_dist
 
 __all__ = ["SCHEDULES", "LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "build_scheduler"]
 

@@ -94,7 +94,7 @@ class LaunchPlan:
     def torchrun_argv(self, script: str, script_args: list[str], *, module: bool = False,
                       extra: list[str] | tuple[str, ...] = (), wrap: bool = False) -> list[str]:
         """torchrun's arguments; ``extra`` are torchrun options passed through as given; ``wrap`` runs
-        the target through :mod:`zero_all._rank` (failure reports, dies with the launcher)."""
+        the target through :mod:`zero_all._cli._rank` (failure reports, dies with the launcher)."""
         argv = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc}"]
         if self.rendezvous == "standalone":
             argv.append("--standalone")
@@ -107,7 +107,7 @@ class LaunchPlan:
             argv.append(f"--node-rank={self.node_rank}")
         argv += list(extra)
         if wrap:
-            return [*argv, "-m", "zero_all._rank", "--module" if module else "--script", script, *script_args]
+            return [*argv, "-m", "zero_all._cli._rank", "--module" if module else "--script", script, *script_args]
         return [*argv, *(["-m"] if module else []), script, *script_args]
 
 
