@@ -14,6 +14,7 @@ from ._lion import lion_step
 from ._memory import peak_memory
 from ._norms import layer_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
+from ._quant_rows import dequantize_int8_rows, quantize_int8_rows
 from ._rope import apply_rotary, rotary_tables
 from ._sgd import sgd_step
 
@@ -24,6 +25,7 @@ __all__ = [
     "adam_step",
     "apply_rotary",
     "dequantize_int8",
+    "dequantize_int8_rows",
     "fused_linear_cross_entropy",
     "global_grad_norm",
     "grad_norm_sq",
@@ -31,6 +33,7 @@ __all__ = [
     "lion_step",
     "peak_memory",
     "quantize_int8",
+    "quantize_int8_rows",
     "quantize_weights_",
     "rms_norm",
     "rotary_tables",

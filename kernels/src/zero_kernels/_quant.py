@@ -40,7 +40,7 @@ def quantize_int8(x: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor,
         q = torch.empty(n, dtype=torch.int8, device=x.device)
         scales = torch.empty(blocks, dtype=torch.float32, device=x.device)
         if n:
-            quantize_kernel[(blocks,)](flat, q, scales, n, BLOCK=block_size)
+            quantize_kernel[(blocks, 1)](flat, q, scales, n, blocks, BLOCK=block_size)
         return q, scales
     if path == "torch":
         return _quantize_builtin(flat, block_size)
@@ -73,7 +73,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, block_size: int = 256
         check_contiguous(q=q, scales=scales)
         out = torch.empty(n, dtype=dtype, device=q.device)
         if n:
-            dequantize_kernel[(scales.numel(),)](q, scales, out, n, BLOCK=block_size)
+            dequantize_kernel[(scales.numel(), 1)](q, scales, out, n, scales.numel(), BLOCK=block_size)
         return out
     if path == "torch":
         return _dequantize_builtin(q, scales, block_size, dtype)
