@@ -16,13 +16,18 @@ def sumsq_kernel(x_ptr, sums_ptr, bad_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, blocks_per_row, BLOCK: tl.constexpr):
-    """Grid (blocks_per_row, rows): one block of one row of a (rows, cols) tensor; blocks never cross rows."""
+def _row_block(cols, blocks_per_row, BLOCK: tl.constexpr):
+    """This program's block of a (rows, cols) tensor: element offsets, their mask, the scale's index."""
     blk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     col = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < cols
-    offs = row * cols + col
+    return row * cols + col, col < cols, row * blocks_per_row + blk
+
+
+@triton.jit
+def quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, blocks_per_row, BLOCK: tl.constexpr):
+    """Grid (blocks_per_row, rows): one block of one row of a (rows, cols) tensor; blocks never cross rows."""
+    offs, mask, scale_at = _row_block(cols, blocks_per_row, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.max(tl.abs(x), axis=0) / 127.0
     y = tl.where(scale > 0, x / scale, 0.0)
@@ -30,17 +35,13 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, blocks_per_row, BLOCK: tl.con
     q = tl.minimum(tl.where(y < 0, -r, r), 127.0)
     q = tl.maximum(q, -127.0)
     tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + row * blocks_per_row + blk, scale)
+    tl.store(scale_ptr + scale_at, scale)
 
 
 @triton.jit
 def dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, blocks_per_row, BLOCK: tl.constexpr):
     """Grid (blocks_per_row, rows), as :func:`quantize_kernel`."""
-    blk = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    col = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < cols
-    offs = row * cols + col
+    offs, mask, scale_at = _row_block(cols, blocks_per_row, BLOCK)
     q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
-    scale = tl.load(scale_ptr + row * blocks_per_row + blk)
+    scale = tl.load(scale_ptr + scale_at)
     tl.store(out_ptr + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
