@@ -100,7 +100,8 @@ def pipeline_script(stages: int, stage: int, tied: bool, root: str | None = None
     evaluated = engine.eval_batch(batch(STEPS)).item()
     return {"losses": losses, "eval": evaluated, "first": engine.is_first_stage(), "last": engine.is_last_stage(),
             "micro_batches": engine.micro_batches, "global_steps": engine.global_steps, "norms": norms,
-            "skipped": engine.skipped_steps, "scale": engine.optimizer.loss_scale}
+            "skipped": engine.skipped_steps, "scale": engine.optimizer.loss_scale,
+            "counters": (engine._stage.micro_steps, engine.global_samples)}
 
 
 @pytest.mark.parametrize(("world", "stages", "stage", "tied", "clip"),
@@ -136,6 +137,7 @@ def test_checkpoint_resumes_exactly(tmp_path: Path):
     resumed = run_ranks(pipeline_script, 2, 2, 1, True, str(tmp_path), True, True, timeout=240)[0]
     assert resumed["losses"] == straight["losses"][2:]
     assert resumed["eval"] == straight["eval"] and resumed["global_steps"] == STEPS
+    assert resumed["counters"] == straight["counters"]  # the one checkpoint writer keeps every counter
 
 
 @pytest.mark.parametrize(("extra", "match"), [

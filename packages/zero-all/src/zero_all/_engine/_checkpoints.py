@@ -1,5 +1,5 @@
 """The engine's checkpoints: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` (every rank its shards,
-through :mod:`._checkpoint` and zero-ckpt) and the whole-model exports (``save_16bit_model`` and the
+through :mod:`._state` and zero-ckpt) and the whole-model exports (``save_16bit_model`` and the
 consolidated state dict Hugging Face's Trainer and Accelerate save with ``from_pretrained``'s layout)."""
 
 from __future__ import annotations
@@ -18,7 +18,45 @@ from zero_ckpt import save_state_dict
 from ..utils import log_dist
 from ._state import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
 
-__all__ = ["EngineCheckpoints", "check_node_local_storage"]
+__all__ = ["EngineCheckpoints", "check_node_local_storage", "read_checkpoint", "write_checkpoint"]
+
+COUNTERS = ("global_steps", "micro_steps", "skipped_steps", "global_samples")
+
+
+def write_checkpoint(engine: Any, module: torch.nn.Module, comm: Any, save_dir: str | Path, tag: str | None,
+                     client_state: dict | None, save_latest: bool) -> bool:
+    """Save ``engine``'s ZeRO state (every rank its shards), counters and scheduler, and ``client_state``, as
+    ``save_dir/tag``: the one writer both engines use (the pipeline engine passes its stage's engine, with
+    the stage's module and the whole world)."""
+    tag = tag or f"global_step{engine.global_steps}"
+    state = {"client_state": client_state or {}, **{k: getattr(engine, k) for k in COUNTERS},
+             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+    if engine.basic_optimizer is not None:
+        engine.basic_optimizer.sync_client()  # the hyper-parameters a client's scheduler set since the last step
+    save_optimizer(engine.optimizer, module, comm, save_dir, tag, state, update_latest=save_latest)
+    return True
+
+
+def read_checkpoint(engine: Any, module: torch.nn.Module, comm: Any, load_dir: str | Path, tag: str | None, *,
+                    whole_model: bool, strict: bool, optimizer_states: bool, lr_scheduler_states: bool,
+                    module_only: bool) -> tuple[str | None, dict | None]:
+    """Load what :func:`write_checkpoint` wrote back into ``engine`` (see ``Engine.load_checkpoint``)."""
+    if nothing_to_resume(load_dir, tag):
+        return None, None
+    loaded, state = load_optimizer(engine.optimizer, module, comm, load_dir, tag, strict=strict,
+                                   weights_only=module_only or not optimizer_states, restore_rng=not module_only,
+                                   whole_model=whole_model, counters=("global_steps", "skipped_steps"))
+    if not module_only:
+        engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
+        # older checkpoints (and the pipeline engine's, before it wrote them) lack these two
+        engine.micro_steps = state.get("micro_steps", engine.global_steps * engine.gradient_accumulation_steps())
+        engine.global_samples = state.get("global_samples", engine.global_steps * engine.train_batch_size())
+        saved = state.get("lr_scheduler")
+        if lr_scheduler_states and engine.lr_scheduler is not None and saved is not None:
+            engine.lr_scheduler.load_state_dict(saved)
+    if engine.basic_optimizer is not None:
+        engine.basic_optimizer.sync_client()  # the loaded hyper-parameters reach a client optimizer too
+    return str(Path(load_dir) / loaded), state["client_state"]
 
 
 def _nodes() -> int | None:
@@ -54,29 +92,13 @@ class EngineCheckpoints:
         comm: Any
         module: torch.nn.Module
         optimizer: Any
-        lr_scheduler: Any
-        basic_optimizer: Any
-        global_steps: int
-        micro_steps: int
-        skipped_steps: int
-        global_samples: int
-
-        def train_batch_size(self) -> int: ...
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True) -> bool:
         """Save the ZeRO state (every rank its shards), the scheduler's state and ``client_state``
         (tensors and plain data) as ``save_dir/tag``, replacing an existing ``tag`` atomically; with
         ``save_latest`` (the default) ``latest`` then names it. Returns True, as DeepSpeed does."""
-        tag = tag or f"global_step{self.global_steps}"
-        state = {"client_state": client_state or {}, "global_steps": self.global_steps,
-                 "micro_steps": self.micro_steps, "skipped_steps": self.skipped_steps,
-                 "global_samples": self.global_samples,
-                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        if self.basic_optimizer is not None:
-            self.basic_optimizer.sync_client()  # the hyper-parameters a client's scheduler set since the last step
-        save_optimizer(self.optimizer, self.module, self.comm, save_dir, tag, state, update_latest=save_latest)
-        return True
+        return write_checkpoint(self, self.module, self.comm, save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
@@ -95,23 +117,9 @@ class EngineCheckpoints:
         names (those in both are loaded). ``custom_load_fn`` is not supported (the weights are
         loaded as fp32 shards, not through a module state dict)."""
         no_custom_load(custom_load_fn)
-        if nothing_to_resume(load_dir, tag):
-            return None, None
-        loaded, state = load_optimizer(self.optimizer, self.module, self.comm, load_dir, tag,
-                                       strict=load_module_strict,
-                                       weights_only=load_module_only or not load_optimizer_states,
-                                       restore_rng=not load_module_only, whole_model=True,
-                                       counters=("global_steps", "micro_steps", "skipped_steps"))
-        if not load_module_only:
-            self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
-            self.skipped_steps = state["skipped_steps"]
-            self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
-            saved = state.get("lr_scheduler")
-            if load_lr_scheduler_states and self.lr_scheduler is not None and saved is not None:
-                self.lr_scheduler.load_state_dict(saved)
-        if self.basic_optimizer is not None:
-            self.basic_optimizer.sync_client()  # the loaded hyper-parameters reach a client optimizer too
-        return str(Path(load_dir) / loaded), state["client_state"]
+        return read_checkpoint(self, self.module, self.comm, load_dir, tag, whole_model=True,
+                               strict=load_module_strict, optimizer_states=load_optimizer_states,
+                               lr_scheduler_states=load_lr_scheduler_states, module_only=load_module_only)
 
     def zero_gather_16bit_weights_on_model_save(self) -> bool:
         """Whether a stage-3 model save gathers the whole weights (``stage3_gather_16bit_weights_on_model_save``)."""

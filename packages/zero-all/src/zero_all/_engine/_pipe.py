@@ -30,8 +30,9 @@ import zero_pipe
 
 from .._config import ConfigError, DeepSpeedConfig, load_config
 from ..checkpointing import configure_from_config
+from ._checkpoints import read_checkpoint, write_checkpoint
 from ._info import EngineInfo
-from ._state import load_optimizer, no_custom_load, nothing_to_resume, save_optimizer
+from ._state import no_custom_load
 from ._training import Engine, model_hidden_size
 
 __all__ = ["PipelineEngine", "is_pipeline"]
@@ -255,13 +256,9 @@ class PipelineEngine(EngineInfo, nn.Module):
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True) -> bool:
         """Save every stage's ZeRO state (each rank its shards), its layers' buffers and untrained weights,
-        and ``client_state`` as ``save_dir/tag``, replacing an existing ``tag`` atomically. Returns True."""
-        tag = tag or f"global_step{self.global_steps}"
-        state = {"client_state": client_state or {}, "global_steps": self.global_steps,
-                 "skipped_steps": self.skipped_steps,
-                 "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None}
-        save_optimizer(self.optimizer, self.module, self.world, save_dir, tag, state, update_latest=save_latest)
-        return True
+        the counters and scheduler, and ``client_state`` as ``save_dir/tag``, replacing an existing ``tag``
+        atomically. Returns True."""
+        return write_checkpoint(self._stage, self.module, self.world, save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
@@ -272,18 +269,9 @@ class PipelineEngine(EngineInfo, nn.Module):
         :meth:`Engine.load_checkpoint` (each stage loads the weights of its own layers; all or nothing
         over every stage)."""
         no_custom_load(custom_load_fn)
-        if nothing_to_resume(load_dir, tag):
-            return None, None
-        loaded, state = load_optimizer(self.optimizer, self.module, self.world, load_dir, tag,
-                                       strict=load_module_strict,
-                                       weights_only=load_module_only or not load_optimizer_states,
-                                       restore_rng=not load_module_only, whole_model=False,
-                                       counters=("global_steps", "skipped_steps"))
-        if not load_module_only:
-            self._stage.global_steps, self._stage.skipped_steps = state["global_steps"], state["skipped_steps"]
-            if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-                self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        return str(Path(load_dir) / loaded), state["client_state"]
+        return read_checkpoint(self._stage, self.module, self.world, load_dir, tag, whole_model=False,
+                               strict=load_module_strict, optimizer_states=load_optimizer_states,
+                               lr_scheduler_states=load_lr_scheduler_states, module_only=load_module_only)
 
 
 def _repeat(loader: Iterable[Any]) -> Iterator[Any]:
