@@ -28,7 +28,6 @@ __all__ = ["consolidate", "export", "save_state_dict"]
 
 logger = logging.getLogger("zero_ckpt")
 
-WEIGHT_PREFIXES = ("optimizer/master/", "optim/master/")  # zero-all's engine item, CheckpointManager's docs
 SAFETENSORS_MISSING = ("writing .safetensors needs the safetensors package: pip install 'zero-ckpt[safetensors]' "
                        "(or 'zero-all[safetensors]')")
 
@@ -48,10 +47,14 @@ def _record(reader: CheckpointReader) -> ModuleRecord | None:
 def _module_state(reader: CheckpointReader, dtype: torch.dtype | None, frozen: bool) -> dict[str, torch.Tensor]:
     record = _record(reader)
     if record is None:  # written before checkpoints recorded the module: what it holds, as it holds it
-        prefix = next((p for p in WEIGHT_PREFIXES if any(n.startswith(p) for n in reader.names)), None)
-        if prefix is None:
-            raise CheckpointError(f"checkpoint {reader.dir} holds no module record and no weights under "
-                                  f"{' or '.join(WEIGHT_PREFIXES)} (it has e.g. {reader.names[:3]}); pass prefix=")
+        # an optimizer's fp32 masters, under whatever item name it was saved as ("<item>/master/<param>")
+        prefixes = sorted({n[:n.index("/master/") + len("/master/")] for n in reader.names
+                           if "/master/" in n and "/" not in n[:n.index("/master/")]})
+        if len(prefixes) != 1:
+            found = f"weights under each of {prefixes}" if prefixes else "no weights under <item>/master/"
+            raise CheckpointError(f"checkpoint {reader.dir} holds no module record and {found} (it has e.g. "
+                                  f"{reader.names[:3]}); pass prefix=")
+        prefix = prefixes[0]
         held = {n[len(prefix):]: _cast(reader.full(n), dtype) for n in reader.names if n.startswith(prefix)}
         extras = [n for n in reader.names if n.startswith("module/")]
         held.update({n.removeprefix("module/"): _cast(reader.full(n), dtype) for n in extras})

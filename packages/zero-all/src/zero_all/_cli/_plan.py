@@ -42,7 +42,10 @@ __all__ = ["MemoryPlan", "ModelShape", "Offload", "model_shape", "plan_memory", 
 
 Offload = Literal["none", "cpu", "nvme"]
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-STATE_TENSORS = {"adamw": 2, "adam": 2, "lamb": 2, "lion": 1, "sgd": 1}
+# fp32 state tensors per parameter, as each of zero_optim's rules keeps them (SGD: its momentum buffer)
+STATE_TENSORS = {name: len(rule().state_names) for name, rule in (
+    ("adamw", zero_optim.AdamW), ("adam", zero_optim.Adam), ("lamb", zero_optim.LAMB), ("lion", zero_optim.Lion),
+    ("sgd", zero_optim.SGD))}
 STAGING_RING = 3  # stage 2/3 gradient buffers alive at once: one filling, two reducing (zero-optim's drain(keep=1))
 GLOO_GATHERS = 3  # Gloo all_gathers whose scratch buffers were seen alive at once
 
