@@ -7,9 +7,10 @@ lives is a :class:`StateStore` (device memory by default).
 """
 
 from ._base import ShardedOptimizer
+from ._config import ZeroConfig
 from ._construct import partitioned
 from ._layout import Bucket, GroupLayout, build_layout
-from ._optimizer import ZeroConfig, ZeroOptimizer
+from ._optimizer import ZeroOptimizer
 from ._partition import GatherUnit, ParamShard, PartitionedParameter, PartitionedParameterError, gathered
 from ._rules import LAMB, SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig

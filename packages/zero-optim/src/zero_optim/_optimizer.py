@@ -18,101 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from zero_comm import Communicator, Handle
 
-from ._base import DTYPES, Piece, Segment, ShardedOptimizer
+from ._base import Piece, Segment, ShardedOptimizer
+from ._config import ZeroConfig
 from ._expert import split_by_reduce_group, sums_over_copies
 from ._layout import Bucket, GroupLayout, build_layout
 from ._rules import UpdateRule, check_hyperparameters
-from ._scaler import LossScaleConfig
 from ._store import StateStore
 
-__all__ = ["ZeroConfig", "ZeroOptimizer"]
-
-Precision = Literal["fp32", "bf16", "fp16"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroConfig:
-    """How the optimizer partitions, communicates and scales.
-
-    Args:
-        stage: 0 (replicated), 1 (optimizer state partitioned), 2 (gradients too) or 3
-            (parameters too: :class:`ZeroStage3`).
-        precision: the dtype of model weights and gradients; master weights are fp32.
-        bucket_numel: elements per communication bucket: bigger buckets mean fewer,
-            more efficient collectives and, in stage 2, more memory in flight.
-        align: every bucket is padded to a multiple of ``world_size * align``.
-        accumulation_steps: micro-steps per optimizer step; ``backward`` divides the
-            loss by it.
-        clip_grad_norm: clip the global gradient norm (over all partitions) to this.
-        loss_scale: fp16 dynamic loss scaling (ignored for fp32 and bf16).
-        overlap_comm: stages 2-3 launch each bucket's (unit's) reduce-scatter from the
-            backward hook and wait at the end of backward; off, they wait at once.
-        prefetch_numel: stage 3: elements of parameters gathered ahead of use, in the
-            recorded order (DeepSpeed's stage3_prefetch_bucket_size); 0 turns prefetch off.
-        max_live_numel: stage 3: prefetching stops where gathered parameters would
-            exceed this many elements (stage3_max_live_parameters).
-        persistence_threshold: stage 3: parameters of at most this many elements stay
-            whole on every rank (stage3_param_persistence_threshold).
-        unit_numel: stage 3: 0 gathers each module's own parameters as one unit; above
-            0, the largest subtrees of at most this many elements (a transformer
-            block) are gathered as one unit each: fewer, larger all-gathers and fewer
-            hooks, at the price of that much live memory.
-        offload_param: stage 3: keep this rank's parameter and gradient shards in the
-            optimizer's store too (ZeRO-Infinity with an NVMe store: the device and host
-            hold only the modules in use and the store's buffers); the store is told the
-            recorded order and reads each layer's shard ahead of its gather.
-    """
-
-    stage: int = 0
-    precision: Precision = "fp32"
-    bucket_numel: int = 1 << 24
-    align: int = 64
-    accumulation_steps: int = 1
-    clip_grad_norm: float | None = None
-    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
-    overlap_comm: bool = True
-    prefetch_numel: int = 50_000_000
-    max_live_numel: int = 1_000_000_000
-    persistence_threshold: int = 100_000
-    unit_numel: int = 0
-    offload_param: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("stage", "bucket_numel", "align", "accumulation_steps", "prefetch_numel", "max_live_numel",
-                     "persistence_threshold", "unit_numel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"ZeroConfig.{name} must be an integer, got {value!r}")
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"ZeroConfig.stage must be 0, 1, 2 or 3, got {self.stage!r}")
-        if not isinstance(self.offload_param, bool):
-            raise ValueError(f"ZeroConfig.offload_param must be True or False, got {self.offload_param!r}")
-        if self.offload_param and self.stage != 3:
-            raise ValueError(f"ZeroConfig.offload_param offloads partitioned parameters: it needs stage 3, "
-                             f"got stage {self.stage} (offload the optimizer with a store instead)")
-        if self.precision not in DTYPES:
-            raise ValueError(f"ZeroConfig.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
-        for name in ("prefetch_numel", "max_live_numel", "persistence_threshold", "unit_numel"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ZeroConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("bucket_numel", "align", "accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ZeroConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        clip = self.clip_grad_norm
-        if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-            raise ValueError(f"ZeroConfig.clip_grad_norm must be a finite positive number, got {clip!r}")
-        if isinstance(self.loss_scale, Mapping):  # the fp16 block of a config file
-            object.__setattr__(self, "loss_scale", LossScaleConfig(**self.loss_scale))
-        if not isinstance(self.loss_scale, LossScaleConfig):
-            raise ValueError(f"ZeroConfig.loss_scale must be a LossScaleConfig or a dict of its fields, "
-                             f"got {self.loss_scale!r}")
-
+__all__ = ["ZeroOptimizer"]
 
 @dataclass
 class _Group:

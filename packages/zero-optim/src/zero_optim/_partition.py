@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -147,6 +147,13 @@ def state_dict_placeholders(root: nn.Module) -> None:
         module._zero_state_dict_hooks = True  # type: ignore[assignment]
 
 
+class GatherRoute(Protocol):
+    """How a unit's training gathers travel instead of a plain all-gather (ZeRO++: see ``_zeropp``)."""
+
+    def launch(self, unit: GatherUnit, shard: torch.Tensor) -> Handle: ...
+    def invalidate(self) -> None: ...
+
+
 def _release(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(0)
 
@@ -206,6 +213,9 @@ class GatherUnit:
         self.home: tuple[StateStore, str] | None = None  # where the shard lives when offloaded
         self._handle: Handle | None = None
         self._borrowed: str | None = None  # the store key an all-gather in flight reads from
+        self.route: GatherRoute | None = None  # how training's gathers travel (ZeRO++: int8, or in the node)
+        self.exact = True  # the gathered values are the shards' own (not decoded int8, not a node copy)
+        self._pending_exact = True
         lo = r * self.shard_numel
         for i, (p, off, is_plain) in enumerate(zip(params, self.offsets, plain, strict=True)):
             start = min(max(lo - off, 0), p.numel())
@@ -231,11 +241,15 @@ class GatherUnit:
         """Elements of full parameters this unit holds now (gathered or being gathered)."""
         return self.padded if (self.gathered or self.in_flight) else 0
 
-    def gather(self, async_op: bool = False) -> None:
+    def gather(self, async_op: bool = False, *, exact: bool = True) -> None:
         """Bring the full parameters back (a collective: every rank must call it, in the same order).
 
-        ``async_op`` only launches the all-gather; the next ``gather()`` or ``wait()`` completes it."""
-        if self.gathered:
+        ``async_op`` only launches the all-gather; the next ``gather()`` or ``wait()`` completes it.
+        ``exact=False`` lets the unit's :attr:`route` carry it (a training step's gathers under ZeRO++:
+        int8 blocks, or the node group's copy); an exact gather of a unit gathered that way gathers again."""
+        if self._handle is not None and exact and not self._pending_exact:
+            self.wait()
+        if self.gathered and (self.exact or not exact):
             return
         if self._handle is None:
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
@@ -248,7 +262,10 @@ class GatherUnit:
                     store.release(key)
                 else:
                     self._borrowed = key
-            self._handle = self.comm.all_gather(shard, out=self.full, async_op=True)
+            route = None if exact else self.route
+            self._pending_exact = route is None
+            self._handle = (self.comm.all_gather(shard, out=self.full, async_op=True) if route is None
+                            else route.launch(self, shard))
         if not async_op:
             self.wait()
 
@@ -258,7 +275,7 @@ class GatherUnit:
             return
         self._handle.wait()
         self._handle = None
-        self.gathered = True
+        self.gathered, self.exact = True, self._pending_exact
         if self._borrowed is not None and self.home is not None:
             self.home[0].release(self._borrowed)
             self._borrowed = None
@@ -302,7 +319,10 @@ class GatherUnit:
             self.gathered = False
 
     def refresh(self) -> None:
-        """After the shard changed (an optimizer step): a persistent unit gathers the new values."""
+        """After the shard changed (an optimizer step): a persistent unit gathers the new values, and a
+        route's copies of the old ones are stale."""
+        if self.route is not None:
+            self.route.invalidate()
         if self.persistent:
             self.release(force=True)
             self.gather()
@@ -314,6 +334,8 @@ class GatherUnit:
         r = self.comm.rank
         with self.local_shard(write=True) as shard:
             shard.copy_(self.full[r * self.shard_numel:(r + 1) * self.shard_numel])
+        if self.route is not None:
+            self.route.invalidate()
         for callback in self.on_change:
             callback(self)
 

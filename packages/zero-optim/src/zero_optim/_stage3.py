@@ -34,12 +34,13 @@ from torch.utils._pytree import tree_flatten
 from zero_comm import Communicator
 
 from ._base import Piece, Segment, ShardedOptimizer
-from ._optimizer import ZeroConfig
+from ._config import ZeroConfig
 from ._partition import GatherUnit, PartitionedParameter, state_dict_placeholders
 from ._rules import UpdateRule, check_hyperparameters
 from ._stage3_grads import GradientReduction, UnitOwner
 from ._store import StateStore
 from ._trace import UseOrder
+from ._zeropp import apply_zeropp
 
 __all__ = ["ZeroStage3"]
 
@@ -58,12 +59,16 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
     ``param_groups`` is an optional list of torch-style group dicts over the
     module's parameters (``{"params": [...], "weight_decay": 0.0}``); parameters in
     none of them join the first. ``config.precision`` is the dtype the parameters
-    are kept and gathered in; master weights are fp32.
+    are kept and gathered in; master weights are fp32. ZeRO++ (``config.quantized_weights``,
+    ``quantized_gradients``, ``hpz_partition_size``; see ``_zeropp``) changes only what a
+    step's collectives carry; ``hpz_comm`` is this rank's group of ``hpz_partition_size``
+    ranks, built over the world when not given.
     """
 
     def __init__(self, module: nn.Module, rule: UpdateRule, *, comm: Communicator,
                  config: ZeroConfig | None = None, store: StateStore | None = None,
-                 param_groups: Iterable[Mapping[str, Any]] | None = None, train: bool = True):
+                 param_groups: Iterable[Mapping[str, Any]] | None = None, train: bool = True,
+                 hpz_comm: Communicator | None = None):
         self.config = config = config or ZeroConfig(stage=3)
         if config.stage != 3:
             raise ValueError(f"ZeroStage3 needs ZeroConfig(stage=3, ...), got stage {config.stage}")
@@ -81,6 +86,7 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
         self.units: list[GatherUnit] = []
         self._units_of: dict[nn.Module, list[GatherUnit]] = {}
         self._build_units()
+        self._grad_codec = apply_zeropp(self.units, comm, config, hpz_comm)
         state_dict_placeholders(module)
         # train=False: the parameters are only partitioned and gathered (evaluation); no master weights, no state
         trained = [(i, u) for i, u in enumerate(self.units) if train and any(p.requires_grad for p in u.params)]
@@ -234,7 +240,7 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
             trace.record(u)
             if not (u.gathered or u.in_flight):
                 self.gather_counts["on_demand"] += 1
-            u.gather()
+            u.gather(exact=False)
         self._prefetch(trace)
 
     def _prefetch(self, trace: UseOrder) -> None:
@@ -250,7 +256,7 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
                 continue
             if live + u.padded > self.config.max_live_numel:
                 break
-            u.gather(async_op=True)
+            u.gather(async_op=True, exact=False)
             self.gather_counts["prefetched"] += 1
             live += u.padded
             budget -= u.padded
@@ -264,7 +270,7 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
         external = self._external.setdefault(module, [])
         if unit not in external:
             external.append(unit)
-        unit.gather()
+        unit.gather(exact=False)
         return True
 
     def _units_for(self, module: nn.Module) -> list[GatherUnit]:
@@ -401,8 +407,7 @@ class ZeroStage3(GradientReduction, ShardedOptimizer):
 
     def _after_update(self) -> None:
         for unit in self.units:  # every rank, whether or not its share of the unit had anything to update
-            if unit.persistent:
-                unit.refresh()
+            unit.refresh()
 
     def _segments(self, owner: UnitOwner, a: int, b: int) -> list[Segment]:
         out = []
