@@ -100,9 +100,13 @@ MEANING: dict[str, str] = {
     "zero_optimization.load_from_fp32_weights": _IGNORED + " (checkpoints always hold the fp32 masters).",
     "zero_optimization.memory_efficient_linear": _IGNORED + ".",
     "zero_optimization.cpu_offload": "DeepSpeed's old spelling of `offload_optimizer.device: cpu`.",
-    "zero_optimization.zero_hpz_partition_size": "ZeRO++; refused unless 1.",
-    "zero_optimization.zero_quantized_weights": "ZeRO++; refused unless false.",
-    "zero_optimization.zero_quantized_gradients": "ZeRO++; refused unless false.",
+    "zero_optimization.zero_hpz_partition_size": "ZeRO++ hpZ (stage 3): ranks per node group; each keeps a second "
+                                                "parameter shard over its group, and a step's gathers stay inside "
+                                                "it. 1: off.",
+    "zero_optimization.zero_quantized_weights": "ZeRO++ qwZ (stage 3): parameter gathers carry int8 blocks with "
+                                                "their scales; master weights stay fp32.",
+    "zero_optimization.zero_quantized_gradients": "ZeRO++ qgZ (stage 3): gradients are reduce-scattered as int8 "
+                                                  "blocks by one all-to-all, summed in fp32.",
     "zero_optimization.mics_shard_size": "MiCS; refused unless -1.",
     "activation_checkpointing": "How `checkpointing.checkpoint` saves activations.",
     "activation_checkpointing.partition_activations": "Split saved activations across model-parallel ranks.",

@@ -287,9 +287,6 @@ _NOT_YET = {
 }
 # Keys whose other values ask for something zero does not do yet: refused unless left at these values
 _NOT_YET_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
-    "zero_optimization.zero_hpz_partition_size": ((1,), "ZeRO++ hierarchical partitioning"),
-    "zero_optimization.zero_quantized_weights": ((False,), "ZeRO++ quantised weights"),
-    "zero_optimization.zero_quantized_gradients": ((False,), "ZeRO++ quantised gradients"),
     "zero_optimization.mics_shard_size": ((-1,), "MiCS sharding"),
     "zero_optimization.elastic_checkpoint": ((False,), "elastic checkpoints (its checkpoints reshard anyway)"),
     "zero_optimization.offload_param.ratio": ((1.0,), "partial parameter offload"),

@@ -39,6 +39,7 @@ from ._lr import build_scheduler
 from ._moe import expert_comms
 from ._monitor import TrainingMonitor
 from ._optim import TorchOptimizerView, rule_from_client, rule_from_config
+from ._zeropp import hpz_group, zeropp_options
 
 __all__ = ["DeepSpeedEngine", "Engine", "model_hidden_size"]
 
@@ -102,7 +103,8 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             overlap_comm=zero.overlap_comm if zero.overlap_comm is not None else True,
             bucket_numel=int(zero.reduce_bucket_size), prefetch_numel=int(zero.stage3_prefetch_bucket_size),
             max_live_numel=int(zero.stage3_max_live_parameters),
-            persistence_threshold=int(zero.stage3_param_persistence_threshold), offload_param=offload_param)
+            persistence_threshold=int(zero.stage3_param_persistence_threshold), offload_param=offload_param,
+            **zeropp_options(zero, comm.world_size))
         client = optimizer
         if callable(client):  # DeepSpeed: a callable makes the optimizer from the parameters
             client = client(model_parameters if model_parameters is not None else model.parameters())
@@ -127,7 +129,8 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             if groups is not None:
                 _check_all_in_groups(model, groups)
             self.optimizer = zero_optim.ZeroStage3(model, rule, comm=comm, config=zcfg, store=store,
-                                                   param_groups=dict_groups, train=self.trains)
+                                                   param_groups=dict_groups, train=self.trains,
+                                                   hpz_comm=hpz_group(zero, comm))
         elif not self.trains:
             self.optimizer = NoOptimizer()  # type: ignore[assignment]
         else:
