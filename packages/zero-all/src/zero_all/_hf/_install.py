@@ -74,7 +74,12 @@ def status(site_dir: str | None = None) -> dict[str, Any]:
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.hf_command == "enable":
-        path = enable(args.site_dir)
+        try:
+            path = enable(args.site_dir)
+        except OSError as exc:
+            print(f"zero hf enable: error: cannot write {PTH_NAME} into {_site_dir(args.site_dir)} ({exc.strerror}); "
+                  "use a virtual environment you can write to, or --site-dir", file=sys.stderr)
+            return 2
         print(f"zero hf: `import deepspeed` now runs zero_all in this environment ({path}); "
               f"{_alias.ENV_SWITCH}=0 turns it off for one run, `zero hf disable` for good")
         real = _alias._real_deepspeed()
