@@ -17,8 +17,8 @@ from torch import nn
 
 import zero_all
 import zero_ckpt
-from zero_all._engine._state import module_extras
 from zero_all._cli import main
+from zero_all._engine._state import module_extras
 from zero_all.utils.zero_to_fp32 import (
     convert_zero_checkpoint_to_fp32_state_dict,
     get_fp32_state_dict_from_zero_checkpoint,

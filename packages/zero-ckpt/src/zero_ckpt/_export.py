@@ -51,8 +51,8 @@ def _module_state(reader: CheckpointReader, dtype: torch.dtype | None, frozen: b
         prefixes = sorted({n[:n.index("/master/") + len("/master/")] for n in reader.names
                            if "/master/" in n and "/" not in n[:n.index("/master/")]})
         if len(prefixes) != 1:
-            found = f"weights under each of {prefixes}" if prefixes else "no weights under <item>/master/"
-            raise CheckpointError(f"checkpoint {reader.dir} holds no module record and {found} (it has e.g. "
+            seen = f"weights under each of {prefixes}" if prefixes else "no weights under <item>/master/"
+            raise CheckpointError(f"checkpoint {reader.dir} holds no module record and {seen} (it has e.g. "
                                   f"{reader.names[:3]}); pass prefix=")
         prefix = prefixes[0]
         held = {n[len(prefix):]: _cast(reader.full(n), dtype) for n in reader.names if n.startswith(prefix)}
