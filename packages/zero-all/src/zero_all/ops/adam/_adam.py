@@ -10,7 +10,7 @@ mixed-precision optimizer does. ``defaults`` and every ``param_groups`` entry ca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,10 +18,12 @@ import torch
 import zero_kernels
 import zero_offload
 
+from .._flat import FlatStepOptimizer
+
 __all__ = ["DeepSpeedCPUAdam", "FusedAdam"]
 
 
-class _Adam(torch.optim.Optimizer):
+class _Adam(FlatStepOptimizer):
     def __init__(self, params: Iterable[Any], *, lr: float, bias_correction: bool, betas: tuple[float, float],
                  eps: float, weight_decay: float, amsgrad: bool, adam_w_mode: bool):
         name = type(self).__name__
@@ -39,42 +41,7 @@ class _Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.adam_w_mode = adam_w_mode
 
-    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                step: int, group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One Adam step over every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not take sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    master = p.detach().float() if p.dtype != torch.float32 else None
-                    if master is not None:
-                        state["master"] = master.contiguous()
-                    like = master if master is not None else p
-                    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                master = state.get("master")
-                weight = master if master is not None else p
-                if not weight.is_contiguous():
-                    raise ValueError(f"{type(self).__name__} steps contiguous parameters; got strides "
-                                     f"{tuple(p.stride())} for shape {tuple(p.shape)}")
-                self._kernel(weight.view(-1), p.grad.contiguous().view(-1), state["exp_avg"].view(-1),
-                             state["exp_avg_sq"].view(-1), step=state["step"], group=group,
-                             lowp_out=p.view(-1) if master is not None else None)
-        return loss
+    state_names = ("exp_avg", "exp_avg_sq")
 
 
 class FusedAdam(_Adam):
@@ -92,9 +59,10 @@ class FusedAdam(_Adam):
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
 
-    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                step: int, group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
+    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
+                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
         b1, b2 = group["betas"]
+        exp_avg, exp_avg_sq = state
         zero_kernels.adam_step(param, grad, exp_avg, exp_avg_sq, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
                                weight_decay=group["weight_decay"], step=step, decoupled=group["adam_w_mode"],
                                lowp_out=lowp_out)
@@ -120,9 +88,10 @@ class DeepSpeedCPUAdam(_Adam):
                                      f"{tuple(p.shape)} is on {p.device} (use FusedAdam, or offload_optimizer in "
                                      "the config)")
 
-    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                step: int, group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
+    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
+                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
         b1, b2 = group["betas"]
+        exp_avg, exp_avg_sq = state
         zero_offload.cpu_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=group["lr"], beta1=b1, beta2=b2,
                                    eps=group["eps"], weight_decay=group["weight_decay"],
                                    decoupled=group["adam_w_mode"], lowp_out=lowp_out)

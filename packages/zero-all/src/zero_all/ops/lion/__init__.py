@@ -4,18 +4,22 @@ sharded Lion rule with the same hyper-parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 import zero_kernels
 
+from .._flat import FlatStepOptimizer
+
 __all__ = ["DeepSpeedCPULion", "FusedLion"]
 
 
-class FusedLion(torch.optim.Optimizer):
+class FusedLion(FlatStepOptimizer):
     """Lion (Chen et al., 2023): each parameter moves by ``lr`` times the sign of an interpolated momentum."""
+
+    state_names = ("exp_avg",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, **_: Any):
@@ -24,27 +28,11 @@ class FusedLion(torch.optim.Optimizer):
                              f"betas {betas} in [0, 1)")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                master = p if p.dtype == torch.float32 and p.is_contiguous() else None
-                weight = master if master is not None else p.detach().float().contiguous()
-                b1, b2 = group["betas"]
-                zero_kernels.lion_step(weight.view(-1), p.grad.contiguous().view(-1), state["exp_avg"].view(-1),
-                                       lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"])
-                if master is None:
-                    p.copy_(weight.view_as(p))
-        return loss
+    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
+                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
+        b1, b2 = group["betas"]
+        zero_kernels.lion_step(param, grad, state[0], lr=group["lr"], beta1=b1, beta2=b2,
+                               weight_decay=group["weight_decay"], lowp_out=lowp_out)
 
 
 class DeepSpeedCPULion(FusedLion):
