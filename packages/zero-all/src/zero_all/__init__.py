@@ -22,6 +22,7 @@ from . import (  # DeepSpeed's module names
     checkpointing,
     comm,
     inference,
+    launcher,
     moe,
     ops,
     pipe,
@@ -66,4 +67,4 @@ __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "D
            "InferenceEngine", "LRRangeTest", "OffloadConfig", "OneCycle", "PipelineEngine", "TorchOptimizerView",
            "TorchRule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR", "accelerator", "add_config_arguments",
            "build_scheduler", "checkpoint", "checkpointing", "comm", "inference", "init_distributed", "init_inference",
-           "initialize", "load_config", "moe", "ops", "pipe", "runtime", "sequence", "utils", "zero"]
+           "initialize", "launcher", "load_config", "moe", "ops", "pipe", "runtime", "sequence", "utils", "zero"]

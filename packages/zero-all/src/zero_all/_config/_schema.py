@@ -243,10 +243,12 @@ class DeepSpeedConfig(_Block):
             micro = TRAINER_DEFAULTS["train_micro_batch_size_per_gpu"]  # what the Trainer would have written
         if total is not None and micro is not None and accum is not None:
             if total != micro * accum * world_size:
+                one = " -- written for 1 rank: Accelerate on CPU ranks counts one process (docs/huggingface.md)" \
+                    if total == micro * accum and world_size > 1 else ""
                 raise ConfigError(
                     f"train_batch_size: {total} != train_micro_batch_size_per_gpu {micro} * "
                     f"gradient_accumulation_steps {accum} * data-parallel world size {world_size} "
-                    f"(= {micro * accum * world_size})")
+                    f"(= {micro * accum * world_size}){one}")
         elif total is not None and micro is not None:
             accum, rest = divmod(total, micro * world_size)
             if rest or not accum:
