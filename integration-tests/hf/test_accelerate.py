@@ -12,6 +12,9 @@ finds no backend on a machine without an accelerator and counts one process per 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_runs import accelerate
+from hf_runs import CONFIGS, HERE, accelerate
 
 TOL = 1e-4
 
@@ -48,3 +51,18 @@ def test_accelerate_on_zero_matches_ddp_and_resumes_from_save_state(tmp_path: Pa
     assert straight["lrs"] == pytest.approx(ddp["lrs"])  # the script's scheduler moved zero's learning rate
     resumed = accelerate(tmp_path / "b", config, "--load-state", str(tmp_path / "state"), "--resume-at", "6")
     assert resumed["losses"] == straight["losses"][6:] and resumed["lrs"] == straight["lrs"][6:]
+
+
+def test_accelerate_launch_with_deepspeed_starts_zeros_ranks(tmp_path: Path):
+    """``accelerate launch --use_deepspeed`` imports DeepSpeed's launcher names, then starts the ranks with
+    torchrun; on CPU ranks Accelerate counts one process, and zero refuses the batch it computed, saying why."""
+
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--deepspeed_config_file",
+           str(CONFIGS / "accelerate_zero2.json"), "accelerate_script.py", "--out", str(tmp_path), "--steps", "2"]
+    done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "train_batch_size: 8 != train_micro_batch_size_per_gpu 4 * gradient_accumulation_steps 2 * " \
+           "data-parallel world size 2 (= 16) -- written for 1 rank: Accelerate on CPU ranks counts one process" \
+           in done.stderr + done.stdout
