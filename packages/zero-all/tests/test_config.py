@@ -96,8 +96,9 @@ def test_the_batch_size_triangle_is_completed(given: dict, world: int, want: tup
     ({"train_batch_size": [8]}, 'train_batch_size: expected "auto" or an integer or null, got [8]'),
     ({"flops_profiler": {"enabled": True}},
      'flops_profiler: zero does not have the flops profiler yet; remove the block or set "enabled": false'),
-    ({"zero_optimization": {"zero_quantized_weights": True}},
-     "zero_optimization.zero_quantized_weights: zero does not have ZeRO++ quantised weights yet"),
+    ({"checkpoint": {"load_universal": True}},
+     "checkpoint.load_universal: zero does not have universal checkpoints (its checkpoints reshard to any world "
+     "size) yet (leave it at false)"),
     ({"prescale_gradients": True},
      "prescale_gradients: zero does not have gradient pre-scaling yet (leave it at false)"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "ratio": 0.3}}},
