@@ -11,7 +11,6 @@ finds no backend on a machine without an accelerator and counts one process per 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,14 +23,20 @@ pytest.importorskip("accelerate")
 
 from hf_runs import CONFIGS, HERE, accelerate
 
+import zero_all
+
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
 def zero_is_deepspeed() -> None:
-    spec = importlib.util.find_spec("deepspeed")
-    if spec is None or type(spec.loader).__name__ != "_AliasLoader":
-        pytest.fail("`import deepspeed` is not zero_all here: run `zero hf enable` in this environment first")
+    try:
+        import deepspeed
+    except ImportError:
+        deepspeed = None
+    if deepspeed is not zero_all:  # (find_spec alone would read zero_all's own spec once it is imported)
+        pytest.fail("`import deepspeed` is not zero_all here: run `zero hf enable` in this environment first "
+                    "(the nox session `hf` does)")
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,12 @@ def status(site_dir: str | None = None) -> dict[str, Any]:
     """Whether zero is enabled here, what ``import deepspeed`` gives this process, and any real DeepSpeed."""
     target = _site_dir(site_dir) / PTH_NAME
     finder = _alias.installed()
-    spec = importlib.util.find_spec("deepspeed")
-    serves = spec is not None and type(spec.loader).__name__ == "_AliasLoader"
+    loaded = sys.modules.get("deepspeed")  # once imported, find_spec reads the module's own (zero_all's) spec
+    if loaded is not None:
+        serves = getattr(loaded, "__name__", "") == "zero_all"
+    else:
+        spec = importlib.util.find_spec("deepspeed")
+        serves = spec is not None and type(spec.loader).__name__ == "_AliasLoader"
     try:
         claimed = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
