@@ -38,6 +38,18 @@ def accelerate(out: Path, config: str | None, *extra: str) -> dict[str, Any]:
     return json.loads((out / "losses.json").read_text())
 
 
+def zero_answers_import_deepspeed() -> bool:
+    """Whether ``import deepspeed`` gives zero_all here (``zero hf enable``); find_spec alone would read
+    zero_all's own spec once something has imported it."""
+    import zero_all
+
+    try:
+        import deepspeed
+    except ImportError:
+        return False
+    return deepspeed is zero_all
+
+
 def worst(a: dict[str, float], b: dict[str, float]) -> float:
     assert a.keys() == b.keys(), f"steps {sorted(a)} vs {sorted(b)}"
     return max(abs(a[k] - b[k]) for k in a)

@@ -25,20 +25,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_runs import torchrun, trainer, worst
-
-import zero_all
+from hf_runs import torchrun, trainer, worst, zero_answers_import_deepspeed
 
 TOL = 1e-4  # fp32, as the acceptance states; observed differences are ~5e-7
 
 
 @pytest.fixture(scope="module", autouse=True)
 def zero_is_deepspeed() -> None:
-    try:
-        import deepspeed
-    except ImportError:
-        deepspeed = None
-    if deepspeed is not zero_all:  # (find_spec alone would read zero_all's own spec once it is imported)
+    if not zero_answers_import_deepspeed():
         pytest.fail("`import deepspeed` is not zero_all here: run `zero hf enable` in this environment first "
                     "(the nox session `hf` does)")
     assert importlib.metadata.version("deepspeed") == "0.19.8"
