@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,26 @@ def test_a_deleted_key_loses_its_file_and_buffer_but_not_while_borrowed(tmp_path
         assert torch.equal(store.get("a/"), torch.arange(1000.0))
         assert torch.equal(store.get("a_"), torch.full((1000,), 2.0))
         assert store.stats.peak_buffer_bytes <= 2 * 4096
+
+
+def test_a_store_being_opened_is_never_taken_for_an_orphan_by_a_sweep_beside_it(tmp_path: Path):
+    # Two ranks share one NVMe path: each store sweeps the path as it opens. A sweep that met a new
+    # store's lock file before the store had locked it took the lock (and the directory) from it.
+    stop = threading.Event()
+    swept: list[Path] = []
+
+    def sweep() -> None:
+        while not stop.is_set():
+            swept.extend(sweep_orphans(tmp_path))
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    try:
+        for _ in range(300):
+            with NVMeStore(tmp_path, buffer_bytes=1 << 16) as store:
+                assert store.directory.exists()
+    finally:
+        stop.set()
+        sweeper.join()
+    assert swept == []  # every store was alive, and locked, whenever a sweep could see it
+    assert not list(tmp_path.glob("zero-swap-*"))

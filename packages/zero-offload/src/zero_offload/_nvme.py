@@ -83,10 +83,19 @@ def _cleanup(directory: Path, io: BlockIO, swap: Swapper, owner: int) -> None:
 
 
 def _lock_owner(directory: Path) -> int:
-    """Mark ``directory`` as this live process's: a lock the kernel drops when the process dies."""
-    fd = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, str(os.getpid()).encode())
+    """Mark ``directory`` as this live process's: a lock the kernel drops when the process dies.
+
+    The lock file is locked under a private name and only then renamed into place, so another
+    rank's :func:`sweep_orphans` never sees it unlocked (it would take the lock, and the directory)."""
+    staged = directory / (OWNER + ".new")
+    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, str(os.getpid()).encode())
+        os.rename(staged, directory / OWNER)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -113,6 +122,9 @@ def sweep_orphans(root: Path) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)  # held: its store is alive
+            continue
+        if os.fstat(fd).st_nlink == 0:  # its store closed between our open and our lock: nothing is left
+            os.close(fd)
             continue
         try:
             pid = os.read(fd, 32).decode(errors="replace")
