@@ -1,8 +1,9 @@
 """zero-optim: ZeRO stages 0-3 -- data-parallel training that partitions its state.
 
 See :class:`ZeroOptimizer` (stages 0-2) and :class:`ZeroStage3` (with
-:func:`partitioned` construction and :func:`gathered` access). Update rules (:class:`AdamW`, :class:`Adam`,
-:class:`Lion`, :class:`SGD`) run on zero-kernels' fused ops; where optimizer state
+:func:`partitioned` construction and :func:`gathered` access), which steps the shards of a
+:class:`ParameterSharder` -- usable alone, with a torch optimizer or for inference. Update
+rules (:class:`AdamW`, :class:`Adam`, :class:`Lion`, :class:`SGD`) run on zero-kernels' fused ops; where optimizer state
 lives is a :class:`StateStore` (device memory by default).
 """
 
@@ -15,6 +16,7 @@ from ._partition import GatherUnit, ParamShard, PartitionedParameter, Partitione
 from ._rules import LAMB, SGD, Adam, AdamW, Lion, UpdateRule, check_hyperparameters
 from ._scaler import DynamicLossScaler, LossScaleConfig
 from ._sharded import ShardedTensor, ShardPiece
+from ._sharder import ParameterSharder, TrainingState
 from ._stage3 import ZeroStage3
 from ._store import DeviceStore, StateStore
 
@@ -33,12 +35,14 @@ __all__ = [
     "Lion",
     "LossScaleConfig",
     "ParamShard",
+    "ParameterSharder",
     "PartitionedParameter",
     "PartitionedParameterError",
     "ShardPiece",
     "ShardedOptimizer",
     "ShardedTensor",
     "StateStore",
+    "TrainingState",
     "UpdateRule",
     "ZeroConfig",
     "ZeroOptimizer",

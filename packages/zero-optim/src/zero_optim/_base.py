@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -33,6 +33,9 @@ from ._rules import UpdateRule
 from ._scaler import DynamicLossScaler, LossScaleConfig
 from ._sharded import ShardedTensor, ShardPiece
 from ._store import DeviceStore, StateStore
+
+if TYPE_CHECKING:
+    from ._config import ZeroConfig
 
 __all__ = ["Owner", "Piece", "ShardedOptimizer"]
 
@@ -77,6 +80,7 @@ class ShardedOptimizer(abc.ABC):
 
     stage: int
     sharded: bool  # each rank holds only part of the gradients and master weights
+    config: ZeroConfig
 
     def __init__(self, rule: UpdateRule, comm: Communicator, precision: str, loss_scale: LossScaleConfig,
                  clip_grad_norm: float | None, store: StateStore | None) -> None:
@@ -159,6 +163,12 @@ class ShardedOptimizer(abc.ABC):
         handle = RemovableHandle(self._step_pre_hooks)
         self._step_pre_hooks[handle.id] = hook
         return handle
+
+    def _loss_multiplier(self, scale_wrt_gas: bool = True) -> float:
+        """What a micro-batch's loss is multiplied by before its backward: the fp16 loss scale, divided
+        by the micro-batches a step accumulates (unless ``scale_wrt_gas=False``: the caller did)."""
+        accumulation = self.config.accumulation_steps if scale_wrt_gas else 1
+        return (self.scaler.scale if self.scaler else 1.0) / accumulation
 
     def _new_staging(self, numel: int, device: torch.device) -> torch.Tensor:
         """A zeroed gradient staging buffer, reused from a reduction that finished if one fits."""

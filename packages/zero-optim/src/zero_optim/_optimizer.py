@@ -284,7 +284,7 @@ class ZeroOptimizer(ShardedOptimizer):
         step); at stages 0-1 ``boundary=False`` keeps the gradients local, to be reduced
         by a later boundary backward or by ``step`` (stage 2 reduces every micro-step).
         """
-        scale = (self.scaler.scale if self.scaler else 1.0) / (self.config.accumulation_steps if scale_wrt_gas else 1)
+        scale = self._loss_multiplier(scale_wrt_gas)
         if boundary is None:
             boundary = (self.micro_steps + 1) % self.config.accumulation_steps == 0
         boundary = boundary or self.config.stage == 2

@@ -1,19 +1,19 @@
-"""Stage 3's gradients: staged per unit as they arrive, reduce-scattered to their owners, accumulated.
+"""A sharded module's gradients: staged per unit as they arrive, reduce-scattered to their owners.
 
-Each trainable unit has a :class:`UnitOwner`: its fp32 master and rule state (by
-store key) and this rank's gradient shard. A parameter's post-accumulate hook copies
-its gradient into the unit's full-size staging buffer; once every trainable
-parameter of the unit has arrived the unit is released and, in one order every rank
-shares (the reverse of each unit's first use in the recorded forward), its staging
-buffer is reduce-scattered to the owners -- plainly, or with ``quantized_gradients``
-as int8 blocks exchanged by one all-to-all (ZeRO++'s qgZ) -- and accumulated into
-the gradient shard, on the device or in the store.
+Each unit with trainable parameters has a :class:`UnitGrads`: this rank's gradient
+shard and the unit's staging buffer. A parameter's post-accumulate hook copies its
+gradient into the unit's full-size staging buffer; once every trainable parameter of
+the unit has arrived the unit is released and, in one order every rank shares (the
+reverse of each unit's first use in the recorded forward), its staging buffer is
+reduce-scattered to the owners -- plainly, or with ``quantized_gradients`` as int8
+blocks exchanged by one all-to-all (ZeRO++'s qgZ) -- and accumulated into the
+gradient shard, on the device or in a store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,58 +26,48 @@ from ._partition import GatherUnit, _release
 if TYPE_CHECKING:
     from zero_comm import Communicator, RowCodec
 
-    from ._config import ZeroConfig
     from ._store import StateStore
-    from ._trace import UseOrder
 
-__all__ = ["GradientReduction", "UnitOwner"]
+__all__ = ["GradientReducer", "UnitGrads"]
 
 
 @dataclass
-class UnitOwner:
-    """A unit's optimizer state: fp32 master of its flat shard, the rule's state, its gradient shard."""
+class UnitGrads:
+    """One unit's gradients on this rank: its reduced shard (accumulated over micro-steps) and the
+    full-size staging buffer of the micro-step in progress."""
 
     unit: GatherUnit
-    master_key: str
-    state_keys: dict[str, str]
     grad: torch.Tensor | None  # the reduced gradient of this rank's shard, accumulated over micro-steps
-    runs: list[tuple[int, int, int]]  # (group index, start, stop) in the shard: runs of trainable params
     trainable: int  # parameters that get a gradient
-    grad_key: str | None = None  # offload_param: the gradient shard lives in the store instead
+    grad_key: str | None = None  # offload_param: the gradient shard lives in a store instead
     arrived: int = 0
     staging: torch.Tensor | None = None  # full-size gradients of this micro-step, rank-major
-    reduced_once: bool = False
-    borrowed: dict[str, torch.Tensor] = field(default_factory=dict)  # offloaded shards during a step
-
-    @property
-    def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.unit.params]
+    reduced_once: bool = False  # a micro-step was reduced since the shard was last cleared
 
 
-class GradientReduction:
-    """The gradient half of :class:`~zero_optim.ZeroStage3` (a mixin: it shares the optimizer's state)."""
+class GradientReducer:
+    """Reduce-scatters units' gradients as they complete, in one order every rank shares.
 
-    if TYPE_CHECKING:
-        comm: Communicator
-        config: ZeroConfig
-        dtype: torch.dtype
-        store: StateStore
-        units: list[GatherUnit]
-        owners: list[UnitOwner]
-        _owner_of: dict[int, UnitOwner]
-        _pending: list[tuple[Handle, Callable[[], object] | None]]
-        _phase: str
-        _forward_trace: UseOrder
-        _backward_trace: UseOrder
-        _reduce_order: list[UnitOwner] | None
-        _next_reduce: int
-        _grad_codec: RowCodec | None
+    ``forward_order`` gives the units in the order the last forward first used them
+    (their gradients complete in the reverse); ``on_first_grad`` runs when a gradient
+    arrives outside a backward the owner started (``loss.backward()`` called directly).
+    """
 
-        def _start_backward(self) -> None: ...
-        def _drain(self, keep: int = 0) -> None: ...
+    def __init__(self, grads: list[UnitGrads], comm: Communicator, dtype: torch.dtype, *,
+                 store: StateStore, codec: RowCodec | None, overlap: bool,
+                 forward_order: Callable[[], list[GatherUnit]], on_first_grad: Callable[[], None]):
+        self.grads, self.comm, self.dtype, self.store = grads, comm, dtype, store
+        self._codec, self._overlap = codec, overlap
+        self._forward_order, self._on_first_grad = forward_order, on_first_grad
+        self._of = {id(g.unit): g for g in grads}
+        self._order: list[UnitGrads] | None = None
+        self._next = 0
+        # reductions in flight, each with what to do once it has finished
+        self._pending: list[tuple[Handle, Callable[[], object]]] = []
 
-    def _make_grad_hook(self, owner: UnitOwner, p: nn.Parameter):
-        unit = owner.unit
+    def hook(self, g: UnitGrads, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        """The post-accumulate-grad hook of ``p``, a trainable parameter of ``g.unit``."""
+        unit = g.unit
         i = next(k for k, q in enumerate(unit.params) if q is p)
         off, numel = unit.offsets[i], p.numel()
 
@@ -86,13 +76,12 @@ class GradientReduction:
             param.grad = None  # the gradient shards own gradients from here on
             if grad is None:
                 return
-            if self._phase != "backward":
-                self._start_backward()
-            if owner.staging is None:
-                owner.staging = torch.zeros(unit.padded, dtype=self.dtype, device=grad.device)
-            owner.staging[off:off + numel].view(param.shape).copy_(grad)
-            owner.arrived += 1
-            if owner.arrived == owner.trainable:
+            self._on_first_grad()
+            if g.staging is None:
+                g.staging = torch.zeros(unit.padded, dtype=self.dtype, device=grad.device)
+            g.staging[off:off + numel].view(param.shape).copy_(grad)
+            g.arrived += 1
+            if g.arrived == g.trainable:
                 unit.release()
                 self._launch_ready(flush=False)
 
@@ -101,35 +90,32 @@ class GradientReduction:
     def _launch_ready(self, flush: bool) -> None:
         """Reduce-scatter complete units in the shared order; with ``flush`` the rest too (a gradient
         that never came counts as zero)."""
-        if self._reduce_order is None:
+        if self._order is None:
             # a unit's gradients are complete once the backward of its *first* use in forward has run
             # (a tied embedding, read again by the head, completes last): reduce in reverse first use
-            order = []
-            for u in reversed(list(dict.fromkeys(self._forward_trace.order))):
-                owner = self._owner_of.get(id(u))
-                if owner is not None:
-                    order.append(owner)
-            self._reduce_order = order + [o for o in self.owners if o not in order]
-        while self._next_reduce < len(self._reduce_order):
-            owner = self._reduce_order[self._next_reduce]
-            if not flush and owner.arrived < owner.trainable:
+            order = [self._of[id(u)] for u in reversed(list(dict.fromkeys(self._forward_order())))
+                     if id(u) in self._of]
+            self._order = order + [g for g in self.grads if g not in order]
+        while self._next < len(self._order):
+            g = self._order[self._next]
+            if not flush and g.arrived < g.trainable:
                 return
-            self._reduce(owner)
-            self._next_reduce += 1
+            self._reduce(g)
+            self._next += 1
 
-    def _reduce(self, owner: UnitOwner) -> None:
-        staging = owner.staging
+    def _reduce(self, g: UnitGrads) -> None:
+        staging = g.staging
         if staging is None:  # no parameter of this unit got a gradient in this micro-step
-            staging = torch.zeros(owner.unit.padded, dtype=self.dtype, device=owner.unit.full.device)
-        owner.staging = None
-        first, owner.reduced_once = not owner.reduced_once, True
-        if first and owner.grad is not None:  # the first micro-step since zero_grad: straight into the shard
-            handle = self._reduce_scatter(staging, owner.grad)
+            staging = torch.zeros(g.unit.padded, dtype=self.dtype, device=g.unit.full.device)
+        g.staging = None
+        first, g.reduced_once = not g.reduced_once, True
+        if first and g.grad is not None:  # the first micro-step since the shard was cleared: straight in
+            handle = self._reduce_scatter(staging, g.grad)
             self._pending.append((handle, lambda: _release(staging)))
         else:
-            reduced = torch.empty(owner.unit.shard_numel, dtype=self.dtype, device=staging.device)
+            reduced = torch.empty(g.unit.shard_numel, dtype=self.dtype, device=staging.device)
             handle = self._reduce_scatter(staging, reduced)
-            accumulate = self._accumulate(owner, reduced, first)
+            accumulate = self._accumulate(g, reduced, first)
 
             def finish() -> None:
                 accumulate()
@@ -140,40 +126,49 @@ class GradientReduction:
         # Once finished they are released at once, not at their last reference: the backend may hold
         # them a while (Gloo until its worker thread next runs -- on a busy machine, several units'
         # worth by the end of a backward)
-        self._drain(keep=1 if self.config.overlap_comm else 0)
+        self.drain(keep=1 if self._overlap else 0)
 
     def _reduce_scatter(self, staging: torch.Tensor, out: torch.Tensor) -> Handle:
         """Average ``staging`` over the ranks into this rank's ``out``: exactly, or as int8 blocks (qgZ)."""
-        if self._grad_codec is not None:
-            return quantized_reduce_scatter(self.comm, staging, self._grad_codec, "avg", out=out, async_op=True)
+        if self._codec is not None:
+            return quantized_reduce_scatter(self.comm, staging, self._codec, "avg", out=out, async_op=True)
         return self.comm.reduce_scatter(staging, "avg", out=out, async_op=True, consume_input=True)
 
-    def _accumulate(self, owner: UnitOwner, reduced: torch.Tensor, first: bool) -> Callable[[], None]:
-        """Add a micro-step's reduced gradient to the owner's shard, on the device or in the store."""
+    def _accumulate(self, g: UnitGrads, reduced: torch.Tensor, first: bool) -> Callable[[], None]:
+        """Add a micro-step's reduced gradient to the unit's shard, on the device or in the store."""
         def finish() -> None:
-            if owner.grad is not None:
-                owner.grad.add_(reduced)
+            if g.grad is not None:
+                g.grad.add_(reduced)
                 return
-            assert owner.grad_key is not None
+            assert g.grad_key is not None
             if first:
-                self.store.put(owner.grad_key, reduced)
+                self.store.put(g.grad_key, reduced)
                 return
-            grad = self.store.get(owner.grad_key)
+            grad = self.store.get(g.grad_key)
             grad.add_(reduced.to(grad.device))
-            self.store.put(owner.grad_key, grad)
+            self.store.put(g.grad_key, grad)
 
         return finish
 
-    def _finish_backward(self) -> None:
-        if self._phase != "backward":
-            return
-        self._launch_ready(flush=True)
-        self._drain()
-        for owner in self.owners:
-            owner.arrived, owner.staging = 0, None
-        for u in self.units:
-            u.release()
-        self._next_reduce = 0
-        self._backward_trace.finish()
-        self._phase = "idle"
+    def drain(self, keep: int = 0) -> None:
+        """Wait for all but the newest ``keep`` reductions in flight, running each one's follow-up."""
+        while len(self._pending) > keep:
+            handle, finish = self._pending.pop(0)
+            handle.wait()
+            finish()
 
+    def finish(self) -> None:
+        """End of a backward: reduce every unit (those with no gradient as zeros) and wait for all."""
+        self._launch_ready(flush=True)
+        self.drain()
+        for g in self.grads:
+            g.arrived, g.staging = 0, None
+        self._next = 0
+
+    def clear(self) -> None:
+        """Zero the gradient shards: the next micro-step's reduction starts them afresh."""
+        self.drain()
+        for g in self.grads:
+            if g.grad is not None:
+                g.grad.zero_()
+            g.reduced_once = False

@@ -76,6 +76,7 @@ class PipelineEngine(EngineInfo, nn.Module):
         self.pipe = zero_pipe.PipelineEngine(module, self.mesh.pp, micro_batches=self.micro_batches,
                                              schedule=getattr(module, "schedule", "1f1b"),
                                              dynamic_shapes=getattr(module, "dynamic_shape", False),
+                                             optimizer=self,  # its step hands the tied gradients over first
                                              loss_scale=lambda: self.optimizer.loss_scale)  # fp16's; else 1
         # tied across stages: hold the optimizer's hooks off until the stages' gradients are summed
         self._tied = [p for params in module.tied_parameters().values() for p in params if p.requires_grad]
@@ -101,7 +102,6 @@ class PipelineEngine(EngineInfo, nn.Module):
         if pp > 1:  # clip by, and skip on, the norm of the whole model's gradients
             stage.optimizer.whole_model_norm = self._whole_model_norm
         self.optimizer, self.lr_scheduler = stage.optimizer, stage.lr_scheduler
-        self.pipe.optimizer = self
         self.data_iterator: Iterator[Any] | None = None
         self.training_dataloader: Any = None
         if training_data is not None:  # micro-batches over the data-parallel replicas, epoch after epoch
