@@ -154,7 +154,7 @@ def test_parameter_offload_arithmetic():
 
 def test_plan_follows_the_zero_formula_where_it_should():
     """Large model, fp32 AdamW, NCCL: the classic 16 bytes/param at stage 0 and ~16/N at stage 3,
-    plus zero's extras (a separate fp32 master in stages 0-2 costs 4 bytes more)."""
+    (an fp32 model's weights are its masters: no separate copy)."""
     from zero_all._cli._plan import synthetic_shape
 
     n, w = 1_000_000_000, 8

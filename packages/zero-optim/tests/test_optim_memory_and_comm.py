@@ -1,34 +1,15 @@
 """Model states per rank match the ZeRO formulas, measured from live tensors, and
 stages 1 and 2 move the same bytes per step as data parallelism's all-reduce."""
 
-import gc
-
 import pytest
 import torch
 from torch import nn
 
 import zero_comm
-from zero_comm.testing import run_ranks
+from zero_comm.testing import live_tensor_bytes, run_ranks
 from zero_optim import AdamW, ZeroConfig, ZeroOptimizer
 
 BUCKET = 1 << 18
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct storage held by a live tensor in this process."""
-    gc.collect()
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            is_tensor = isinstance(obj, torch.Tensor)
-        except ReferenceError:
-            continue
-        if is_tensor and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen and storage.nbytes():
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
 
 
 def model_states(stage: int) -> dict:

@@ -27,6 +27,7 @@ started with the ``spawn`` method, as CUDA requires.
 
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing as mp
 import os
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from ._communicator import CommError
 from ._launch import init_distributed
 
-__all__ = ["WORLD_SIZES", "RankFailure", "RankReport", "RankTimeout", "run_ranks"]
+__all__ = ["WORLD_SIZES", "RankFailure", "RankReport", "RankTimeout", "live_tensor_bytes", "run_ranks"]
 
 WORLD_SIZES = (1, 2, 4)
 """The world sizes every distributed feature is tested at."""
@@ -227,3 +228,21 @@ def _td(seconds: float):
     from datetime import timedelta
 
     return timedelta(seconds=seconds)
+
+
+def live_tensor_bytes(device: str = "cpu") -> int:
+    """Bytes of every distinct storage that a live tensor on ``device`` holds in this process: what a
+    memory test counts, walked from the garbage collector's objects (not from any code's own counters)."""
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            is_tensor = isinstance(obj, torch.Tensor)
+        except ReferenceError:
+            continue
+        if is_tensor and obj.device.type == device:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes():
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total

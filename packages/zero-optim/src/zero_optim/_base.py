@@ -238,6 +238,14 @@ class ShardedOptimizer(abc.ABC):
         self.zero_grad()
         return True
 
+    def _master_shard(self, owner: Owner) -> torch.Tensor:
+        """This rank's fp32 master weights of ``owner`` as one flat tensor (borrowed from the store
+        until ``_release``)."""
+        return self.store.get(owner.master_key)
+
+    def _put_master_shard(self, owner: Owner, value: torch.Tensor) -> None:
+        self.store.put(owner.master_key, value)
+
     def _keys(self, owner: Owner) -> list[str]:
         """The store keys a step reads for ``owner``, in the order it reads them."""
         return [owner.master_key, *owner.state_keys.values()]
@@ -424,7 +432,7 @@ class ShardedOptimizer(abc.ABC):
         owners = self._owners()
         shards = []
         for o in owners:
-            shards.append({"master": self.store.get(o.master_key).clone(),
+            shards.append({"master": self._master_shard(o).clone(),
                            **{n: self.store.get(k).clone() for n, k in o.state_keys.items()}})
             self._release(o)
         return {
@@ -449,13 +457,14 @@ class ShardedOptimizer(abc.ABC):
             raise ValueError(f"state has {len(state['shards'])} shards; this optimizer has {len(owners)}")
         self._check_meta(state)
         for g, (owner, shard) in enumerate(zip(owners, state["shards"], strict=True)):
-            for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
-                mine = self.store.get(key)
-                self.store.release(key)
-                if shard[name].shape != mine.shape:
+            mine = {"master": self._master_shard(owner), **{n: self.store.get(k) for n, k in owner.state_keys.items()}}
+            self._release(owner)
+            for name, t in mine.items():
+                if shard[name].shape != t.shape:
                     raise ValueError(f"shard {g} {name}: saved shard has {shard[name].numel()} elements, "
-                                     f"this layout {mine.numel()} (bucket or alignment settings differ)")
+                                     f"this layout {t.numel()} (bucket or alignment settings differ)")
         for owner, shard in zip(owners, state["shards"], strict=True):
-            for name, key in [("master", owner.master_key), *owner.state_keys.items()]:
+            self._put_master_shard(owner, shard["master"])
+            for name, key in owner.state_keys.items():
                 self.store.put(key, shard[name])
         self.load_checkpoint_meta(state)  # counters, loss scale, hyper-parameters; weights into the model

@@ -29,7 +29,7 @@ from ._config import ZeroConfig
 from ._expert import split_by_reduce_group, sums_over_copies
 from ._layout import Bucket, GroupLayout, build_layout
 from ._rules import UpdateRule, check_hyperparameters
-from ._store import StateStore
+from ._store import DeviceStore, StateStore
 
 __all__ = ["ZeroOptimizer"]
 
@@ -98,8 +98,12 @@ class ZeroOptimizer(ShardedOptimizer):
         self._has_experts = any(c is not comm for _, _, c, _ in split)
         layouts = [build_layout(ps, 1 if config.stage == 0 else c.world_size, config.bucket_numel, config.align)
                    for ps, _, c, _ in split]
+        # fp32 weights kept on the device are their own masters: a rank's chunks of them are what it
+        # updates (a separate fp32 copy would add 4 bytes per element of its shard to ZeRO's formula)
+        self._weights_are_masters = self.dtype == torch.float32 and isinstance(self.store, DeviceStore)
         # master weights and rule state, fp32: refused now if the store cannot hold them
-        self.store.reserve(sum(lay.shard_numel for lay in layouts) * 4 * (1 + len(self.rule.state_names)))
+        copies = len(self.rule.state_names) + (0 if self._weights_are_masters else 1)
+        self.store.reserve(sum(lay.shard_numel for lay in layouts) * 4 * copies)
         self.groups: list[_Group] = [self._build_group(g, ps, hparams, layout, c, factor)
                                      for g, ((ps, hparams, c, factor), layout) in enumerate(zip(split, layouts))]
         if not self.groups:
@@ -160,10 +164,12 @@ class ZeroOptimizer(ShardedOptimizer):
         state_keys = {name: f"group{g}.{name}" for name in self.rule.state_names}
         group = _Group(hparams, layout, flat, f"group{g}.master", state_keys, comm=comm, grad_factor=grad_factor,
                        shard_rank=0 if self.config.stage == 0 else comm.rank)
-        master = self._own_chunks(group, flat).float()
-        self.store.create(group.master_key, master)
+        if self._weights_are_masters:  # the store keeps an empty placeholder: _pieces reads the weights
+            self.store.create(group.master_key, flat.new_empty(0))
+        else:
+            self.store.create(group.master_key, self._own_chunks(group, flat).float())
         for key in state_keys.values():
-            self.store.create(key, torch.zeros_like(master))
+            self.store.create(key, torch.zeros(layout.shard_numel, dtype=torch.float32, device=device))
         if self.config.stage < 2:
             group.flat_grad = torch.zeros_like(flat)
         else:
@@ -241,6 +247,10 @@ class ZeroOptimizer(ShardedOptimizer):
             handle = group.comm.reduce_scatter(bucket.region(group.flat_grad), "avg", out=reduced, async_op=True,
                                               consume_input=True)
             self._pending.append((handle, lambda: own.copy_(reduced)))
+            # each holds a chunk's worth of reduced gradients until it lands: at most two in flight, as
+            # stage 2 (every bucket in flight at once kept a gradient shard's worth alive to the step)
+            self._drain(keep=1 if self.config.overlap_comm else 0)
+            return
         else:
             assert group.grad_shard is not None
             if staging is None:  # no parameter of this bucket got a gradient in this micro-step
@@ -331,10 +341,29 @@ class ZeroOptimizer(ShardedOptimizer):
         return self.groups
 
     def _pieces(self, group: _Group, master: torch.Tensor, state: dict[str, torch.Tensor]) -> list[Piece]:
-        return [Piece(group.hparams, bucket.chunk_of(master), self._grad_chunk(group, bucket),
-                      {name: bucket.chunk_of(t) for name, t in state.items()}, self._own(group, bucket, group.flat),
-                      self._segments(group, bucket), self._publisher(group, bucket))
-                for bucket in group.layout.buckets]
+        pieces = []
+        for bucket in group.layout.buckets:
+            weights = self._own(group, bucket, group.flat)
+            if self._weights_are_masters:  # updated in place: nothing to copy into the model afterwards
+                master_chunk, lowp_out = weights, None
+            else:
+                master_chunk, lowp_out = bucket.chunk_of(master), weights
+            pieces.append(Piece(group.hparams, master_chunk, self._grad_chunk(group, bucket),
+                                {name: bucket.chunk_of(t) for name, t in state.items()}, lowp_out,
+                                self._segments(group, bucket), self._publisher(group, bucket)))
+        return pieces
+
+    def _master_shard(self, owner: _Group) -> torch.Tensor:  # type: ignore[override]
+        if self._weights_are_masters:
+            return self._own_chunks(owner, owner.flat)  # a copy of this rank's chunks of the weights
+        return super()._master_shard(owner)
+
+    def _put_master_shard(self, owner: _Group, value: torch.Tensor) -> None:  # type: ignore[override]
+        if not self._weights_are_masters:
+            super()._put_master_shard(owner, value)
+            return
+        for bucket in owner.layout.buckets:
+            self._own(owner, bucket, owner.flat).copy_(bucket.chunk_of(value))
 
     def _publisher(self, group: _Group, bucket: Bucket) -> Callable[[], list[Handle]] | None:
         """Stages 1-2: all-gather this rank's new weights of ``bucket`` into every rank's model."""
@@ -365,6 +394,8 @@ class ZeroOptimizer(ShardedOptimizer):
 
     def _after_load(self) -> None:
         for group in self.groups:
+            if self._weights_are_masters:  # loaded straight into this rank's chunks of the weights
+                continue
             master = self.store.get(group.master_key)
             for bucket in group.layout.buckets:
                 self._own(group, bucket, group.flat).copy_(bucket.chunk_of(master))
@@ -379,6 +410,8 @@ class ZeroOptimizer(ShardedOptimizer):
         ``step`` (a state dict loaded into the model), so that training continues from them. Every
         rank calls it, holding the same weights; with bf16 or fp16 the masters get the rounded values."""
         self._check_params_in_place()
+        if self._weights_are_masters:  # nothing apart from the weights to refresh
+            return
         for group in self.groups:
             self.store.put(group.master_key, self._own_chunks(group, group.flat).float())
 

@@ -3,13 +3,13 @@
 The figures are derived from what zero-optim allocates, not from the ZeRO paper's
 ``(2 + 2 + K) * params / N``: the flat buffers stages 0-2 lay out (every bucket padded
 to ``world_size * align``, via zero-optim's own :func:`zero_optim.build_layout`), the
-fp32 master copy (separate from the model's flat buffer in stages 0-2; in stage 3 a
-fp32 model's shard *is* its master), the rule's state tensors, the stage-2 staging
+fp32 master copy (none for an fp32 model on the device: its weights, or its stage-3 shard,
+are the masters; an offload store keeps its own copy), the rule's state tensors, the stage-2 staging
 ring (at most three bucket buffers: one filling, two reducing), stage 3's gather
 units (each module's own parameters; the ones of at most ``persistence_threshold``
 elements in one unit kept whole) with their prefetch window (``prefetch_numel`` ahead,
 capped by ``max_live_numel``), and the transient buffers of a step: a parameter's
-gradient before the hook moves it, stage 1's reduced chunks, and on Gloo (CPU) the
+gradient before the hook moves it, stage 1's reduced chunks (two buckets' in flight), and on Gloo (CPU) the
 full-size scratch its ``all_gather`` allocates (NCCL gathers in place).
 
 Not included: activations (they depend on the batch, the sequence and activation
@@ -235,13 +235,15 @@ def _gathered_window(units: Sequence[int], prefetch: int, max_live: int) -> int:
     return peak
 
 
-def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int, states: int) -> tuple[dict[str, int], int]:
-    """(resident bytes by component, transient peak bytes) for ZeroOptimizer."""
+def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int,
+               states: int) -> tuple[dict[str, int], int, int]:
+    """(resident bytes by component, transient peak bytes, this rank's shard elements) for ZeroOptimizer."""
     shard_world = 1 if stage == 0 else o.world_size
     layout = zero_optim.build_layout([_Meta(n) for n in shape.params],  # type: ignore[misc]
                                      shard_world, o.bucket_numel, o.align)
     padded = sorted((bk.padded for bk in layout.buckets), reverse=True)
-    resident = {"parameters": layout.total * b, "master weights (fp32)": layout.shard_numel * 4,
+    resident = {"parameters": layout.total * b,
+                "master weights (fp32)": 0 if b == 4 else layout.shard_numel * 4,  # fp32: the weights are
                 "optimizer state": states * layout.shard_numel * 4}
     if stage < 2:
         resident["gradients"] = layout.total * b
@@ -249,12 +251,13 @@ def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int, states: in
         resident["gradients"] = layout.shard_numel * b
         resident["gradient buckets"] = sum(padded[:STAGING_RING]) * b
     param_grad = max(shape.params) * b  # autograd's .grad of one parameter, before the hook moves it
-    backward = param_grad + (layout.shard_numel * b if stage == 1 else 0)  # stage 1: reduced chunks in flight
+    chunks = sorted((bk.chunk for bk in layout.buckets), reverse=True)
+    backward = param_grad + (sum(chunks[:2]) * b if stage == 1 else 0)  # stage 1: reduced chunks in flight
     # Gloo's all_gather runs through a full-size scratch buffer; the step's async gathers overlap (up
     # to three were seen alive at once); NCCL gathers in place
     gather_scratch = sum(padded[:GLOO_GATHERS]) * b if (o.backend == "gloo" and stage >= 1) else 0
     upcast = max(bk.chunk for bk in layout.buckets) * 4 if b != 4 else 0  # the rule's fp32 copy of a chunk
-    return resident, max(backward, gather_scratch + upcast)
+    return resident, max(backward, gather_scratch + upcast), layout.shard_numel
 
 
 def _stage3(shape: ModelShape, o: PlanOptions, b: int, states: int,
@@ -317,18 +320,17 @@ def plan_memory(shape: ModelShape, stage: int, offload: Offload, options: PlanOp
     if stage == 3:
         resident, transient, shard, moved_shards = _stage3(shape, options, b, states, offload_param != "none")
     else:
-        resident, transient = _stages012(shape, stage, options, b, states)
+        resident, transient, shard = _stages012(shape, stage, options, b, states)
     plan = MemoryPlan(stage, offload, offload_param)
     moved = ("master weights (fp32)", "optimizer state")
     if offload == "none":
         plan.device = dict(resident)
     else:
         plan.device = {k: v for k, v in resident.items() if k not in moved}
-        optimizer_bytes = sum(resident[k] for k in moved)
-        if stage == 3:  # the store's fp32 master is a copy of the shard, even for an fp32 model
-            optimizer_bytes = shard * 4 * (1 + states)
+        # the store's fp32 masters are a copy of the shard, even for an fp32 model, and the rule's state
+        optimizer_bytes = shard * 4 * (1 + states)
         # the step copies each group's gradient shard and its new weights to where the state is
-        step_copies = 2 * resident["gradients"] if stage >= 2 else 2 * (resident["master weights (fp32)"] // 4 * b)
+        step_copies = 2 * resident["gradients"] if stage >= 2 else 2 * shard * b
         if offload == "cpu":
             plan.host = {"master weights + optimizer state": optimizer_bytes}
             if moved_shards:
