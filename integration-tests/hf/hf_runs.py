@@ -19,7 +19,10 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     done = subprocess.run(cmd, check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        lines = (done.stdout + done.stderr).splitlines()
+        # a rank's own last words come before torchrun's summary of the failure: keep both
+        cause = [line for line in lines if any(w in line for w in ("Error", "terminate", "abort", "what()"))]
+        tail = "\n".join([*cause[-20:], "...", *lines[-15:]])
         raise AssertionError(f"{' '.join(args)} failed (exit {done.returncode}):\n{tail}")
     return done
 
