@@ -27,7 +27,7 @@ without gradients it is what inference streams the model with.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -70,11 +70,14 @@ class ParameterSharder:
     gathered in; ``prefetch_numel``, ``max_live_numel``, ``persistence_threshold``,
     ``unit_numel``, ``overlap_comm``, ``offload_param`` and ZeRO++'s). With
     ``train=False`` no gradient is reduced (evaluation and inference). With
-    ``offload_param`` the parameter and gradient shards live in ``store``.
+    ``offload_param`` the parameter and gradient shards live in ``store``. ``owner_bytes`` is what
+    an owner (the optimizer) will add to the same store for each trained unit: the store is asked
+    for everything at once, before anything is written, so a disk too small names the whole need.
     """
 
     def __init__(self, module: nn.Module, comm: Communicator, config: ZeroConfig | None = None, *,
-                 store: StateStore | None = None, hpz_comm: Communicator | None = None, train: bool = True):
+                 store: StateStore | None = None, hpz_comm: Communicator | None = None, train: bool = True,
+                 owner_bytes: Callable[[GatherUnit], int] | None = None):
         self.config = config = config or ZeroConfig(stage=3)
         if not isinstance(module, nn.Module):
             raise TypeError(f"a sharder partitions a module's parameters: pass the model, got {type(module)}")
@@ -101,7 +104,8 @@ class ParameterSharder:
         self.grads: list[tuple[int, UnitGrads]] = []
         if train:
             trained = [(i, u) for i, u in enumerate(self.units) if any(p.requires_grad for p in u.params)]
-            self.store.reserve(sum(self._offloaded_bytes(u) for _, u in trained))  # before anything is written
+            extra = owner_bytes or (lambda unit: 0)
+            self.store.reserve(sum(self._offloaded_bytes(u) + extra(u) for _, u in trained))  # nothing written yet
             self.grads = [(i, self._make_grads(i, u)) for i, u in trained]
         self.reducer = GradientReducer([g for _, g in self.grads], comm, self.dtype, store=self.store,
                                        codec=codec, overlap=config.overlap_comm,

@@ -87,12 +87,11 @@ class ZeroStage3(ShardedOptimizer):
         named = dict(module.named_parameters())
         self.names = {id(p): n for n, p in named.items()}
         self._group_of = self._assign_groups(named, param_groups)
-        self.sharder = ParameterSharder(module, comm, config, store=self.store, hpz_comm=hpz_comm, train=train)
+        self.sharder = ParameterSharder(module, comm, config, store=self.store, hpz_comm=hpz_comm, train=train,
+                                        owner_bytes=self._state_bytes)  # reserved with the sharder's own
         for unit in self.sharder.units:
             unit.on_change.append(self._reload_master)
-        grads = self.sharder.grads
-        self.store.reserve(sum(self._state_bytes(g.unit) for _, g in grads))  # before anything is written
-        self.owners: list[UnitState] = [self._make_owner(i, g) for i, g in grads]
+        self.owners: list[UnitState] = [self._make_owner(i, g) for i, g in self.sharder.grads]
         self._owner_of = {id(o.unit): o for o in self.owners}
 
     @property
