@@ -17,14 +17,23 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     """Run ``args`` (a script and its arguments) on ``nproc`` ranks; raise with the ranks' output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    done = subprocess.run(cmd, check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
+    for attempt in (1, 2):
+        done = subprocess.run(cmd, check=False, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0:
+            return done
         lines = (done.stdout + done.stderr).splitlines()
         # a rank's own last words come before torchrun's summary of the failure: keep both
         cause = [line for line in lines if any(w in line for w in ("Error", "terminate", "abort", "what()"))]
         tail = "\n".join([*cause[-20:], "...", *lines[-15:]])
-        raise AssertionError(f"{' '.join(args)} failed (exit {done.returncode}):\n{tail}")
-    return done
+        # A rank of these HF scripts was seen killed by SIGABRT, with no Python error, 4 times while a
+        # second test suite loaded this 2-core machine; never in about 15 runs alone, nor in 12 runs of
+        # the script side by side. Such a run is tried once more (and said so); any other failure counts
+        aborted = "exitcode  : -6" in done.stdout + done.stderr
+        if attempt == 2 or not aborted:
+            raise AssertionError(f"{' '.join(args)} failed (exit {done.returncode}):\n{tail}")
+        print(f"warning: a rank of {' '.join(args)} was aborted (SIGABRT); running it again:\n{tail}",
+              file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def trainer(out: Path, config: str | None, *extra: str, nproc: int = 2) -> dict[str, float]:
