@@ -243,7 +243,7 @@ def _stages012(shape: ModelShape, stage: int, o: PlanOptions, b: int,
                                      shard_world, o.bucket_numel, o.align)
     padded = sorted((bk.padded for bk in layout.buckets), reverse=True)
     resident = {"parameters": layout.total * b,
-                "master weights (fp32)": 0 if b == 4 else layout.shard_numel * 4,  # fp32: the weights are
+                "master weights (fp32)": 0 if b == 4 else layout.shard_numel * 4,  # fp32: weights are masters
                 "optimizer state": states * layout.shard_numel * 4}
     if stage < 2:
         resident["gradients"] = layout.total * b
