@@ -8,7 +8,7 @@
     nox -s hf                with the optional Hugging Face extra (transformers, pinned): integration-tests/hf
     nox -s kernels           zero-kernels' Triton kernels under TRITON_INTERPRET=1
     nox -s demo              train a small GPT on several CPU ranks
-    nox -s bench             the benchmarks, each against its baseline in the same run
+    nox -s bench             every benchmark against its baseline in the same run; writes docs/benchmarks.md
 
 torch is pinned by ``constraints.txt`` (the local CPU build) for every session.
 Packages are discovered, not listed: any ``packages/*/pyproject.toml`` or
@@ -168,14 +168,10 @@ def deepspeed(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks, each as a ratio to a baseline measured in the same run; results land in benchmarks/results."""
+    """Every benchmark, each as a ratio to a baseline measured in the same run, then docs/benchmarks.md.
+
+    ``nox -s bench -- --only zero_step,memory`` runs some (the page keeps the others' last results).
+    """
     _install(session, *PACKAGES, extras="")
     session.install("-c", CONSTRAINTS, "matplotlib", "transformers")
-    session.run("python", str(ROOT / "benchmarks" / "comm.py"), *session.posargs, env={"OMP_NUM_THREADS": "1"})
-    session.run("python", str(ROOT / "benchmarks" / "kernels.py"), "--quick")
-    session.run("python", str(ROOT / "benchmarks" / "zero_step.py"), env={"OMP_NUM_THREADS": "1"})
-    session.run("python", str(ROOT / "benchmarks" / "ckpt.py"), env={"OMP_NUM_THREADS": "1"})
-    session.run("python", str(ROOT / "benchmarks" / "activations.py"))
-    session.run("python", str(ROOT / "benchmarks" / "offload.py"))
-    session.run("python", str(ROOT / "benchmarks" / "pipe.py"), env={"OMP_NUM_THREADS": "1"})
-    session.run("python", str(ROOT / "benchmarks" / "inference.py"), env={"OMP_NUM_THREADS": "1"})
+    session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)

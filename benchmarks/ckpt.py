@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import goal
 
 import zero_ckpt
 import zero_comm
@@ -163,6 +164,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ckpt.json").write_text(json.dumps({
         "meta": {"world_size": args.world_size, "mib": args.mib, "rounds": args.rounds, "torch": torch.__version__},
+        "goals": [goal("zero-ckpt save throughput / plain write", ratios["save"], 0.8, "higher"),
+                  goal("zero-ckpt load throughput / plain read", ratios["load"], 0.8, "higher"),
+                  goal("async save: loop held / sync save", blocked, 0.1)],
         "median_s": med, "fraction_of_plain": ratios, "async_blocked_fraction": blocked, "targets_met": ok,
         "times": result["times"]}, indent=1))
     print(f"wrote {args.out / 'ckpt.json'}")

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import goal
 from torch import nn
 
 import zero_comm
@@ -222,7 +223,10 @@ def main() -> int:
     within = all(abs(r["bubble_measured"] - r["bubble_theory"]) <= 0.05 for r in results.values()
                  if "bubble_measured" in r and r["size"] == "heavy" and r["schedule"] in ("gpipe", "1f1b"))
     report = {"stages": STAGES, "sizes": SIZES, "torch": torch.__version__, "threads_per_rank": 1,
-              "results": results, "ratios": ratios, "bubble_within_5_points": within}
+              "results": results, "ratios": ratios, "bubble_within_5_points": within,
+              "goals": [goal(f"{r['schedule']} m={r['micro_batches']} |measured - theory| bubble",
+                             abs(r["bubble_measured"] - r["bubble_theory"]), 0.05) for r in results.values()
+                        if "bubble_measured" in r and r["size"] == "heavy" and r["schedule"] in ("gpipe", "1f1b")]}
     for r in results.values():
         bubble = (f"  bubble {r['bubble_measured']:.3f} (theory {r['bubble_theory']:.3f})"
                   if "bubble_measured" in r else "")

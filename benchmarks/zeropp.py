@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import table
 
 from zero_comm.testing import run_ranks
 
@@ -118,7 +119,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "zeropp.json").write_text(json.dumps({
         "machine": platform.platform(), "cpus": torch.get_num_threads(), "world_size": args.world_size,
-        "steps": args.steps, "hpz": args.hpz, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
+        "steps": args.steps, "hpz": args.hpz, "date": time.strftime("%Y-%m-%d"), "results": results,
+        "table": table(["case", "gather bytes", "of which across the world", "reduce bytes", "step time",
+                        "worst loss diff"],
+                       [[name, f"{r['gather_bytes_ratio']:.2f}x", f"{r['world_gather_bytes_ratio']:.2f}x",
+                         f"{r['reduce_bytes_ratio']:.2f}x", f"{r['step_time_ratio']:.2f}x",
+                         f"{r['worst_loss_rel_diff']:.1e}"] for name, r in results.items()])}, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import queue
 import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -237,7 +238,9 @@ def live_tensor_bytes(device: str = "cpu") -> int:
     seen, total = set(), 0
     for obj in gc.get_objects():
         try:
-            is_tensor = isinstance(obj, torch.Tensor)
+            with warnings.catch_warnings():  # some module objects warn when inspected (torch's reduce_op)
+                warnings.simplefilter("ignore")
+                is_tensor = isinstance(obj, torch.Tensor)
         except ReferenceError:
             continue
         if is_tensor and obj.device.type == device:

@@ -308,9 +308,25 @@ class ZeroOptimizer(ShardedOptimizer):
             self._boundary = False
         if boundary:
             self._flush()
-        if self.config.stage == 2:
-            self._drain()  # the staged buckets are freed; the next micro-step may stage again
+        if boundary or self.config.stage == 2:
+            # backward is over, nothing is left to overlap: land every reduction now, so no bucket's
+            # gradients wait beside the model states (as a chunk's worth did at stage 1 until step)
+            self._drain()
+            self._keep_small_staging()
         self.micro_steps += 1
+
+    def _keep_small_staging(self) -> None:
+        """Between micro-steps keep staging buffers for reuse only up to a sixteenth of the model's
+        gradients: a bucket as large as the model (DeepSpeed's default ``reduce_bucket_size`` of 5e8 on
+        a smaller model) would otherwise hold a model-sized buffer beside the model states until the
+        next backward. Smaller buckets stay pooled, sparing their page faults on every micro-step."""
+        budget = sum(g.layout.total for g in self.groups) // 16
+        kept = []
+        for buf in self._staging_pool:
+            if buf.numel() <= budget:
+                kept.append(buf)
+                budget -= buf.numel()
+        self._staging_pool[:] = kept
 
     def _global_norm(self, grads: Iterable[torch.Tensor]) -> tuple[float, bool]:
         if self.sharded or not self._has_experts:
