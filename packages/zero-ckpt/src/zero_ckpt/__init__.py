@@ -12,10 +12,11 @@ module's whole ``state_dict`` (masters, untrained weights, buffers, tied keys) w
 from ._activation import ActivationCheckpointConfig, ActivationCheckpointing, CheckpointStats
 from ._export import consolidate, export, save_state_dict
 from ._format import CheckpointError
+from ._items import Checkpointable, FullTensor, ShardedTensorLike, module_state, tensors_state
 from ._module import ModuleRecord, ModuleState, module_record
 from ._reader import CheckpointReader, latest_tag
 from ._rng import RNGStatesTracker
-from ._state import Checkpointable, CheckpointManager, FullTensor, ShardedTensorLike, module_state, tensors_state
+from ._state import CheckpointManager
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,7 @@ import torch
 
 from ._exchange import exchange
 from ._format import CheckpointError, dtype_from_name
+from ._items import Checkpointable, _items_state
 from ._reader import CheckpointReader
 from ._rng import set_process_rng_state
 
@@ -56,8 +57,6 @@ class PreparedLoad:
         RNG; return the client state. ``items`` (default: every prepared item) maps prepared keys to the
         prepared object itself or to a fresh sharded state over the same tensors and ranges (the same
         module state taken again inside a gather), to apply items at different times."""
-        from ._state import Checkpointable, _items_state
-
         for key, obj in (self.items if items is None else items).items():
             if key not in self.items:
                 raise CheckpointError(f"item {key!r} was not prepared from {self.path}")
@@ -116,8 +115,6 @@ def prepare_load(manager: CheckpointManager, items: Items, tag: str | None = Non
     every rank of ``manager.comm`` that all of them could; collective. ``check(reader, client)`` may
     raise to refuse the checkpoint on this rank (the caller's own conditions); it runs first. ``items``
     may be a function of the opened checkpoint (to load what it holds), called after ``check``."""
-    from ._state import Checkpointable, _items_state
-
     comm = manager.comm
     manager.wait()
     comm.barrier()  # every rank's earlier saves are committed before any rank reads `latest`

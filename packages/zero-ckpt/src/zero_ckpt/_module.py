@@ -22,7 +22,7 @@ import msgspec
 import torch
 
 from ._format import CheckpointError
-from ._state import tensors_state
+from ._items import tensors_state
 
 __all__ = ["ModuleRecord", "ModuleState", "module_record"]
 

@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._errors import UsageError
+
 __all__ = ["main"]
 
 EPILOG = "Run `zero COMMAND --help` for a command's options. Docs: docs/cli.md."
-
-
-class UsageError(Exception):
-    """A user mistake: reported as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):

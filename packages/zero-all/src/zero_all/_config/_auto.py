@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ._error import ConfigError
+
 __all__ = ["TRAINER_DEFAULTS", "fill_optimizer_auto", "fill_scheduler_auto"]
 
 # TrainingArguments' defaults, by the ds_config key the Trainer fills from them
@@ -38,8 +40,6 @@ def _fill(block: str, params: Mapping[str, Any], lr: float) -> dict[str, Any]:
         if value != "auto":
             continue
         if key in _NO_DEFAULT:
-            from ._schema import ConfigError
-
             raise ConfigError(f"{block}.params.{key}: \"auto\" is filled in by Hugging Face's Trainer from "
                               f"{_NO_DEFAULT[key]}, which has no default; outside the Trainer, give a value")
         if block == "scheduler" and key in ("warmup_max_lr", "lr", "max_lr"):
@@ -47,8 +47,6 @@ def _fill(block: str, params: Mapping[str, Any], lr: float) -> dict[str, Any]:
             continue
         path = f"{block}.params.{key}"
         if path not in TRAINER_DEFAULTS:
-            from ._schema import ConfigError
-
             raise ConfigError(f"{path}: \"auto\" has no Hugging Face Trainer default here; give a value")
         out[key] = TRAINER_DEFAULTS[path]
     return out

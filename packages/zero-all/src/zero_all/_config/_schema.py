@@ -24,14 +24,11 @@ from typing import Any, Literal, Union
 import msgspec
 
 from ._auto import TRAINER_DEFAULTS
+from ._error import ConfigError
 
 __all__ = ["ActivationCheckpointingConfig", "ConfigError", "DeepSpeedConfig", "OffloadConfig", "load_config"]
 
 Auto = Literal["auto"]
-
-
-class ConfigError(ValueError):
-    """A config that cannot run as written; the message is one line naming the key path."""
 
 
 class _Block(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._cli._errors import UsageError
+
 __all__ = ["add_generate_parser"]
-
-
-class _Usage(Exception):
-    pass
 
 
 def add_generate_parser(sub: Any, positive: Any) -> None:
@@ -75,14 +73,15 @@ def _import(spec: str, what: str, kwargs: dict[str, object] | None = None) -> An
         return getattr(importlib.import_module(module), attr)()
     except (ValueError, ImportError, AttributeError) as exc:
         message = str(exc)
-        raise _Usage(message if message.startswith(f"--{what} ") else f"--{what} {spec}: {message}") from None
+        raise UsageError(message if message.startswith(f"--{what} ") else f"--{what} {spec}: {message}") from None
 
 
 def _hf_model(path: Path, seed: int) -> nn.Module:
     try:
         import transformers
     except ImportError:
-        raise _Usage(f"--model {path}: a Hugging Face model needs transformers (pip install 'zero-all[hf]')") from None
+        raise UsageError(f"--model {path}: a Hugging Face model needs transformers "
+                         "(pip install 'zero-all[hf]')") from None
     directory = path if path.is_dir() else path.parent
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
     if has_weights and (path.is_dir() or path.name == "config.json"):
@@ -105,7 +104,7 @@ def _tokenizer(args: argparse.Namespace, model_path: Path | None) -> Any:
         return transformers.AutoTokenizer.from_pretrained(str(where))
     if args.prompt is not None:
         which = f"--tokenizer {args.tokenizer} holds no tokenizer" if args.tokenizer else "the model has no tokenizer"
-        raise _Usage(f"--prompt needs a tokenizer: {which}; give --tokenizer or --prompt-ids")
+        raise UsageError(f"--prompt needs a tokenizer: {which}; give --tokenizer or --prompt-ids")
     return None
 
 
@@ -115,7 +114,6 @@ def _relaunch(tp: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .._cli._main import UsageError
     from .._config import ConfigError
     from ._engine import init_inference
 
@@ -131,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
             model = _import(args.model, "model", parse_model_args(args.model_arg or []))
         elif not path.exists():
-            raise _Usage(f"--model {path} does not exist")
+            raise UsageError(f"--model {path} does not exist")
         else:
             model = _hf_model(path, args.seed)
         tokenizer = _tokenizer(args, path)
@@ -150,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               generator=torch.Generator().manual_seed(args.seed) if args.do_sample else None)
         took = time.perf_counter() - began
-    except (_Usage, ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         new = out[0, ids.shape[1]:].tolist()
