@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import zero_comm
-from zero_offload import CPUAdam, HostStore, NVMeStore
-from zero_optim import ZeroConfig, ZeroOptimizer, ZeroStage3, partitioned
+from zero_offload import HostStore, NVMeStore
+from zero_optim import AdamW, ZeroConfig, ZeroOptimizer, ZeroStage3, partitioned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "zero-optim" / "tests"))
 from zero_models import GPT, batch
@@ -35,7 +35,7 @@ def stage2_losses(offload: bool, steps: int) -> list[float]:
     with torch.device(DEVICE):
         model = GPT()
     if offload:
-        opt = ZeroOptimizer(model.named_parameters(), CPUAdam(lr=1e-3, weight_decay=0.0), comm=comm,
+        opt = ZeroOptimizer(model.named_parameters(), AdamW(lr=1e-3, weight_decay=0.0), comm=comm,
                             config=ZeroConfig(stage=2), store=HostStore())
     else:
         torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -63,7 +63,7 @@ def infinity(steps: int, offload: bool) -> tuple[list[float], dict]:
         store = NVMeStore(swap, buffer_bytes=16 << 20) if offload else HostStore()
         config = ZeroConfig(stage=3, precision="bf16", offload_param=offload, unit_numel=250_000,
                             persistence_threshold=1000)
-        opt = ZeroStage3(model, CPUAdam(lr=1e-3, weight_decay=0.0), comm=comm, config=config, store=store)
+        opt = ZeroStage3(model, AdamW(lr=1e-3, weight_decay=0.0), comm=comm, config=config, store=store)
         if DEVICE.type == "cuda":
             torch.cuda.reset_peak_memory_stats(DEVICE)
         out = []

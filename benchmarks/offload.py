@@ -14,7 +14,8 @@ slower than streaming into fresh pages -- the plain loop shows the same -- so a 
 budget pays a cost a bare-metal drive would not.) Target: >= 85% of the baseline's
 GB/s each way.
 
-CPU Adam: ``params`` fp32 parameters stepped by zero-offload's ``cpu_adam_step``,
+CPU Adam: ``params`` fp32 parameters stepped by zero-kernels' ``adam_step`` on the CPU (the step
+zero-optim's ``AdamW`` runs over offloaded shards),
 against ``torch.optim.AdamW(fused=True)`` (target >= 1.0x), and as a fraction of the
 machine's memory bandwidth (target >= 90%), counting the 28 bytes an Adam step must
 move per parameter (read weight, gradient and two moments; write weight and moments).
@@ -41,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from zero_offload import ALIGN, NVMeStore, aligned_empty, cpu_adam_step
+import zero_kernels
+from zero_offload import ALIGN, NVMeStore, aligned_empty
 
 BLOCK = 8 << 20
 
@@ -139,8 +141,8 @@ def cpu_adam(params: int, rounds: int) -> dict:
     def zero_step(with_copy: bool) -> Callable[[], None]:
         def run() -> None:
             step[0] += 1
-            cpu_adam_step(ours["p"], grad, ours["m"], ours["v"], step=step[0], lr=1e-4, weight_decay=0.01,
-                          lowp_out=lowp if with_copy else None)
+            zero_kernels.adam_step(ours["p"], grad, ours["m"], ours["v"], step=step[0], lr=1e-4, weight_decay=0.01,
+                                   lowp_out=lowp if with_copy else None)
         return run
 
     def torch_step_then_copy() -> None:

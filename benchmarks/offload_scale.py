@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import zero_comm
-from zero_offload import CPUAdam, NVMeStore
-from zero_optim import ZeroConfig, ZeroStage3, partitioned
+from zero_offload import NVMeStore
+from zero_optim import AdamW, ZeroConfig, ZeroStage3, partitioned
 
 
 class Block(nn.Module):
@@ -100,7 +100,7 @@ def main() -> None:
     store = NVMeStore(args.dir, buffer_bytes=int(args.budget_gib * 2**30), io_threads=4)
     config = ZeroConfig(stage=3, precision="bf16", offload_param=True, unit_numel=100_000_000,
                         persistence_threshold=100_000, prefetch_numel=0)
-    opt = ZeroStage3(model, CPUAdam(lr=1e-4), comm=comm, config=config, store=store)
+    opt = ZeroStage3(model, AdamW(lr=1e-4), comm=comm, config=config, store=store)
     store.flush()
     build_s = time.perf_counter() - t1
     print(f"states written to {store.directory} ({'O_DIRECT' if store.direct else 'buffered'}): "

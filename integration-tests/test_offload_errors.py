@@ -14,8 +14,8 @@ import torch
 
 import zero_comm
 from zero_comm.testing import run_ranks
-from zero_offload import CPUAdam, NVMeStore, SwapIOError
-from zero_optim import ZeroConfig, ZeroStage3, partitioned
+from zero_offload import NVMeStore, SwapIOError
+from zero_optim import AdamW, ZeroConfig, ZeroStage3, partitioned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "zero-optim" / "tests"))
 import zero_models
@@ -27,7 +27,7 @@ def build(swap_dir: str) -> tuple[torch.nn.Module, ZeroStage3, NVMeStore]:
         model = zero_models.make_model("gpt")
     store = NVMeStore(swap_dir, buffer_bytes=8 << 20)
     config = ZeroConfig(stage=3, offload_param=True, persistence_threshold=0)
-    opt = ZeroStage3(model, CPUAdam(), comm=comm, config=config, store=store)
+    opt = ZeroStage3(model, AdamW(), comm=comm, config=config, store=store)
     return model, opt, store
 
 

@@ -15,8 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import zero_comm
 from zero_comm.testing import run_ranks
-from zero_offload import CPUAdam, NVMeStore
-from zero_optim import ZeroConfig, ZeroStage3, partitioned
+from zero_offload import NVMeStore
+from zero_optim import AdamW, ZeroConfig, ZeroStage3, partitioned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "zero-optim" / "tests"))
 import zero_models
@@ -33,7 +33,7 @@ def training_peak(layers: int, swap_dir: str, overlap_comm: bool = True) -> dict
         store = NVMeStore(swap_dir, buffer_bytes=BUDGET, block_bytes=1 << 20)
         config = ZeroConfig(stage=3, offload_param=True, unit_numel=1_000_000, persistence_threshold=1000,
                             prefetch_numel=0, overlap_comm=overlap_comm)
-        opt = ZeroStage3(model, CPUAdam(lr=1e-3), comm=comm, config=config, store=store)
+        opt = ZeroStage3(model, AdamW(lr=1e-3), comm=comm, config=config, store=store)
         marker = torch.empty(MARK, dtype=torch.uint8)  # training starts here
         del marker
         for step in range(2):

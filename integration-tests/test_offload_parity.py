@@ -1,6 +1,7 @@
 """ZeRO-Offload and ZeRO-Infinity train exactly like a single-process torch.optim.AdamW loop.
 
-zero-optim's stages with zero-offload's stores and CPU Adam: the optimizer state in
+zero-optim's stages with zero-offload's stores, AdamW stepped on the CPU (zero-kernels' CPU Adam
+over the host shards): the optimizer state in
 host memory (stage 2), on NVMe files (stage 1), and in stage 3 the optimizer state,
 the parameter shards and the gradient shards all in host memory or all on NVMe, read ahead of use through
 a small buffer budget. Losses, no-grad evaluations and every weight match the plain
@@ -15,8 +16,8 @@ import torch
 
 import zero_comm
 from zero_comm.testing import run_ranks
-from zero_offload import CPUAdam, HostStore, NVMeStore
-from zero_optim import ZeroConfig, ZeroOptimizer, ZeroStage3, partitioned
+from zero_offload import HostStore, NVMeStore
+from zero_optim import AdamW, ZeroConfig, ZeroOptimizer, ZeroStage3, partitioned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "zero-optim" / "tests"))
 import zero_models
@@ -38,7 +39,7 @@ def train_offloaded(case: str, swap_dir: str) -> tuple[list[float], dict[str, to
     comm = zero_comm.init_distributed()
     # a budget of a few layers' state: most of the model is on disk at any time
     store = HostStore() if where == "cpu" else NVMeStore(swap_dir, buffer_bytes=24 << 20, block_bytes=1 << 20)
-    rule = CPUAdam(lr=LR, weight_decay=WD)
+    rule = AdamW(lr=LR, weight_decay=WD)
     config = ZeroConfig(stage=stage, accumulation_steps=accum, clip_grad_norm=clip, bucket_numel=100_000,
                         **options)
     if stage == 3:
@@ -86,9 +87,3 @@ def test_offloaded_training_matches_single_process(case: str, world_size: int, t
                 assert io["prefetched"] > 0, io
     assert not list(tmp_path.glob("zero-swap-*"))
 
-
-def test_cpu_adam_rule_is_refused_nothing_and_checkpoints_like_adamw():
-    """CPUAdam keeps AdamW's name and state, so an optimizer state moves between the two rules."""
-    assert CPUAdam().name == "AdamW" and CPUAdam().state_names == ("exp_avg", "exp_avg_sq")
-    assert CPUAdam(lr=LR, weight_decay=WD).defaults == {"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8,
-                                                        "weight_decay": WD}

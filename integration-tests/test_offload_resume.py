@@ -11,14 +11,14 @@ from test_resume import CFG, LR, gpt, masters, train
 import zero_ckpt
 import zero_comm
 from zero_comm.testing import run_ranks
-from zero_offload import CPUAdam, NVMeStore
-from zero_optim import ZeroConfig, ZeroOptimizer, ZeroStage3
+from zero_offload import NVMeStore
+from zero_optim import AdamW, ZeroConfig, ZeroOptimizer, ZeroStage3
 
 
 def build(stage: int, comm: zero_comm.Communicator, swap: str):
     torch.manual_seed(0)
     model = gpt.GPT(CFG)
-    rule = CPUAdam(lr=LR, weight_decay=0.01)
+    rule = AdamW(lr=LR, weight_decay=0.01)
     # a budget of a couple of units' state: the save must not need the whole state in buffers
     store = NVMeStore(swap, buffer_bytes=3 << 20)
     if stage == 3:

@@ -1,6 +1,6 @@
 """The project's own GPT (an init loop over ``self.modules()`` and a tied head) builds under DeepSpeed's
 ``zero.Init`` bit for bit as it builds eagerly, and the README's "larger than memory" recipe --
-``partitioned`` construction in bf16, ZeRO-3 with CPUAdam and parameters offloaded to NVMe -- trains it."""
+``partitioned`` construction in bf16, ZeRO-3 with AdamW on the CPU and parameters offloaded to NVMe -- trains it."""
 
 import math
 import sys
@@ -12,8 +12,8 @@ import torch
 import zero_all as deepspeed
 import zero_comm
 from zero_comm.testing import run_ranks
-from zero_offload import CPUAdam, NVMeStore
-from zero_optim import PartitionedParameter, ZeroConfig, ZeroStage3, gathered, partitioned
+from zero_offload import NVMeStore
+from zero_optim import AdamW, PartitionedParameter, ZeroConfig, ZeroStage3, gathered, partitioned
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from gpt import GPT, GPTConfig, global_batch
@@ -46,7 +46,7 @@ def readme_recipe(swap_dir: str) -> list[float]:
     torch.manual_seed(0)
     with partitioned(comm, dtype=torch.bfloat16):
         model = GPT(CFG)
-    opt = ZeroStage3(model, CPUAdam(lr=1e-2), comm=comm, store=NVMeStore(swap_dir, buffer_bytes=4 << 20),
+    opt = ZeroStage3(model, AdamW(lr=1e-2), comm=comm, store=NVMeStore(swap_dir, buffer_bytes=4 << 20),
                      config=ZeroConfig(stage=3, precision="bf16", offload_param=True))
     losses = []
     x, y = global_batch(0, 4, CFG)  # one batch, fitted: bf16 losses on fresh batches are too noisy to rank

@@ -8,18 +8,19 @@ import torch
 from test_engine import ACCUM, MICRO, STEPS, Net, reference, train_step
 
 import zero_all as deepspeed
+import zero_optim
 from zero_all._engine._optim import rule_from_config
 from zero_comm.testing import run_ranks
 
 
-def rule(block: dict, offloaded: bool = False):
-    return rule_from_config(deepspeed.load_config({"train_batch_size": 4, "optimizer": block}), offloaded)
+def rule(block: dict):
+    return rule_from_config(deepspeed.load_config({"train_batch_size": 4, "optimizer": block}))
 
 
 def test_omitted_keys_take_deepspeeds_defaults_not_torchs():
     # DeepSpeed's FusedAdam / DeepSpeedCPUAdam / FusedLamb / FusedLion decay nothing by default
     assert rule({"type": "AdamW", "params": {"lr": 1e-3}}).defaults["weight_decay"] == 0.0
-    assert rule({"type": "Adam", "params": {}}, offloaded=True).defaults["weight_decay"] == 0.0
+    assert rule({"type": "Adam", "params": {"adam_w_mode": False}}).defaults["weight_decay"] == 0.0
     lamb = rule({"type": "Lamb", "params": {"max_coeff": 5.0, "min_coeff": 0.1}}).defaults
     assert (lamb["eps"], lamb["weight_decay"], lamb["max_trust"], lamb["min_trust"]) == (1e-8, 0.0, 5.0, 0.1)
     assert rule({"type": "Lion", "params": {}}).defaults == {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}
@@ -27,6 +28,10 @@ def test_omitted_keys_take_deepspeeds_defaults_not_torchs():
     # Adam decouples weight decay unless adam_w_mode is false, as in DeepSpeed
     assert rule({"type": "Adam", "params": {}}).name == "AdamW"
     assert rule({"type": "Adam", "params": {"adam_w_mode": False}}).name == "Adam"
+    # offloaded or not, the rule is zero-optim's, every hyper-parameter given (DeepSpeedCPUAdam's role: its CPU
+    # step is zero-kernels' adam_step on host shards)
+    assert rule({"type": "Adam", "params": {"adam_w_mode": False}}) == zero_optim.Adam(weight_decay=0.0)
+    assert rule({"type": "AdamW", "params": {}}) == zero_optim.AdamW(weight_decay=0.0)
     # "auto" outside Hugging Face's Trainer: the Trainer's own defaults (learning_rate 5e-5, ...)
     auto = rule({"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}})
     assert auto.defaults == {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}

@@ -4,7 +4,7 @@ The lowest layer of zero. Everything above it talks to other ranks through a
 :class:`Communicator`, so every byte moved is booked in a :class:`CommLedger`.
 """
 
-from ._bucket import FlatBucket, all_reduce_coalesced, broadcast_coalesced, make_buckets
+from ._bucket import FlatBucket, PackedRun, all_reduce_coalesced, broadcast_coalesced, make_buckets, pack_runs
 from ._communicator import (
     P2P,
     CommError,
@@ -21,7 +21,7 @@ from ._ledger import COLLECTIVE_KINDS, CommLedger, LedgerEntry, bus_factor, defa
 from ._quantized import RowCodec, quantized_all_gather, quantized_reduce_scatter
 from ._topology import Coordinate, Mesh, ParallelDims, build_mesh
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "COLLECTIVE_KINDS",
@@ -36,6 +36,7 @@ __all__ = [
     "LaunchEnv",
     "LedgerEntry",
     "Mesh",
+    "PackedRun",
     "ParallelDims",
     "ProcessGroupCommunicator",
     "ReduceOp",
@@ -53,6 +54,7 @@ __all__ = [
     "expert_group_ranks",
     "init_distributed",
     "make_buckets",
+    "pack_runs",
     "partition_group_ranks",
     "quantized_all_gather",
     "quantized_reduce_scatter",

@@ -1,9 +1,11 @@
 """Bucketing: many small tensors as a few flat, size-bounded buffers.
 
 One collective over a 25 MB bucket is far cheaper than a thousand over its
-pieces. A :class:`FlatBucket` owns one flat buffer and knows where each member
-tensor lives in it, so the buffer can be filled from the members, read back into
-them, or used directly through views shaped like the members.
+pieces. :func:`pack_runs` is the packing itself, on sizes alone: consecutive runs,
+each bounded, each member's offset in its run (zero-optim's flat layout packs its
+parameters with it too). A :class:`FlatBucket` owns one flat buffer and knows where
+each member tensor lives in it, so the buffer can be filled from the members, read
+back into them, or used directly through views shaped like the members.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from ._communicator import Communicator, Handle, ReduceOp
 
-__all__ = ["FlatBucket", "all_reduce_coalesced", "broadcast_coalesced", "make_buckets"]
+__all__ = ["FlatBucket", "PackedRun", "all_reduce_coalesced", "broadcast_coalesced", "make_buckets", "pack_runs"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
@@ -57,6 +59,54 @@ def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
+@dataclass(frozen=True)
+class PackedRun:
+    """Members ``start`` to ``stop`` (exclusive) of a sequence of sizes, end to end in one buffer.
+
+    ``offsets[i]`` is where member ``start + i`` begins, relative to the run; ``numel``
+    is the run's length, each member rounded up to the alignment.
+    """
+
+    start: int
+    offsets: tuple[int, ...]
+    numel: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.offsets)
+
+
+def pack_runs(sizes: Iterable[int], limit: int, *, align: int = 1) -> list[PackedRun]:
+    """Split ``sizes``, in order, into consecutive runs of at most ``limit`` (in the sizes' unit).
+
+    Each member takes its size rounded up to a multiple of ``align`` (so every member
+    starts on an aligned offset); a run is closed when the next member would take it
+    past ``limit``, so a member larger than ``limit`` is a run of its own. Every
+    member is in exactly one run, and the runs cover the sequence in order: a layout
+    that depends only on the sizes, the same on every rank.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    runs: list[PackedRun] = []
+    offsets: list[int] | None = None
+    start = used = 0
+    for i, size in enumerate(sizes):
+        if size < 0:
+            raise ValueError(f"size {i} is negative ({size})")
+        padded = _round_up(size, align)
+        if offsets is None or used + padded > limit:
+            if offsets is not None:
+                runs.append(PackedRun(start, tuple(offsets), used))
+            start, offsets, used = i, [], 0
+        offsets.append(used)
+        used += padded
+    if offsets is not None:
+        runs.append(PackedRun(start, tuple(offsets), used))
+    return runs
+
+
 def make_buckets(tensors: Iterable[torch.Tensor], max_bytes: int = DEFAULT_BUCKET_BYTES, *,
                  align: int = 1, fill: bool = True) -> list[FlatBucket]:
     """Pack ``tensors`` in order into flat buckets of at most ``max_bytes`` each.
@@ -69,29 +119,19 @@ def make_buckets(tensors: Iterable[torch.Tensor], max_bytes: int = DEFAULT_BUCKE
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
-    open_runs: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    open_bytes: dict[tuple[torch.dtype, torch.device], int] = {}
-    runs: list[list[torch.Tensor]] = []
-    for t in tensors:
-        key = (t.dtype, t.device)
-        size = _round_up(t.numel(), align) * t.element_size()
-        run = open_runs.get(key)
-        if run is None or open_bytes[key] + size > max_bytes:
-            run = []
-            runs.append(run)
-            open_runs[key], open_bytes[key] = run, 0
-        run.append(t)
-        open_bytes[key] += size
-    buckets = []
-    for run in runs:
-        offsets, total = [], 0
-        for t in run:
-            offsets.append(total)
-            total += _round_up(t.numel(), align)
-        flat = torch.zeros(total, dtype=run[0].dtype, device=run[0].device)
-        bucket = FlatBucket(flat, run, offsets)
-        buckets.append(bucket.fill() if fill else bucket)
-    return buckets
+    members = list(tensors)
+    by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(members):
+        by_kind.setdefault((t.dtype, t.device), []).append(i)
+    made: list[tuple[int, FlatBucket]] = []  # (position of the first member, bucket): buckets in member order
+    for indices in by_kind.values():
+        kind = members[indices[0]]
+        # a run of whole elements fits max_bytes exactly when it fits max_bytes // element_size elements
+        for run in pack_runs([members[i].numel() for i in indices], max_bytes // kind.element_size(), align=align):
+            flat = torch.zeros(run.numel, dtype=kind.dtype, device=kind.device)
+            bucket = FlatBucket(flat, [members[i] for i in indices[run.start:run.stop]], list(run.offsets))
+            made.append((indices[run.start], bucket.fill() if fill else bucket))
+    return [bucket for _, bucket in sorted(made, key=lambda m: m[0])]
 
 
 def all_reduce_coalesced(comm: Communicator, tensors: Sequence[torch.Tensor], op: ReduceOp = "sum", *,

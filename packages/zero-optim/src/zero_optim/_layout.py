@@ -1,11 +1,11 @@
 """Flat layout: a parameter group's tensors as buckets in one flat buffer, each split over ranks.
 
 Parameters are packed, whole and in reverse registration order (the order their
-gradients usually become ready in backward), into buckets of about
-``bucket_numel`` elements. Each bucket is padded to a multiple of
-``world_size * align`` and split into ``world_size`` equal chunks; rank ``r``
-owns chunk ``r`` of every bucket. A rank's shard of the group is its chunks,
-end to end. So every bucket is reduce-scattered and all-gathered by one
+gradients usually become ready in backward), into buckets of at most
+``bucket_numel`` elements (a larger parameter alone), by zero-comm's ``pack_runs``.
+Each bucket is padded to a multiple of ``world_size * align`` and split into
+``world_size`` equal chunks; rank ``r`` owns chunk ``r`` of every bucket. A rank's
+shard of the group is its chunks, end to end. So every bucket is reduce-scattered and all-gathered by one
 collective that divides evenly, and every rank's shard is the same size:
 balanced to ``align`` elements.
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from zero_comm import pack_runs
 
 __all__ = ["Bucket", "GroupLayout", "build_layout"]
 
@@ -54,24 +56,14 @@ def _round_up(n: int, unit: int) -> int:
 
 
 def build_layout(params: list[torch.nn.Parameter], world_size: int, bucket_numel: int, align: int) -> GroupLayout:
-    runs: list[list[torch.nn.Parameter]] = []
-    size = 0
-    for p in reversed(params):
-        if not runs or size + p.numel() > bucket_numel:
-            runs.append([])
-            size = 0
-        runs[-1].append(p)
-        size += p.numel()
+    ordered = list(reversed(params))  # the order gradients become ready in backward
     layout = GroupLayout([], world_size)
     base = shard = 0
-    for run in runs:
-        offsets, used = [], 0
-        for p in run:
-            offsets.append(used)
-            used += p.numel()
+    for run in pack_runs([p.numel() for p in ordered], bucket_numel):  # zero-comm's bucketing, unaligned members
+        members, offsets, used = ordered[run.start:run.stop], list(run.offsets), run.numel
         padded = _round_up(max(used, 1), world_size * align)
-        bucket = Bucket(run, offsets, base, used, padded, padded // world_size, shard)
-        for p, off in zip(run, offsets, strict=True):
+        bucket = Bucket(members, offsets, base, used, padded, padded // world_size, shard)
+        for p, off in zip(members, offsets, strict=True):
             layout.where[id(p)] = (len(layout.buckets), off)
         layout.buckets.append(bucket)
         base += padded

@@ -4,8 +4,9 @@ The rule comes from the config's ``optimizer`` block or from a client optimizer,
 DeepSpeed's ``initialize(optimizer=...)`` takes one: a ``torch.optim`` instance (or a
 callable making one from the parameters). ``Adam``, ``AdamW`` and ``SGD`` (and
 DeepSpeed's ``FusedAdam``/``DeepSpeedCPUAdam``) become the equivalent zero rule with the
-same hyper-parameters per group (the fused kernels; the CPU Adam when the optimizer
-state is offloaded); with ``amsgrad`` or ``maximize`` they run as below. Any other
+same hyper-parameters per group (zero-kernels' fused steps: Triton on CUDA, torch's fused
+CPU Adam over host shards when the optimizer state is offloaded, so one rule serves both);
+with ``amsgrad`` or ``maximize`` they run as below. Any other
 torch optimizer class runs as :class:`TorchRule`: the class itself, stepped on each flat fp32 shard. That is exact
 for element-wise optimizers (Adagrad, RMSprop, Adamax, NAdam, ...); one whose update
 depends on whole tensors (a LAMB-style trust ratio, Adafactor's factored moments) would
@@ -32,7 +33,6 @@ from typing import Any
 import torch
 
 import zero_optim
-from zero_offload import CPUAdam
 
 from .._config import ConfigError, DeepSpeedConfig, fill_optimizer_auto
 
@@ -50,9 +50,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _adam(decoupled: bool, offloaded: bool, params: dict[str, Any]) -> Any:
-    if offloaded:
-        return CPUAdam(adamw_mode=decoupled, **params)
+def _adam(decoupled: bool, params: dict[str, Any]) -> Any:
+    """DeepSpeed's Adam (``adam_w_mode``/``adamw_mode``: decoupled decay) as zero's rule, every
+    hyper-parameter given, on or off the device alike (an offloaded run steps host shards through it)."""
     return (zero_optim.AdamW if decoupled else zero_optim.Adam)(**params)
 
 
@@ -75,7 +75,7 @@ _IGNORED = {"torch_adam", "set_grad_none", "fp32_optimizer_states"}  # how DeepS
 _LAMB_NAMES = {"max_coeff": "max_trust", "min_coeff": "min_trust"}  # DeepSpeed's names for LAMB's trust bounds
 
 
-def rule_from_config(config: DeepSpeedConfig, offloaded: bool) -> Any:
+def rule_from_config(config: DeepSpeedConfig) -> Any:
     """The rule of the config's ``optimizer`` block, as DeepSpeed builds it: Adam/AdamW (Adam decouples
     weight decay unless ``adam_w_mode`` is false), Lamb, Lion, SGD, or any other ``torch.optim`` class
     by name, with DeepSpeed's defaults for omitted keys. Raises :class:`ConfigError` naming
@@ -106,7 +106,7 @@ def rule_from_config(config: DeepSpeedConfig, offloaded: bool) -> Any:
             raise ConfigError(f"optimizer.params.{key}: {block.type} has no parameter {key!r}{hint}")
     params = {**accepted, **given}
     if kind == "adam":
-        rule: Any = _adam(decoupled, offloaded, params)
+        rule: Any = _adam(decoupled, params)
     elif kind == "lamb":
         rule = zero_optim.LAMB(**{_LAMB_NAMES.get(k, k): v for k, v in params.items()})
     elif kind == "lion":
@@ -160,7 +160,7 @@ _UNSUPPORTED_FLAGS = ("amsgrad", "maximize")  # Adam/AdamW/SGD variants the fuse
 _DEEPSPEED_ADAMS = ("FusedAdam", "DeepSpeedCPUAdam")  # deepspeed.ops.adam's, zero_all.ops.adam's: by name
 
 
-def rule_from_client(optimizer: Any, offloaded: bool) -> tuple[Any, ParamGroups | None]:
+def rule_from_client(optimizer: Any) -> tuple[Any, ParamGroups | None]:
     """The zero rule for a client optimizer, and its parameter groups (``{"params": [...], <hparams>}``;
     None for a zero rule instance, which trains the model's parameters)."""
     if isinstance(optimizer, zero_optim.UpdateRule):
@@ -179,9 +179,9 @@ def rule_from_client(optimizer: Any, offloaded: bool) -> tuple[Any, ParamGroups 
     adam_keys = ("lr", "betas", "eps", "weight_decay")
     if cls in (torch.optim.Adam, torch.optim.AdamW) and not flags:
         decoupled = cls is torch.optim.AdamW or bool(defaults.get("decoupled_weight_decay", False))
-        rule = _adam(decoupled, offloaded, {k: defaults[k] for k in adam_keys})
+        rule = _adam(decoupled, {k: defaults[k] for k in adam_keys})
     elif cls.__name__ in _DEEPSPEED_ADAMS and "adam_w_mode" in defaults and defaults.get("bias_correction", True):
-        rule = _adam(bool(defaults["adam_w_mode"]), offloaded, {k: defaults[k] for k in adam_keys})
+        rule = _adam(bool(defaults["adam_w_mode"]), {k: defaults[k] for k in adam_keys})
     elif cls.__name__ in ("FusedLion", "DeepSpeedCPULion"):  # deepspeed.ops.lion's, by name
         rule = zero_optim.Lion(**{k: defaults[k] for k in ("lr", "betas", "weight_decay")})
     elif cls is torch.optim.SGD and not flags and not any(g["momentum"] == 0 and g["dampening"] != 0

@@ -114,9 +114,9 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
         check_node_local_storage(config)
         self.trains = client is not None or config.optimizer is not None  # DeepSpeed: no optimizer, evaluation
         if client is not None:
-            rule, groups = rule_from_client(client, offloaded=store is not None)
+            rule, groups = rule_from_client(client)
         elif self.trains:
-            rule, groups = rule_from_config(config, offloaded=store is not None), None
+            rule, groups = rule_from_config(config), None
         else:
             rule, groups = zero_optim.SGD(lr=0.0), None  # never steps: stage 3 only partitions and gathers
         names = {p: n for n, p in model.named_parameters()}

@@ -1,5 +1,5 @@
 """``deepspeed.ops.adam``: ``FusedAdam`` (zero-kernels' fused step, any device) and ``DeepSpeedCPUAdam``
-(zero-offload's CPU step), as standalone ``torch.optim.Optimizer``s."""
+(the same step on host parameters), as standalone ``torch.optim.Optimizer``s."""
 
 from ._adam import DeepSpeedCPUAdam, FusedAdam
 

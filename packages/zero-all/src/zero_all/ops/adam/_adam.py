@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 import zero_kernels
-import zero_offload
 
 from .._flat import FlatStepOptimizer
 
@@ -43,6 +42,15 @@ class _Adam(FlatStepOptimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
 
+    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
+                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
+        """zero-kernels' step: Triton on CUDA, torch's fused kernel over chunks on the CPU."""
+        b1, b2 = group["betas"]
+        exp_avg, exp_avg_sq = state
+        zero_kernels.adam_step(param, grad, exp_avg, exp_avg_sq, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+                               weight_decay=group["weight_decay"], step=step, decoupled=group["adam_w_mode"],
+                               lowp_out=lowp_out)
+
 
 class FusedAdam(_Adam):
     """DeepSpeed's ``FusedAdam``: Adam/AdamW on any device through zero-kernels' fused step (Triton on
@@ -59,19 +67,12 @@ class FusedAdam(_Adam):
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
 
-    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
-                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
-        b1, b2 = group["betas"]
-        exp_avg, exp_avg_sq = state
-        zero_kernels.adam_step(param, grad, exp_avg, exp_avg_sq, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
-                               weight_decay=group["weight_decay"], step=step, decoupled=group["adam_w_mode"],
-                               lowp_out=lowp_out)
-
 
 class DeepSpeedCPUAdam(_Adam):
-    """DeepSpeed's ``DeepSpeedCPUAdam``: Adam/AdamW over parameters in host memory, through zero-offload's
-    CPU step (torch's vectorised fused kernel, no compiled extension). ``fp32_optimizer_states=False``
-    (moments in the parameters' dtype) is refused: the CPU step keeps fp32 state."""
+    """DeepSpeed's ``DeepSpeedCPUAdam``: Adam/AdamW over parameters in host memory, through zero-kernels'
+    CPU step (torch's vectorised fused kernel over cache-sized chunks, no compiled extension).
+    ``fp32_optimizer_states=False`` (moments in the parameters' dtype) is refused: the CPU step keeps
+    fp32 state."""
 
     def __init__(self, model_params: Iterable[Any], lr: float = 1e-3, bias_correction: bool = True,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -87,11 +88,3 @@ class DeepSpeedCPUAdam(_Adam):
                     raise ValueError(f"DeepSpeedCPUAdam steps parameters in host memory; one of shape "
                                      f"{tuple(p.shape)} is on {p.device} (use FusedAdam, or offload_optimizer in "
                                      "the config)")
-
-    def _kernel(self, param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], *, step: int,
-                group: dict[str, Any], lowp_out: torch.Tensor | None) -> None:
-        b1, b2 = group["betas"]
-        exp_avg, exp_avg_sq = state
-        zero_offload.cpu_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=group["lr"], beta1=b1, beta2=b2,
-                                   eps=group["eps"], weight_decay=group["weight_decay"],
-                                   decoupled=group["adam_w_mode"], lowp_out=lowp_out)
