@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import goal
 
 import zero_kernels
 from zero_offload import ALIGN, NVMeStore, aligned_empty
@@ -208,7 +209,10 @@ def main() -> None:
           f"Adam moves {adam['adam_gbps']:.1f} GB/s = {adam['fraction_of_bandwidth']:.0%}  (target >= 90%)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "offload.json").write_text(json.dumps({"nvme": io, "cpu_adam": adam}, indent=2))
+    goals = [goal(f"NVMe store {way} / plain O_DIRECT, buffers of the same memory", io[f"{way}_ratio_same_memory"],
+                  0.85, "higher") for way in ("write", "read")]
+    goals.append(goal("CPU Adam bytes/s / memory bandwidth", adam["fraction_of_bandwidth"], 0.9, "higher"))
+    (out / "offload.json").write_text(json.dumps({"goals": goals, "nvme": io, "cpu_adam": adam}, indent=2))
     print(f"wrote {out / 'offload.json'}")
 
 
