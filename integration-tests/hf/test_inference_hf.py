@@ -153,3 +153,17 @@ def sampled_through_hf(kind: str) -> torch.Tensor:
 def test_sampling_under_tensor_parallelism_never_diverges_across_ranks(kind: str):
     first, second = run_ranks(sampled_through_hf, 2, kind, timeout=240)
     assert torch.equal(first, second)
+
+
+def test_a_generation_config_switching_extra_outputs_off_still_decodes_in_zeros_loop():
+    model = build("gpt2")
+    model.generation_config.output_attentions = False  # as transformers writes them from a model's config
+    model.generation_config.output_hidden_states = False
+    engine = zero_all.init_inference(model, dtype=torch.float32)
+    tokens: list[int] = []
+    out = engine.generate(prompt(), max_new_tokens=5, eos_token_id=None, on_token=tokens.append)
+    assert tokens == list(range(5)), "on_token is called by zero's loop only: the model's own generate ran"
+    model.generation_config.output_attentions = True  # asked for: only the model's own generate gives them
+    assert engine.generate(prompt(), max_new_tokens=5, eos_token_id=None, on_token=tokens.append) is not None
+    assert len(tokens) == 5
+    assert out.shape[1] == prompt().shape[1] + 5

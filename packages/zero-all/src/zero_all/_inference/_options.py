@@ -26,6 +26,9 @@ OURS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "to
 # generation_config entries our loop honours or that do not change greedy/sampled decoding
 _CONFIG_OURS = OURS | {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
                        "return_dict_in_generate", "output_scores", "output_logits"}
+# asked for extra outputs zero's loop does not give; switched off (what transformers 5 writes into a
+# generation_config made from a model's config) they ask for nothing
+_OFF_IS_OURS = {"output_attentions", "output_hidden_states"}
 _HF_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_length": 20}
 
 
@@ -66,7 +69,8 @@ def needs_hf_generate(model: nn.Module, hf: bool, kwargs: Mapping[str, Any]) -> 
                              "greedy or sampled, with a cache")
         return False
     config = _config_diff(model)
-    config_beyond = [k for k, v in config.items() if k not in _CONFIG_OURS or (k == "num_beams" and v != 1)]
+    config_beyond = [k for k, v in config.items() if (k not in _CONFIG_OURS and not (k in _OFF_IS_OURS and not v))
+                     or (k == "num_beams" and v != 1)]
     return bool(beyond or special or config_beyond)
 
 
