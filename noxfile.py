@@ -173,5 +173,6 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- --only zero_step,memory`` runs some (the page keeps the others' last results).
     """
     _install(session, *PACKAGES, extras="")
-    session.install("-c", CONSTRAINTS, "matplotlib", "transformers")
+    # pytest: activations.py measures with the zero-ckpt test's own model and measurement
+    session.install("-c", CONSTRAINTS, "matplotlib", "transformers", "pytest")
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)

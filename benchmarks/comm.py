@@ -167,7 +167,7 @@ def main() -> int:
     (args.out / "comm.json").write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows}, indent=1))
     plot(rows, args.out / "comm.png", args.world_size)
     print(f"wrote {args.out / 'comm.json'} and {args.out / 'comm.png'}")
-    return 0 if verdict else 1
+    return 0  # a missed target is in the JSON's goals (and on the page), not a failed run
 
 
 if __name__ == "__main__":

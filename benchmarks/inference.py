@@ -40,10 +40,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import goal as record_goal
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))  # spawned ranks start from the filtered path below: put this folder back first
+from _common import goal as record_goal  # noqa: E402
 
 # benchmarks/kernels.py would shadow the Hub's ``kernels`` package, which transformers probes for on import
-_HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import zero_all  # noqa: E402

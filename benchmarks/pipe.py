@@ -24,7 +24,7 @@ round, so drift on a shared machine hits every way alike.
   where per-message overhead dominates: per-batch time against ours.
 
 Writes ``pipe.json`` and ``pipe.png``. Target: GPipe's and 1F1B's measured bubble within 5
-points of theory (exit status 1 otherwise); interleaved is reported against its own formula.
+points of theory (recorded as goals); interleaved is reported against its own formula.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipe.json").write_text(json.dumps(report, indent=1) + "\n")
     _plot(results, args.out / "pipe.png")
-    return 0 if within else 1
+    return 0  # a missed target is in the JSON's goals (and on the page), not a failed run
 
 
 if __name__ == "__main__":

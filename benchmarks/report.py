@@ -73,15 +73,19 @@ def method(script: Path) -> str:
     return "\n\n".join(kept)
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")  # a bar inside a cell would end it
+
+
 def _table(t: dict[str, Any]) -> list[str]:
-    lines = ["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
-    return lines + ["| " + " | ".join(row) + " |" for row in t["rows"]]
+    lines = ["| " + " | ".join(map(_cell, t["header"])) + " |", "|" + "---|" * len(t["header"])]
+    return lines + ["| " + " | ".join(map(_cell, row)) + " |" for row in t["rows"]]
 
 
 def _goal_row(section: str, g: dict[str, Any]) -> str:
     sign = "<=" if g["better"] == "lower" else ">="
     verdict = "met" if g["met"] else "**MISSED**"
-    return f"| {section} | {g['what']} | {g['value']:.3f} | {sign} {g['goal']:g} | {verdict} |"
+    return f"| {section} | {_cell(g['what'])} | {g['value']:.3f} | {sign} {g['goal']:g} | {verdict} |"
 
 
 def render(results: Path, doc: Path) -> str:
