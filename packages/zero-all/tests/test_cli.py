@@ -359,3 +359,15 @@ def test_ckpt_export_of_what_is_not_a_checkpoint_is_one_line_and_exit_2(tmp_path
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_launchers_one_line_errors_name_classes_that_exist():
+    import importlib
+
+    from zero_all._cli._rank import USER_ERRORS
+
+    for qualified in USER_ERRORS:  # matched by name in the rank's output: a moved class would print a traceback
+        module, _, name = qualified.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        assert isinstance(cls, type) and issubclass(cls, Exception), f"{qualified} is not an exception class"
+        assert f"{cls.__module__}.{cls.__qualname__}" == qualified, f"{qualified} is really {cls.__module__}"

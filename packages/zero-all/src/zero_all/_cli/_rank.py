@@ -41,7 +41,7 @@ from pathlib import Path
 
 # zero's exceptions whose message is the whole story (matched by name: nothing is imported here)
 USER_ERRORS = frozenset({
-    "zero_all._config._schema.ConfigError",
+    "zero_all._config._error.ConfigError",
     "zero_all._cli._run.HostfileError",
     "zero_ckpt._format.CheckpointError",
 })
