@@ -69,6 +69,14 @@ def run_case(name: str, argv: list[str], env: dict[str, str], out: Path) -> dict
             "env": env, "seconds": round(seconds, 1), "returncode": proc.returncode, "tail": list(tail)}
 
 
+def sweep(directory: str) -> None:
+    """Remove the swap files of a benchmark that was killed (a timeout, ^C, out of memory): an NVMe
+    store deletes its own on close, but a killed one leaves them -- tens of GiB for offload_scale."""
+    from zero_offload import sweep_orphans
+
+    sweep_orphans(Path(directory))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated names to run (default: all)")
@@ -90,9 +98,13 @@ def main() -> int:
     # a partial run keeps the earlier results of the others (the page says which run measured what)
     runs = {r["name"]: r for r in previous.get("runs", []) if r["name"] not in ON_REQUEST} if only or skip else {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sweep(args.dir)  # what an earlier, killed run left
     for i, (name, argv, env) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name}: {' '.join(argv)}", flush=True)
-        run = run_case(name, argv, env, args.out)
+        try:
+            run = run_case(name, argv, env, args.out)
+        finally:
+            sweep(args.dir)
         run["date"] = started
         runs[name] = run
         status = "ok" if run["returncode"] == 0 else f"FAILED (exit {run['returncode']})"

@@ -143,7 +143,8 @@ time.sleep(120)
 
 def test_a_sigkilled_launcher_leaves_no_orphan_ranks(tmp_path: Path):
     launcher = subprocess.Popen([*ZERO, "run", "--nproc", "2", str(write(tmp_path, "s.py", SLEEP)), str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmp_path)})  # its temporary files die with the test
     ranks: list[int] = []
     try:
         deadline = time.monotonic() + 60

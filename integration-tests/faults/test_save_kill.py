@@ -28,7 +28,8 @@ def start(ck: Path, out: Path) -> subprocess.Popen[bytes]:
     """Train for good, saving every step (50 MB a save: long enough to be hit), resuming from latest."""
     return subprocess.Popen([*ZERO, TRAIN, "--stage", "2", "--steps", "100000", "--save-every", "1", "--save-dir",
                              str(ck), "--resume", "--width", "2048", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(ck.parent)})  # a SIGKILLed launcher cannot clean up
 
 
 def kill_during_a_save(proc: subprocess.Popen[bytes], ck: Path, nth: int, delay: float) -> bool:
