@@ -4,8 +4,9 @@
 
 On ``world_size`` Gloo ranks, a ~20M-parameter GPT is trained (fp32, AdamW) nine
 ways: torch ``DistributedDataParallel`` with ``torch.optim.AdamW`` -- the baseline --,
-zero's ``ZeroOptimizer`` at stages 0, 1 and 2, zero's ``ZeroStage3`` (units of one
-parameter, and blocks of 2M parameters), stage 3 with the optimizer offloaded to host
+zero's ``ZeroOptimizer`` at stages 0, 1 and 2, zero's ``ZeroStage3`` (its default gather
+units -- one per transformer block here -- and, as ``zero-3-modules``, one unit per module
+as DeepSpeed gathers), stage 3 with the optimizer offloaded to host
 memory (``HostStore``) and to files (``NVMeStore`` under ``--dir``, O_DIRECT where the
 file system allows it), and PyTorch FSDP2 (``fully_shard`` on every block and on the
 model, ``torch.optim.AdamW``), the peer stage 3 is measured against. Each way has its
@@ -48,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=8192, block_size=64, n_layer=10, n_head=6, n_embd=384)
-WAYS = ("ddp", "zero-0", "zero-1", "zero-2", "zero-3", "zero-3b", "zero-3-cpu", "zero-3-nvme", "fsdp2")
+WAYS = ("ddp", "zero-0", "zero-1", "zero-2", "zero-3", "zero-3-modules", "zero-3-cpu", "zero-3-nvme", "fsdp2")
 GOALS = {"zero-1": 1.05, "zero-2": 1.05, "zero-3": 1.3, "zero-3-cpu": 1.3, "zero-3-nvme": 1.5}
-STAGE = {"zero-0": 0, "zero-1": 1, "zero-2": 2, "zero-3": 3, "zero-3b": 3, "zero-3-cpu": 3, "zero-3-nvme": 3}
+STAGE = {"zero-0": 0, "zero-1": 1, "zero-2": 2, "zero-3": 3, "zero-3-modules": 3, "zero-3-cpu": 3, "zero-3-nvme": 3}
 
 
 def _batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +85,8 @@ def _trainer(way: str, model: GPT, comm: zero_comm.Communicator, files: Path) ->
     if way.startswith("zero-3"):
         store = {"zero-3-cpu": HostStore,
                  "zero-3-nvme": lambda: NVMeStore(files / f"rank{comm.rank}", buffer_bytes=256 << 20)}.get(way)
-        units = 2_000_000 if way == "zero-3b" else 0
-        zopt = ZeroStage3(model, AdamW(lr=1e-4), comm=comm, config=ZeroConfig(stage=3, unit_numel=units),
+        config = ZeroConfig(stage=3, unit_numel=0) if way == "zero-3-modules" else ZeroConfig(stage=3)
+        zopt = ZeroStage3(model, AdamW(lr=1e-4), comm=comm, config=config,
                           store=store() if store else None)
     else:
         zopt = ZeroOptimizer(model.parameters(), AdamW(lr=1e-4), comm=comm,

@@ -59,17 +59,19 @@ def check_reduce_scatter() -> int:
             assert torch.equal(shard, want), f"reduce_scatter {dtype} n={numel}"
             assert torch.equal(full, before), "reduce_scatter must not modify its input"
             checks += 1
-    # an input given up may be reduced in place (Gloo all-reduces it): the same shard, sync or async
-    assert comm.reduce_by_all_reduce == (comm.backend == "gloo")
+    # with out given, sync or async (Gloo: an all-to-all and a local sum): the same shard, the input intact
+    assert comm.reduce_by_all_to_all == (comm.backend == "gloo")
     for numel in (1000, 1001, 4096):
         for async_op in (False, True):
             full = rank_input(comm.rank, numel, torch.float32)
+            before = full.clone()
             start, stop = zero_comm.shard_range(numel, comm.rank, comm.world_size)
             out = torch.empty(-(-numel // comm.world_size))
             got = comm.reduce_scatter(full, "avg", out=out, async_op=async_op, consume_input=True)
             got = got.wait() if async_op else got
             want = (all_inputs(comm.world_size, numel, torch.float32).sum(0)[start:stop] / comm.world_size).float()
             assert torch.allclose(got, want) and got.data_ptr() == out.data_ptr(), (numel, async_op)
+            assert torch.equal(full, before), "reduce_scatter must not modify its input"
             checks += 1
     # the pieces of every rank's shard, put together, are the whole reduced tensor
     numel = 1001

@@ -21,7 +21,7 @@ from ._ledger import COLLECTIVE_KINDS, CommLedger, LedgerEntry, bus_factor, defa
 from ._quantized import RowCodec, quantized_all_gather, quantized_reduce_scatter
 from ._topology import Coordinate, Mesh, ParallelDims, build_mesh
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "COLLECTIVE_KINDS",

@@ -19,8 +19,9 @@ from ._sharded import ShardedTensor, ShardPiece
 from ._sharder import ParameterSharder, TrainingState
 from ._stage3 import ZeroStage3
 from ._store import DeviceStore, StateStore
+from ._units import unit_parameters
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LAMB",
@@ -51,4 +52,5 @@ __all__ = [
     "check_hyperparameters",
     "gathered",
     "partitioned",
+    "unit_parameters",
 ]

@@ -38,10 +38,14 @@ class ZeroConfig:
             exceed this many elements (stage3_max_live_parameters).
         persistence_threshold: stage 3: parameters of at most this many elements stay
             whole on every rank (stage3_param_persistence_threshold).
-        unit_numel: stage 3: 0 gathers each module's own parameters as one unit; above
-            0, the largest subtrees of at most this many elements (a transformer
-            block) are gathered as one unit each: fewer, larger all-gathers and fewer
-            hooks, at the price of that much live memory.
+        unit_numel: stage 3: the largest subtrees of at most this many elements whose
+            head runs a forward (a transformer block) are gathered as one unit each:
+            fewer, larger all-gathers and fewer hooks, at the price of that much live
+            memory; a module above it gathers its own parameters as one unit. 0 gathers
+            each module's own parameters alone (DeepSpeed's way). The default, 2^22
+            (16 MiB of fp32), leaves a large model's layers, each bigger, as they are and
+            spares small layers a collective each (a 21M GPT on 2 Gloo ranks: 1.15x
+            DDP's step time, against 1.26x with per-module units).
         offload_param: stage 3: keep this rank's parameter and gradient shards in the
             optimizer's store too (ZeRO-Infinity with an NVMe store: the device and host
             hold only the modules in use and the store's buffers); the store is told the
@@ -70,7 +74,7 @@ class ZeroConfig:
     prefetch_numel: int = 50_000_000
     max_live_numel: int = 1_000_000_000
     persistence_threshold: int = 100_000
-    unit_numel: int = 0
+    unit_numel: int = 1 << 22
     offload_param: bool = False
     quantized_weights: bool = False
     quantized_gradients: bool = False

@@ -43,6 +43,7 @@ from ._partition import GatherUnit, PartitionedParameter, state_dict_placeholder
 from ._stage3_grads import GradientReducer, UnitGrads
 from ._store import DeviceStore, StateStore
 from ._trace import UseOrder
+from ._units import unit_parameters, unit_roots
 from ._zeropp import apply_zeropp
 
 __all__ = ["ParameterSharder", "TrainingState"]
@@ -117,44 +118,12 @@ class ParameterSharder:
         self._install_hooks()
 
     # -- construction ------------------------------------------------------------------------
-    def _unit_roots(self) -> tuple[list[nn.Module], set[int], set[int]]:
-        """The modules that gather their parameters as one unit: every module holding parameters, or,
-        with ``unit_numel``, the largest subtrees of at most that many elements (their descendants get
-        no hooks of their own: fewer, larger all-gathers)."""
-        limit = self.config.unit_numel
-        roots: list[nn.Module] = []
-        inside: set[int] = set()  # ids of modules within a grouped subtree
-        grouped: set[int] = set()  # ids of the modules that head one
-
-        def visit(module: nn.Module) -> None:
-            if limit and module is not self.module and sum(p.numel() for p in module.parameters()) <= limit:
-                roots.append(module)
-                grouped.add(id(module))
-                inside.update(id(m) for m in module.modules() if m is not module)
-                return
-            roots.append(module)
-            for child in module.children():
-                visit(child)
-
-        visit(self.module)
-        return roots, inside, grouped
-
     def _build_units(self) -> None:
         threshold = self.config.persistence_threshold
-        placed: set[int] = set()
         small: list[nn.Parameter] = []
-        roots, inside, grouped = self._unit_roots()
-        for module in roots:
-            direct = list(module.named_parameters(recurse=id(module) in grouped))
-            mine: list[tuple[str, nn.Parameter]] = []
-            for _, p in direct:
-                if id(p) in placed:
-                    continue
-                placed.add(id(p))
-                if p.numel() <= threshold:
-                    small.append(p)
-                else:
-                    mine.append((self.names[id(p)], p))
+        for named in unit_parameters(self.module, self.config.unit_numel):
+            mine = [(n, p) for n, p in named if p.numel() > threshold]
+            small += [p for _, p in named if p.numel() <= threshold]
             if mine:
                 self.units.append(GatherUnit([p for _, p in mine], self.comm, self.dtype,
                                              names=[n for n, _ in mine]))
@@ -163,11 +132,12 @@ class ParameterSharder:
                                          persistent=True))
         for unit in self.units:
             unit.on_released_use = self._fetch_on_use
+        found = unit_roots(self.module, self.config.unit_numel)
         for module in self.module.modules():
-            if id(module) in inside:
+            if id(module) in found.inside:
                 continue
             units: list[GatherUnit] = []
-            for p in module.parameters(recurse=id(module) in grouped):
+            for p in module.parameters(recurse=id(module) in found.grouped):
                 u = p.zero.unit  # type: ignore[attr-defined]
                 if not u.persistent and u not in units:
                     units.append(u)

@@ -6,7 +6,7 @@ to ``world_size * align``, via zero-optim's own :func:`zero_optim.build_layout`)
 fp32 master copy (none for an fp32 model on the device: its weights, or its stage-3 shard,
 are the masters; an offload store keeps its own copy), the rule's state tensors, the stage-2 staging
 ring (at most three bucket buffers: one filling, two reducing), stage 3's gather
-units (each module's own parameters; the ones of at most ``persistence_threshold``
+units (cut by ``zero_optim.unit_parameters``; the parameters of at most ``persistence_threshold``
 elements in one unit kept whole) with their prefetch window (``prefetch_numel`` ahead,
 capped by ``max_live_numel``), and the transient buffers of a step: a parameter's
 gradient before the hook moves it, stage 1's reduced chunks (two buckets' in flight), and on Gloo (CPU) the
@@ -53,10 +53,10 @@ GLOO_GATHERS = 3  # Gloo all_gathers whose scratch buffers were seen alive at on
 @dataclass(frozen=True)
 class ModelShape:
     """What the plan needs to know of a model: its trainable parameters' sizes, in registration
-    order, and how stage 3 groups them (each module's own parameters, in module order)."""
+    order, and how stage 3 groups them into gather units (``zero_optim.unit_parameters``)."""
 
     params: tuple[int, ...]
-    modules: tuple[tuple[int, ...], ...]  # per module holding parameters: its direct parameters' sizes
+    modules: tuple[tuple[int, ...], ...]  # per gather unit head: the sizes of the parameters it gathers
     name: str = "model"
 
     @property
@@ -64,18 +64,15 @@ class ModelShape:
         return sum(self.params)
 
 
-def model_shape(module: nn.Module, name: str = "model") -> ModelShape:
-    """The shape of ``module`` (build it on the meta device: nothing is allocated)."""
-    seen: set[int] = set()
+def model_shape(module: nn.Module, name: str = "model",
+                unit_numel: int = zero_optim.ZeroConfig.unit_numel) -> ModelShape:
+    """The shape of ``module`` (build it on the meta device: nothing is allocated), its stage-3 units
+    cut as zero-optim cuts them with ``unit_numel``."""
     modules = []
-    for m in module.modules():
-        own = []
-        for p in m.parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                own.append(p.numel())
+    for named in zero_optim.unit_parameters(module, unit_numel):
+        own = tuple(p.numel() for _, p in named if p.requires_grad)
         if own:
-            modules.append(tuple(own))
+            modules.append(own)
     params = tuple(p.numel() for p in module.parameters() if p.requires_grad)
     return ModelShape(params, tuple(modules), name)
 

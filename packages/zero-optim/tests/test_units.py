@@ -1,0 +1,52 @@
+"""How stage 3 cuts a model into gather units (``zero_optim.unit_parameters``), which the sharder and
+``zero plan`` both follow: whole blocks up to ``unit_numel``, never a container that is not called."""
+
+from __future__ import annotations
+
+import pytest
+import zero_models
+from torch import nn
+
+from zero_optim import ZeroConfig, unit_parameters
+
+
+def heads(model: nn.Module, unit_numel: int) -> list[list[str]]:
+    return [[name for name, _ in unit] for unit in unit_parameters(model, unit_numel)]
+
+
+def test_blocks_up_to_the_limit_are_one_unit_each_and_never_the_list_that_holds_them():
+    model = zero_models.GPT(layers=3)  # 0.6M parameters: the three blocks together fit the default too
+    units = heads(model, ZeroConfig().unit_numel)
+    blocks = [u for u in units if u[0].startswith("blocks.")]
+    assert [sorted({n.split(".")[1] for n in u}) for u in blocks] == [["0"], ["1"], ["2"]], units
+    first = [n for n, _ in model.blocks[0].named_parameters(prefix="blocks.0")]
+    assert blocks[0] == first, "a block's unit holds every parameter of its subtree, in order"
+    assert units[0] == ["tok.weight"] and units[1] == ["pos.weight"]
+
+
+def test_a_subtree_above_the_limit_is_cut_into_its_children():
+    model = zero_models.GPT(layers=2, d=128)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    units = heads(model, block - 1)  # a block no longer fits: its Linears (and the mlp Sequential) do
+    assert ["blocks.0.qkv.weight"] in units and ["blocks.0.proj.weight", "blocks.0.proj.bias"] in units
+    assert ["blocks.0.mlp.0.weight", "blocks.0.mlp.0.bias", "blocks.0.mlp.2.weight", "blocks.0.mlp.2.bias"] in units
+
+
+@pytest.mark.parametrize("unit_numel", [0, 1, 10**9])
+def test_every_parameter_is_in_exactly_one_unit_a_tied_weight_with_its_first_module(unit_numel: int):
+    model = zero_models.GPT(layers=2)
+    units = heads(model, unit_numel)
+    flat = [n for u in units for n in u]
+    assert sorted(flat) == sorted(n for n, _ in model.named_parameters()), units
+    assert "head.weight" not in flat  # the same tensor as tok.weight: gathered with the embedding
+
+
+def test_zero_gathers_each_modules_own_parameters_alone_as_deepspeed_does():
+    model = zero_models.GPT(layers=2)
+    want = [[n for n, _ in m.named_parameters(prefix=p, recurse=False)] for p, m in model.named_modules()]
+    assert heads(model, 0) == [u for u in want if u and u != ["head.weight"]]
+
+
+def test_the_model_itself_is_never_one_unit():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert heads(model, 10**9) == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
