@@ -11,7 +11,9 @@ barrier: on Gloo with more ranks than spare cores, back-to-back calls measured
 together are several times noisier. Reports the nccl-tests bus bandwidth
 of each (from median times), the wrapper's cost as the median per-call time
 ratio, and beside it the same ratio for raw against raw -- the noise floor of
-the machine in that run, so a cost can be told from noise. Writes ``comm.json`` and ``comm.png``.
+the machine in that run, so a cost can be told from noise. On Gloo, zero-comm's reduce_scatter
+is an all-to-all and a local sum (Gloo's own reduce-scatter is slower than its all-reduce), so
+that row compares the two algorithms, not only the wrapper. Writes ``comm.json`` and ``comm.png``.
 
 Target: the wrapper costs at most 5% at sizes of 1 MiB and above.
 """

@@ -71,11 +71,13 @@ def test_live_memory_is_the_largest_layer_plus_the_budget_whatever_the_model_siz
     # The working set, in units, measured with the profiler's stacks at the peak (in backward, as the
     # next block is gathered): that block's parameters and Gloo's all-gather output before it lands
     # there (2), the gradients of the block being staged (1), the previous block's staging with its
-    # reduce-scatter in flight under overlap_comm (1), its reduced shard (1/world), and activations.
-    # Measured 4.4-5.1 with overlap_comm, 2.9-3.3 without. (A finished reduce-scatter's input stays
-    # referenced by Gloo until its worker thread next runs, so staging memory is released
-    # explicitly: before that, a busy machine measured up to 10 units here.)
-    units = 5 if overlap_comm else 4
+    # reduce-scatter in flight under overlap_comm (1) with, on Gloo, the blocks its all-to-all receives
+    # (1: zero-comm reduces that way there, twice as fast as Gloo's own reduce-scatter), its reduced
+    # shard (1/world), and activations. Measured 5.6-5.8 with overlap_comm (4.4-5.1 when Gloo's
+    # reductions were all-reduces in place), 2.9-3.3 without. (A finished collective's buffers stay
+    # referenced by Gloo until its worker thread next runs, so staging memory and the received blocks
+    # are released explicitly: before that, a busy machine measured up to 10 units here.)
+    units = 6 if overlap_comm else 4
     outside = {}
     for name, run in (("small", small), ("large", large)):
         assert run["peak_buffers"] <= BUDGET
@@ -85,4 +87,5 @@ def test_live_memory_is_the_largest_layer_plus_the_budget_whatever_the_model_siz
     # four times the model, the same memory outside the buffers: the difference is a few layers'
     # saved activations (measured 0.4-1.004 units; the slack is the allocator noise allowed above)
     assert abs(outside["large"] - outside["small"]) <= unit + (1 << 20), (small, large)
-    assert large["read"] > 0 and large["states"] > 3 * large["peak"]  # the states could not have been held
+    # the states could not have been held: twice what the rank ever held at once (measured 2.9x)
+    assert large["read"] > 0 and large["states"] > 2 * large["peak"], large

@@ -316,6 +316,9 @@ class ProcessGroupCommunicator:
         def finish() -> torch.Tensor:
             if exchange:
                 torch.sum(reduced.view(n, chunk), 0, out=shard)
+                # Gloo's finished work keeps its output referenced until its worker thread next runs: free the
+                # blocks now, or each reduction's would stay alive that long beside the next ones
+                reduced.untyped_storage().resize_(0)
             elif not native:
                 shard.copy_(reduced[self._rank * chunk:(self._rank + 1) * chunk])
             if op == "avg":
