@@ -44,8 +44,9 @@ class ZeroConfig:
             memory; a module above it gathers its own parameters as one unit. 0 gathers
             each module's own parameters alone (DeepSpeed's way). The default, 2^22
             (16 MiB of fp32), leaves a large model's layers, each bigger, as they are and
-            spares small layers a collective each (a 21M GPT on 2 Gloo ranks: 1.15x
-            DDP's step time, against 1.26x with per-module units).
+            spares small layers a collective and a hook each (a 21M GPT on 2 Gloo ranks:
+            1.15x DDP's step time against 1.26x per module in one A/B run, 1.12x against
+            1.10x in another: on a 2-core machine the gain is within its noise).
         offload_param: stage 3: keep this rank's parameter and gradient shards in the
             optimizer's store too (ZeRO-Infinity with an NVMe store: the device and host
             hold only the modules in use and the store's buffers); the store is told the
