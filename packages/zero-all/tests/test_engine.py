@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zero_all as deepspeed
+import zero_optim
 from zero_comm.testing import run_ranks
 
 STEPS, MICRO, ACCUM, LR = 6, 4, 2, 1e-2
@@ -205,3 +206,15 @@ def test_a_checkpoint_keeps_buffers_and_frozen_weights(tmp_path: Path, stage: in
     assert results[0]["buffers_equal"]
     for rank, got in enumerate(results):
         assert got["frozen_equal"] and got["resumed"] == got["after"], (rank, got)
+
+
+@pytest.mark.parametrize("threshold", [0, 10**9])
+def test_deepspeeds_module_granularity_threshold_reaches_stage_3s_units(threshold: int):
+    torch.manual_seed(0)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_module_granularity_threshold": threshold}
+    model = Net()
+    engine, _, _, _ = deepspeed.initialize(model=model, config={
+        "train_batch_size": 4, "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    assert engine.optimizer.config.granularity_threshold == threshold
+    want = zero_optim.unit_parameters(model, engine.optimizer.config.unit_numel, threshold)
+    assert [u.params for u in engine.optimizer.units] == [[p for _, p in unit] for unit in want]

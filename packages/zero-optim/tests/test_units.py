@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import zero_models
 from torch import nn
 
-from zero_optim import ZeroConfig, unit_parameters
+from zero_optim import ZeroConfig, granularity, unit_parameters
 
 
-def heads(model: nn.Module, unit_numel: int) -> list[list[str]]:
-    return [[name for name, _ in unit] for unit in unit_parameters(model, unit_numel)]
+def heads(model: nn.Module, unit_numel: int, granularity_threshold: int = 0) -> list[list[str]]:
+    return [[name for name, _ in unit] for unit in unit_parameters(model, unit_numel, granularity_threshold)]
 
 
 def test_blocks_up_to_the_limit_are_one_unit_each_and_never_the_list_that_holds_them():
@@ -50,3 +52,47 @@ def test_zero_gathers_each_modules_own_parameters_alone_as_deepspeed_does():
 def test_the_model_itself_is_never_one_unit():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     assert heads(model, 10**9) == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+
+
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Net(nn.Module):
+    """Pair: 40 elements over 3 layers (two Linears and itself): granularity 13. Net: 580 elements over
+    8 layers (six in the pairs -- the ModuleList adds none --, the head, itself): granularity 72."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs = nn.ModuleList([Pair(), Pair()])
+        self.head = nn.Linear(4, 100)
+
+    def forward(self, x):
+        for pair in self.pairs:
+            x = pair(x)
+        return self.head(x)
+
+
+def test_deepspeeds_module_granularity_is_elements_per_layer_and_never_a_containers_or_a_leafs():
+    model = Net()
+    found = granularity(model)
+    assert found[id(model.pairs[0])] == 13 and found[id(model)] == 72
+    assert found[id(model.pairs)] == sys.maxsize and found[id(model.head)] == sys.maxsize
+
+
+A0, B0, A1, B1 = ([f"pairs.{i}.{m}.weight", f"pairs.{i}.{m}.bias"] for i in (0, 1) for m in "ab")
+HEAD = ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize(("threshold", "want"), [
+    (12, [A0, B0, A1, B1, HEAD]),  # below every granularity: each module's own parameters
+    (13, [A0 + B0, A1 + B1, HEAD]),  # the pairs are fused, the model is not
+    (72, [A0 + B0 + A1 + B1 + HEAD]),  # the model itself: DeepSpeed fuses the root too
+])
+def test_a_granularity_threshold_fuses_the_first_module_at_or_below_it_top_down(threshold: int, want: list):
+    assert heads(Net(), 0, threshold) == want  # as DeepSpeed's stage3_module_granularity_threshold does

@@ -19,7 +19,7 @@ from ._sharded import ShardedTensor, ShardPiece
 from ._sharder import ParameterSharder, TrainingState
 from ._stage3 import ZeroStage3
 from ._store import DeviceStore, StateStore
-from ._units import unit_parameters
+from ._units import granularity, unit_parameters
 
 __version__ = "0.2.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "build_layout",
     "check_hyperparameters",
     "gathered",
+    "granularity",
     "partitioned",
     "unit_parameters",
 ]

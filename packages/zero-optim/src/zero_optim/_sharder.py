@@ -121,7 +121,8 @@ class ParameterSharder:
     def _build_units(self) -> None:
         threshold = self.config.persistence_threshold
         small: list[nn.Parameter] = []
-        for named in unit_parameters(self.module, self.config.unit_numel):
+        cut = (self.config.unit_numel, self.config.granularity_threshold)
+        for named in unit_parameters(self.module, *cut):
             mine = [(n, p) for n, p in named if p.numel() > threshold]
             small += [p for _, p in named if p.numel() <= threshold]
             if mine:
@@ -132,7 +133,7 @@ class ParameterSharder:
                                          persistent=True))
         for unit in self.units:
             unit.on_released_use = self._fetch_on_use
-        found = unit_roots(self.module, self.config.unit_numel)
+        found = unit_roots(self.module, *cut)
         for module in self.module.modules():
             if id(module) in found.inside:
                 continue

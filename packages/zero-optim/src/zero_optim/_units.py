@@ -6,16 +6,52 @@ them (``zero plan``) cannot disagree.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["UnitRoots", "unit_parameters", "unit_roots"]
+__all__ = ["UnitRoots", "granularity", "unit_parameters", "unit_roots"]
+
+_LARGEST_WHOLE = 1_000_000_000  # DeepSpeed never fuses a subtree above this many elements by granularity
 
 
 def _runs_forward(module: nn.Module) -> bool:
     """Whether calling ``module`` runs code of its own (containers such as ModuleList are never called)."""
     return type(module).forward is not nn.Module.forward
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
+
+
+def granularity(model: nn.Module) -> dict[int, int]:
+    """DeepSpeed's module granularity (``stage3_module_granularity_threshold``), by module id: the
+    elements of a module's subtree divided by the layers in it -- its descendants without children
+    that hold parameters, plus every module with children that is not a container, itself included.
+    Modules without children, containers and subtrees above 10^9 elements get ``sys.maxsize``: they
+    are never fused by it."""
+    found: dict[int, int] = {}
+
+    def visit(module: nn.Module) -> tuple[int, int]:  # (layers, elements) of the subtree
+        elements = sum(p.numel() for p in module.parameters(recurse=False))
+        children = list(module.children())
+        if not children:
+            found[id(module)] = sys.maxsize
+            return (1 if elements else 0), elements
+        layers = 0
+        for child in children:
+            child_layers, child_elements = visit(child)
+            layers, elements = layers + child_layers, elements + child_elements
+        if _is_container(module):
+            found[id(module)] = sys.maxsize
+            return layers, elements
+        layers += 1
+        found[id(module)] = elements // layers if elements <= _LARGEST_WHOLE else sys.maxsize
+        return layers, elements
+
+    visit(model)
+    return found
 
 
 @dataclass
@@ -28,17 +64,29 @@ class UnitRoots:
     inside: set[int]
 
 
-def unit_roots(model: nn.Module, unit_numel: int) -> UnitRoots:
-    """Every module holding parameters heads a unit of its own parameters, except that, with
-    ``unit_numel`` above 0, the largest subtrees of at most that many elements whose head runs a
-    forward of its own (a transformer block, not the ModuleList that holds the blocks, whose hooks
-    would never fire) are gathered whole: fewer, larger all-gathers. The model itself never is."""
+def unit_roots(model: nn.Module, unit_numel: int, granularity_threshold: int = 0) -> UnitRoots:
+    """Every module holding parameters heads a unit of its own parameters, except that whole subtrees
+    are gathered as one unit (fewer, larger all-gathers), top-down, where:
+
+    - ``unit_numel`` > 0: the subtree holds at most that many elements and its head runs a forward
+      of its own (a transformer block, not the ModuleList that holds the blocks, whose hooks would
+      never fire); the model itself never is one;
+    - ``granularity_threshold`` > 0: the head's :func:`granularity` is at most that (DeepSpeed's
+      ``stage3_module_granularity_threshold``, which may fuse the model itself)."""
     found = UnitRoots([], set(), set())
+    fine = granularity(model) if granularity_threshold else {}
+
+    def whole(module: nn.Module) -> bool:
+        if not any(True for _ in module.parameters()):
+            return False
+        if fine.get(id(module), sys.maxsize) <= granularity_threshold:
+            return True
+        return bool(unit_numel and module is not model and _runs_forward(module)
+                    and sum(p.numel() for p in module.parameters()) <= unit_numel)
 
     def visit(module: nn.Module) -> None:
         found.roots.append(module)
-        if (unit_numel and module is not model and _runs_forward(module)
-                and sum(p.numel() for p in module.parameters()) <= unit_numel):
+        if whole(module):
             found.grouped.add(id(module))
             found.inside.update(id(m) for m in module.modules() if m is not module)
             return
@@ -49,11 +97,13 @@ def unit_roots(model: nn.Module, unit_numel: int) -> UnitRoots:
     return found
 
 
-def unit_parameters(model: nn.Module, unit_numel: int) -> list[list[tuple[str, nn.Parameter]]]:
-    """The (name, parameter) pairs each unit head gathers, in module order, a parameter shared by
-    several modules (a tied weight) with the first; heads that gather nothing are left out. Stage 3
-    then keeps the parameters of at most ``persistence_threshold`` elements whole, in one more unit."""
-    found = unit_roots(model, unit_numel)
+def unit_parameters(model: nn.Module, unit_numel: int,
+                    granularity_threshold: int = 0) -> list[list[tuple[str, nn.Parameter]]]:
+    """The (name, parameter) pairs each unit head gathers (:func:`unit_roots`), in module order, a
+    parameter shared by several modules (a tied weight) with the first; heads that gather nothing are
+    left out. Stage 3 then keeps the parameters of at most ``persistence_threshold`` elements whole,
+    in one more unit."""
+    found = unit_roots(model, unit_numel, granularity_threshold)
     names = {id(p): n for n, p in model.named_parameters()}
     placed: set[int] = set()
     units = []

@@ -90,6 +90,9 @@ MEANING: dict[str, str] = {
     "zero_optimization.stage3_prefetch_bucket_size": "Stage 3: elements gathered ahead of use.",
     "zero_optimization.stage3_param_persistence_threshold": "Stage 3: parameters this small stay whole on every "
                                                             "rank.",
+    "zero_optimization.stage3_module_granularity_threshold": "Stage 3: a module whose parameters per layer are at "
+    "most this is gathered whole, with its subtree, as DeepSpeed fuses it (0: off; zero's own default already "
+    "gathers subtrees of up to 2^22 elements whole).",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": "Stage 3: `save_16bit_model` gathers whole "
                                                                    "weights.",
     "zero_optimization.stage3_gather_fp16_weights_on_model_save": "Refused unless false (the old spelling of the "

@@ -95,6 +95,7 @@ class ZeroOptimizationConfig(_Block):
     stage3_prefetch_bucket_size: int | Auto = 50_000_000
     stage3_param_persistence_threshold: int | Auto = 100_000
     stage3_gather_16bit_weights_on_model_save: bool | Auto = False
+    stage3_module_granularity_threshold: int = 0
     stage3_gather_fp16_weights_on_model_save: bool = False
     round_robin_gradients: bool = False
     ignore_unused_parameters: bool = True

@@ -104,6 +104,7 @@ class Engine(EngineInfo, EngineCheckpoints, nn.Module):
             bucket_numel=int(zero.reduce_bucket_size), prefetch_numel=int(zero.stage3_prefetch_bucket_size),
             max_live_numel=int(zero.stage3_max_live_parameters),
             persistence_threshold=int(zero.stage3_param_persistence_threshold), offload_param=offload_param,
+            granularity_threshold=int(zero.stage3_module_granularity_threshold),
             **zeropp_options(zero, comm.world_size))
         client = optimizer
         if callable(client):  # DeepSpeed: a callable makes the optimizer from the parameters
