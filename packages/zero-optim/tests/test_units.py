@@ -54,18 +54,30 @@ def test_the_model_itself_is_never_one_unit():
     assert heads(model, 10**9) == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
 
 
+class Act(nn.Module):
+    """Children but no parameters: not a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gelu, self.drop = nn.GELU(), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.gelu(x))
+
+
 class Pair(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.a, self.act, self.b = nn.Linear(4, 4), Act(), nn.Linear(4, 4)
 
     def forward(self, x):
-        return self.b(self.a(x))
+        return self.b(self.act(self.a(x)))
 
 
 class Net(nn.Module):
-    """Pair: 40 elements over 3 layers (two Linears and itself): granularity 13. Net: 580 elements over
-    8 layers (six in the pairs -- the ModuleList adds none --, the head, itself): granularity 72."""
+    """Pair: 40 elements over 3 layers (two Linears and itself; Act holds no parameter): granularity 13.
+    Net: 580 elements over 8 layers (six in the pairs -- the ModuleList adds none --, the head,
+    itself): granularity 72."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +95,7 @@ def test_deepspeeds_module_granularity_is_elements_per_layer_and_never_a_contain
     found = granularity(model)
     assert found[id(model.pairs[0])] == 13 and found[id(model)] == 72
     assert found[id(model.pairs)] == sys.maxsize and found[id(model.head)] == sys.maxsize
+    assert found[id(model.pairs[0].act)] == sys.maxsize
 
 
 A0, B0, A1, B1 = ([f"pairs.{i}.{m}.weight", f"pairs.{i}.{m}.bias"] for i in (0, 1) for m in "ab")

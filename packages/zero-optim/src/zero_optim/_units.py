@@ -28,7 +28,8 @@ def _is_container(module: nn.Module) -> bool:
 def granularity(model: nn.Module) -> dict[int, int]:
     """DeepSpeed's module granularity (``stage3_module_granularity_threshold``), by module id: the
     elements of a module's subtree divided by the layers in it -- its descendants without children
-    that hold parameters, plus every module with children that is not a container, itself included.
+    that hold parameters, plus every module with children that is not a container and holds
+    parameters in its subtree, itself included.
     Modules without children, containers and subtrees above 10^9 elements get ``sys.maxsize``: they
     are never fused by it."""
     found: dict[int, int] = {}
@@ -36,7 +37,7 @@ def granularity(model: nn.Module) -> dict[int, int]:
     def visit(module: nn.Module) -> tuple[int, int]:  # (layers, elements) of the subtree
         elements = sum(p.numel() for p in module.parameters(recurse=False))
         children = list(module.children())
-        if not children:
+        if not children or not any(True for _ in module.parameters()):  # no parameters: not a layer either
             found[id(module)] = sys.maxsize
             return (1 if elements else 0), elements
         layers = 0
