@@ -73,6 +73,10 @@ def check_reduce_scatter() -> int:
             assert torch.allclose(got, want) and got.data_ptr() == out.data_ptr(), (numel, async_op)
             assert torch.equal(full, before), "reduce_scatter must not modify its input"
             checks += 1
+    # a result is data: an `out` that requires grad (a user's leaf tensor) is written without autograd
+    leaf = torch.zeros(-(-1001 // comm.world_size), requires_grad=True)
+    got = comm.reduce_scatter(rank_input(comm.rank, 1001, torch.float32), out=leaf)
+    assert got.data_ptr() == leaf.data_ptr() and leaf.detach().abs().sum() > 0
     # the pieces of every rank's shard, put together, are the whole reduced tensor
     numel = 1001
     shard = comm.reduce_scatter(torch.ones(numel), "avg")

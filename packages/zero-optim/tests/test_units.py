@@ -109,3 +109,17 @@ HEAD = ["head.weight", "head.bias"]
 ])
 def test_a_granularity_threshold_fuses_the_first_module_at_or_below_it_top_down(threshold: int, want: list):
     assert heads(Net(), 0, threshold) == want  # as DeepSpeed's stage3_module_granularity_threshold does
+
+
+class MLP(nn.Sequential):
+    """A subclass of a container with a forward of its own: a layer to DeepSpeed's measure."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_subclass_of_sequential_is_a_layer_and_torchs_own_containers_are_not():
+    model = nn.Sequential(MLP(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 4))
+    found = granularity(model)
+    assert found[id(model[0])] == 40 // 3 and found[id(model)] == sys.maxsize
+    assert heads(model, 0, 13) == [["0.0.weight", "0.0.bias", "0.1.weight", "0.1.bias"], ["1.weight", "1.bias"]]

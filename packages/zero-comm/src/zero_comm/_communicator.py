@@ -315,7 +315,8 @@ class ProcessGroupCommunicator:
 
         def finish() -> torch.Tensor:
             if exchange:
-                torch.sum(reduced.view(n, chunk), 0, out=shard)
+                with torch.no_grad():  # a collective's result is data: `out` may be a tensor that requires grad
+                    torch.sum(reduced.view(n, chunk), 0, out=shard)
                 # Gloo's finished work keeps its output referenced until its worker thread next runs: free the
                 # blocks now, or each reduction's would stay alive that long beside the next ones
                 reduced.untyped_storage().resize_(0)

@@ -1,7 +1,8 @@
-"""ParameterSharder: a module's parameters partitioned over the ranks, gathered per module on use.
+"""ParameterSharder: a module's parameters partitioned over the ranks, gathered per unit on use.
 
-Each module's parameters form one :class:`GatherUnit`. A forward pre-hook gathers
-the module's units (one all-gather each), the forward hook releases them; the
+The parameters are cut into :class:`GatherUnit` s by :func:`~zero_optim.unit_parameters`
+(a block of up to ``unit_numel`` elements, or a larger module's own parameters). A forward
+pre-hook gathers the module's units (one all-gather each), the forward hook releases them; the
 first gradient to reach a module's outputs gathers them again for its backward,
 and once every parameter of a unit has accumulated its gradient the unit is
 released and its gradients are reduce-scattered to their owners
@@ -58,7 +59,7 @@ class TrainingState(enum.Enum):
 
 
 class ParameterSharder:
-    """Partition ``module``'s parameters over ``comm``'s ranks; gather them per module while it runs.
+    """Partition ``module``'s parameters over ``comm``'s ranks; gather them per unit while it runs.
 
     Usage alone, with a torch optimizer on this rank's shards::
 
@@ -69,7 +70,7 @@ class ParameterSharder:
 
     ``config`` supplies the stage-3 keys (``precision``, the dtype parameters are kept and
     gathered in; ``prefetch_numel``, ``max_live_numel``, ``persistence_threshold``,
-    ``unit_numel``, ``overlap_comm``, ``offload_param`` and ZeRO++'s). With
+    ``unit_numel``, ``granularity_threshold``, ``overlap_comm``, ``offload_param`` and ZeRO++'s). With
     ``train=False`` no gradient is reduced (evaluation and inference). With
     ``offload_param`` the parameter and gradient shards live in ``store``. ``owner_bytes`` is what
     an owner (the optimizer) will add to the same store for each trained unit: the store is asked

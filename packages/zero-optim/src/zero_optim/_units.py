@@ -22,7 +22,9 @@ def _runs_forward(module: nn.Module) -> bool:
 
 
 def _is_container(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
+    """torch's own container classes, by name as DeepSpeed's measure tells them (a subclass of
+    nn.Sequential with a forward of its own is a layer there)."""
+    return type(module).__name__ in nn.modules.container.__all__
 
 
 def granularity(model: nn.Module) -> dict[int, int]:
@@ -80,8 +82,8 @@ def unit_roots(model: nn.Module, unit_numel: int, granularity_threshold: int = 0
     def whole(module: nn.Module) -> bool:
         if not any(True for _ in module.parameters()):
             return False
-        if fine.get(id(module), sys.maxsize) <= granularity_threshold:
-            return True
+        if fine.get(id(module), sys.maxsize) <= granularity_threshold and _runs_forward(module):
+            return True  # (a module that is never called cannot be fused: its hooks would never fire)
         return bool(unit_numel and module is not model and _runs_forward(module)
                     and sum(p.numel() for p in module.parameters()) <= unit_numel)
 

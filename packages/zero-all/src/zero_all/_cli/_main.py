@@ -150,6 +150,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     stages: list[int] | None = args.stage
     offloads: list[Any] | None = args.offload
     offload_param: Any = args.offload_param
+    granularity_threshold = 0
     if args.config:
         from .._config import ConfigError, load_config
 
@@ -158,6 +159,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         except (ConfigError, OSError) as exc:
             raise UsageError(str(exc)) from None
         zero = config.zero_optimization
+        granularity_threshold = zero.stage3_module_granularity_threshold  # how stage 3 cuts its units
         from_config = {"bucket_numel": zero.reduce_bucket_size, "prefetch_numel": zero.stage3_prefetch_bucket_size,
                        "max_live_numel": zero.stage3_max_live_parameters,
                        "persistence_threshold": zero.stage3_param_persistence_threshold}
@@ -178,7 +180,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.model:
-            shape = model_shape(load_model(args.model, parse_model_args(args.model_arg or [])), args.model)
+            shape = model_shape(load_model(args.model, parse_model_args(args.model_arg or [])), args.model,
+                                granularity_threshold=granularity_threshold)
         else:
             shape = synthetic_shape(args.params, args.layers)
         plan_options = PlanOptions(world_size=args.world_size, backend="gloo" if device == "cpu" else "nccl",

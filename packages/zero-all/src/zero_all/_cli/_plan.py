@@ -64,12 +64,12 @@ class ModelShape:
         return sum(self.params)
 
 
-def model_shape(module: nn.Module, name: str = "model",
-                unit_numel: int = zero_optim.ZeroConfig.unit_numel) -> ModelShape:
+def model_shape(module: nn.Module, name: str = "model", unit_numel: int = zero_optim.ZeroConfig.unit_numel,
+                granularity_threshold: int = 0) -> ModelShape:
     """The shape of ``module`` (build it on the meta device: nothing is allocated), its stage-3 units
-    cut as zero-optim cuts them with ``unit_numel``."""
+    cut as zero-optim cuts them with ``unit_numel`` and ``granularity_threshold``."""
     modules = []
-    for named in zero_optim.unit_parameters(module, unit_numel):
+    for named in zero_optim.unit_parameters(module, unit_numel, granularity_threshold):
         own = tuple(p.numel() for _, p in named if p.requires_grad)
         if own:
             modules.append(own)
