@@ -44,7 +44,7 @@ from ._partition import GatherUnit, PartitionedParameter, state_dict_placeholder
 from ._stage3_grads import GradientReducer, UnitGrads
 from ._store import DeviceStore, StateStore
 from ._trace import UseOrder
-from ._units import unit_parameters, unit_roots
+from ._units import unit_roots
 from ._zeropp import apply_zeropp
 
 __all__ = ["ParameterSharder", "TrainingState"]
@@ -122,8 +122,8 @@ class ParameterSharder:
     def _build_units(self) -> None:
         threshold = self.config.persistence_threshold
         small: list[nn.Parameter] = []
-        cut = (self.config.unit_numel, self.config.granularity_threshold)
-        for named in unit_parameters(self.module, *cut):
+        found = unit_roots(self.module, self.config.unit_numel, self.config.granularity_threshold)
+        for named in found.parameters(self.module):
             mine = [(n, p) for n, p in named if p.numel() > threshold]
             small += [p for _, p in named if p.numel() <= threshold]
             if mine:
@@ -134,7 +134,6 @@ class ParameterSharder:
                                          persistent=True))
         for unit in self.units:
             unit.on_released_use = self._fetch_on_use
-        found = unit_roots(self.module, *cut)
         for module in self.module.modules():
             if id(module) in found.inside:
                 continue

@@ -39,13 +39,13 @@ def granularity(model: nn.Module) -> dict[int, int]:
     def visit(module: nn.Module) -> tuple[int, int]:  # (layers, elements) of the subtree
         elements = sum(p.numel() for p in module.parameters(recurse=False))
         children = list(module.children())
-        if not children or not any(True for _ in module.parameters()):  # no parameters: not a layer either
-            found[id(module)] = sys.maxsize
-            return (1 if elements else 0), elements
         layers = 0
         for child in children:
             child_layers, child_elements = visit(child)
             layers, elements = layers + child_layers, elements + child_elements
+        if not children or not elements:  # a leaf is a layer if it holds parameters; a subtree without any is not
+            found[id(module)] = sys.maxsize
+            return (1 if elements else 0), elements
         if _is_container(module):
             found[id(module)] = sys.maxsize
             return layers, elements
@@ -66,6 +66,22 @@ class UnitRoots:
     grouped: set[int]
     inside: set[int]
 
+    def parameters(self, model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+        """The (name, parameter) pairs each head gathers, in module order, a parameter shared by several
+        modules (a tied weight) with the first; heads that gather nothing are left out."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        placed: set[int] = set()
+        units = []
+        for module in self.roots:
+            mine = []
+            for p in module.parameters(recurse=id(module) in self.grouped):
+                if id(p) not in placed:
+                    placed.add(id(p))
+                    mine.append((names[id(p)], p))
+            if mine:
+                units.append(mine)
+        return units
+
 
 def unit_roots(model: nn.Module, unit_numel: int, granularity_threshold: int = 0) -> UnitRoots:
     """Every module holding parameters heads a unit of its own parameters, except that whole subtrees
@@ -79,13 +95,12 @@ def unit_roots(model: nn.Module, unit_numel: int, granularity_threshold: int = 0
     found = UnitRoots([], set(), set())
     fine = granularity(model) if granularity_threshold else {}
 
-    def whole(module: nn.Module) -> bool:
-        if not any(True for _ in module.parameters()):
+    def whole(module: nn.Module) -> bool:  # (a module that is never called is not: its hooks would never fire)
+        numel = sum(p.numel() for p in module.parameters())
+        if not numel or not _runs_forward(module):
             return False
-        if fine.get(id(module), sys.maxsize) <= granularity_threshold and _runs_forward(module):
-            return True  # (a module that is never called cannot be fused: its hooks would never fire)
-        return bool(unit_numel and module is not model and _runs_forward(module)
-                    and sum(p.numel() for p in module.parameters()) <= unit_numel)
+        return (fine.get(id(module), sys.maxsize) <= granularity_threshold
+                or bool(unit_numel and module is not model and numel <= unit_numel))
 
     def visit(module: nn.Module) -> None:
         found.roots.append(module)
@@ -102,20 +117,7 @@ def unit_roots(model: nn.Module, unit_numel: int, granularity_threshold: int = 0
 
 def unit_parameters(model: nn.Module, unit_numel: int,
                     granularity_threshold: int = 0) -> list[list[tuple[str, nn.Parameter]]]:
-    """The (name, parameter) pairs each unit head gathers (:func:`unit_roots`), in module order, a
-    parameter shared by several modules (a tied weight) with the first; heads that gather nothing are
-    left out. Stage 3 then keeps the parameters of at most ``persistence_threshold`` elements whole,
-    in one more unit."""
-    found = unit_roots(model, unit_numel, granularity_threshold)
-    names = {id(p): n for n, p in model.named_parameters()}
-    placed: set[int] = set()
-    units = []
-    for module in found.roots:
-        mine = []
-        for p in module.parameters(recurse=id(module) in found.grouped):
-            if id(p) not in placed:
-                placed.add(id(p))
-                mine.append((names[id(p)], p))
-        if mine:
-            units.append(mine)
-    return units
+    """The (name, parameter) pairs each unit head gathers (:func:`unit_roots`, :meth:`UnitRoots.parameters`).
+    Stage 3 then keeps the parameters of at most ``persistence_threshold`` elements whole, in one more
+    unit."""
+    return unit_roots(model, unit_numel, granularity_threshold).parameters(model)
